@@ -1,0 +1,366 @@
+"""The local engine: an operator over every shard of a pool, one shard per worker process at a time.
+
+Memory is bounded by one batch of encoded images per worker. Each shard's output is written atomically
+when the shard is done, so a killed run re-run skips finished shards and ends with exactly the files of an
+uninterrupted run (operators are deterministic for fixed parameters).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from ..io.samples import parse_sample
+from ..io.tar import ShardProblem, count_samples, iter_samples
+from ..ops import get_op
+from ..pool import Pool, Shard, to_arrow, atomic_write_table, write_errors
+from ..progress import progress_bar
+
+
+class StageConflict(RuntimeError):
+    """The stage already holds output made with other parameters."""
+
+
+@dataclass
+class ShardResult:
+    shard: str
+    n_in: int = 0
+    n_ok: int = 0
+    n_err: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StageSummary:
+    stage: str
+    shards: int
+    skipped: int
+    n_in: int
+    n_ok: int
+    n_err: int
+    seconds: float
+    problems: list[str] = field(default_factory=list)
+    error_dir: str = ""
+
+    def line(self) -> str:
+        rate = self.n_in / self.seconds if self.seconds > 0 else 0.0
+        s = (f"{self.stage}: {self.shards} shards ({self.skipped} already done), {self.n_in} samples: "
+             f"{self.n_ok} processed, {self.n_err} errors in {self.seconds:.1f}s ({rate:.1f} samples/s)")
+        if self.n_err:
+            s += f"; errors in {self.error_dir}"
+        if self.problems:
+            s += f"; {len(self.problems)} shard problem(s): {self.problems[0]}"
+        return s
+
+
+def iter_pool_samples(pool: Pool, shards: list[Shard] | None = None) -> Iterator[dict]:
+    """Every parsed sample row of a pool, in shard order (shard problems are skipped silently here)."""
+    for sh in shards if shards is not None else pool.shards():
+        for item in iter_samples(sh.path):
+            if not isinstance(item, ShardProblem):
+                yield parse_sample(item, sh.id)
+
+
+def process_shard(pool: Pool, shard: Shard, op, stage: str, batch_size: int = 64,
+                  on_progress: Callable[[int], None] | None = None) -> ShardResult:
+    """Run `op` over one shard and write its columns and errors. Returns the shard's counts."""
+    res = ShardResult(shard.id)
+    inputs = {st: pool.read_columns(st, shard.id, ["uid"] + list(cols)).to_pydict()
+              for st, cols in op.inputs.items()}
+    input_index = {st: {u: i for i, u in enumerate(cols["uid"])} for st, cols in inputs.items()}
+    errors: list[dict] = []
+    out_cols: dict[str, list] = {}
+    seen: dict[str, str] = {}
+    pending: list[dict] = []
+
+    def flush():
+        if not pending:
+            return
+        batch = {k: [r.get(k) for r in pending] for k in ("uid", "key", "shard", "image", "image_ext",
+                                                         "caption", "meta")}
+        for st, cols in inputs.items():
+            idx = [input_index[st][r["uid"]] for r in pending]
+            for c in cols:
+                if c != "uid":
+                    batch[c] = [cols[c][i] for i in idx]
+        out = op(batch)
+        n = len(pending)
+        bad = {k: len(v) for k, v in out.items() if len(v) != n}
+        if bad:
+            raise RuntimeError(f"operator {type(op).__name__} returned columns of wrong length {bad} for {n} rows")
+        errs = out.get("error") or [None] * n
+        keep = [i for i in range(n) if not errs[i]]
+        for i in range(n):
+            if errs[i]:
+                errors.append({"uid": pending[i]["uid"], "key": pending[i]["key"], "reason": str(errs[i])})
+        out_cols.setdefault("uid", []).extend(pending[i]["uid"] for i in keep)
+        out_cols.setdefault("key", []).extend(pending[i]["key"] for i in keep)
+        for k, v in out.items():
+            if k in ("error", "uid", "key"):
+                continue
+            if isinstance(v, np.ndarray) and v.ndim == 2:
+                out_cols.setdefault(k, []).append(v[keep])
+            else:
+                out_cols.setdefault(k, []).extend(v[i] for i in keep)
+        res.n_ok += len(keep)
+        res.n_err += n - len(keep)
+        if on_progress:
+            on_progress(n)
+        pending.clear()
+
+    for item in iter_samples(shard.path):
+        if isinstance(item, ShardProblem):
+            msg = f"shard {shard.id}: {item.reason}" + (f" (after key {item.after_key})" if item.after_key else "")
+            res.problems.append(msg)
+            errors.append({"uid": None, "key": item.after_key, "reason": item.reason})
+            continue
+        if item.broke_shard:
+            res.problems.append(f"shard {shard.id}: {item.problem} (in sample {item.key})")
+        row = parse_sample(item, shard.id)
+        res.n_in += 1
+        probs = row["problems"]
+        reason = probs.get("sample") or next((probs[f] for f in op.needs if f in probs), None)
+        if reason is None and row["uid"] in seen:
+            reason = f"duplicate uid {row['uid']} (first at key {seen[row['uid']]} of this shard)"
+        if reason is None:
+            missing = [st for st in inputs if row["uid"] not in input_index[st]]
+            if missing:
+                reason = f"no {missing[0]!r} output for this sample (see errors/{missing[0]})"
+        if reason is not None:
+            errors.append({"uid": row["uid"], "key": row["key"], "reason": reason})
+            res.n_err += 1
+            if on_progress:
+                on_progress(1)
+            continue
+        seen[row["uid"]] = row["key"]
+        pending.append(row)
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    columns = {}
+    for k, v in out_cols.items():
+        columns[k] = np.concatenate(v) if v and isinstance(v[0], np.ndarray) and v[0].ndim == 2 else v
+    if "uid" not in columns:
+        columns = {"uid": [], "key": []}
+    pool.write_columns(stage, shard.id, columns, errors)
+    return res
+
+
+# ---- worker processes ---------------------------------------------------------------------------
+_WORKER: dict = {}
+
+
+def _init_worker(op_name, params, threads, queue):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:
+        pass
+    _WORKER["op"] = get_op(op_name)(**params)
+    _WORKER["queue"] = queue
+
+
+def _run_in_worker(pool_root: str, shard: Shard, stage: str, batch_size: int) -> ShardResult:
+    q = _WORKER["queue"]
+    return process_shard(Pool(pool_root), shard, _WORKER["op"], stage, batch_size, on_progress=q.put)
+
+
+def _check_stage(pool: Pool, stage: str, record: dict, overwrite: bool):
+    info = pool.stage_info(stage)
+    if overwrite:
+        for sub in ("columns", "errors", "embeddings"):
+            shutil.rmtree(pool.root / sub / stage, ignore_errors=True)
+    elif info is not None and info != record:
+        raise StageConflict(
+            f"stage {stage!r} in {pool.root} was made with {json.dumps(info, sort_keys=True)}, not "
+            f"{json.dumps(record, sort_keys=True)}: pass overwrite=True (--overwrite) to recompute it, or "
+            f"name the new output differently (--stage NAME)")
+    p = pool.root / "columns" / stage / "_stage.json"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(record, sort_keys=True, indent=1))
+
+
+def run_stage(pool: Pool | str, op: str, params: dict | None = None, *, stage: str | None = None,
+              workers: int = 1, batch_size: int = 64, shards: list[str] | None = None,
+              overwrite: bool = False, progress: bool = True, threads: int | None = None) -> StageSummary:
+    """Run operator `op` (a registry name or "module:Class") with `params` over a pool's shards.
+
+    Writes columns/<stage>/, errors/<stage>/ (and embeddings/<stage>/ for array outputs); `stage`
+    defaults to the operator name. Shards already done are skipped. `workers` processes each load the
+    operator once; `threads` per worker defaults to cores // workers.
+    """
+    pool = pool if isinstance(pool, Pool) else Pool(pool)
+    params = dict(params or {})
+    stage = stage or op
+    t0 = time.time()
+    op_cls = get_op(op)
+    all_shards = pool.shards()
+    if shards is not None:
+        wanted = set(shards)
+        unknown = wanted - {s.id for s in all_shards}
+        if unknown:
+            raise KeyError(f"unknown shards {sorted(unknown)[:5]} in {pool.root}")
+        all_shards = [s for s in all_shards if s.id in wanted]
+    if not all_shards:
+        raise FileNotFoundError(f"no shards found in {pool.root} (expected shards/*.tar or pool.yaml)")
+    record = {"op": op, "version": op_cls.version, "params": bind_params(op_cls, params)}
+    for st in op_cls.inputs_for(params):
+        missing = [s.id for s in all_shards if not pool.column_path(st, s.id).exists()]
+        if missing:
+            raise FileNotFoundError(f"stage {stage!r} needs stage {st!r} first; it is missing for "
+                                    f"{len(missing)} shard(s), e.g. {missing[0]}")
+    _check_stage(pool, stage, record, overwrite)
+    done = set(pool.done_shards(stage))
+    todo = [s for s in all_shards if s.id not in done]
+    results: list[ShardResult] = []
+    bar = progress_bar(total=None, desc=stage, unit="img", disable=not progress)
+    _count_in_background(todo, bar)
+    try:
+        if todo and (workers <= 1 or len(todo) == 1):
+            op_obj = op_cls(**params)
+            for sh in todo:
+                results.append(process_shard(pool, sh, op_obj, stage, batch_size, on_progress=bar.update))
+        elif todo:
+            threads = threads or max(1, (os.cpu_count() or 1) // workers)
+            results = _run_parallel(pool, todo, op, params, stage, workers, batch_size, bar, threads)
+    finally:
+        bar.close()
+    problems = [p for r in results for p in r.problems]
+    if todo:
+        _move_cross_shard_duplicates(pool, stage)
+    counts = stage_counts(pool, stage, [s.id for s in all_shards])
+    return StageSummary(stage=stage, shards=len(all_shards), skipped=len(all_shards) - len(todo),
+                        n_in=counts["n_in"], n_ok=counts["n_ok"], n_err=counts["n_err"],
+                        seconds=time.time() - t0, problems=problems,
+                        error_dir=str(pool.root / "errors" / stage))
+
+
+def bind_params(op_cls, params: dict) -> dict:
+    """The operator's full parameters (defaults filled in), checked against its signature up front."""
+    import inspect
+
+    try:
+        bound = inspect.signature(op_cls.__init__).bind(None, **params)
+    except TypeError as e:
+        raise TypeError(f"bad parameters for operator {op_cls.__name__}: {e}") from None
+    bound.apply_defaults()
+    out = dict(bound.arguments)
+    out.pop(next(iter(out)))  # self
+    out.update(out.pop("kwargs", {}))
+    return json.loads(json.dumps(out, sort_keys=True, default=str))
+
+
+def _run_parallel(pool, todo, op, params, stage, workers, batch_size, bar, threads) -> list[ShardResult]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    stop = threading.Event()
+
+    def drain():
+        while not stop.is_set():
+            try:
+                bar.update(queue.get(timeout=0.2))
+            except Exception:
+                pass
+
+    t = threading.Thread(target=drain, daemon=True)
+    t.start()
+    results = []
+    try:
+        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
+                                 initializer=_init_worker, initargs=(op, params, threads, queue)) as ex:
+            futs = {ex.submit(_run_in_worker, str(pool.root), sh, stage, batch_size): sh for sh in todo}
+            pending = set(futs)
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    results.append(f.result())
+    except BrokenProcessPool as e:
+        if not results:  # maybe the operator itself cannot start: surface its own error
+            get_op(op)(**params)
+        raise RuntimeError(
+            f"a worker process of stage {stage!r} died (killed, or out of memory) — finished shards are "
+            f"kept; rerun the same command to resume") from e
+    finally:
+        stop.set()
+        t.join(timeout=2)
+        while True:  # whatever progress is still queued
+            try:
+                bar.update(queue.get_nowait())
+            except Exception:
+                break
+    return results
+
+
+def _count_in_background(shards: list[Shard], bar):
+    """Fill in the progress bar's total (for the ETA) by scanning tar headers, without delaying work."""
+    if bar.disable:
+        return
+
+    def count():
+        total = 0
+        for s in shards:
+            total += count_samples(s.path)
+        bar.total = total
+        bar.refresh()
+
+    threading.Thread(target=count, daemon=True).start()
+
+
+def stage_counts(pool: Pool, stage: str, shard_ids: list[str]) -> dict:
+    """n_in / n_ok / n_err of a stage over shards, from its files (so resumed runs count everything)."""
+    import pyarrow.parquet as pq
+
+    n_ok = n_err = 0
+    for sid in shard_ids:
+        p = pool.column_path(stage, sid)
+        if p.exists():
+            n_ok += pq.read_metadata(p).num_rows
+        e = pool.error_path(stage, sid)
+        if e.exists():
+            uids = pq.read_table(e, columns=["uid"]).column("uid")
+            n_err += len(uids) - uids.null_count  # shard-level problems have no uid and are not samples
+    return {"n_in": n_ok + n_err, "n_ok": n_ok, "n_err": n_err}
+
+
+def _move_cross_shard_duplicates(pool: Pool, stage: str):
+    """A uid seen in an earlier shard (by shard id order) is an error row in later shards."""
+    import pyarrow.parquet as pq
+
+    first: dict[str, str] = {}
+    for sid in pool.done_shards(stage):
+        table = pool.read_columns(stage, sid)
+        uids = table.column("uid").to_pylist()
+        dup = [i for i, u in enumerate(uids) if u in first]
+        for u in uids:
+            first.setdefault(u, sid)
+        if not dup:
+            continue
+        keep = np.setdiff1d(np.arange(len(uids)), dup)
+        keys = table.column("key").to_pylist()
+        old = pq.read_table(pool.error_path(stage, sid)).to_pylist() if pool.error_path(stage, sid).exists() else []
+        new = old + [{"uid": uids[i], "key": keys[i],
+                      "reason": f"duplicate uid {uids[i]} (first in shard {first[uids[i]]})"} for i in dup]
+        write_errors(pool.error_path(stage, sid), stage, sid, new)
+        for p in (pool.root / "embeddings" / stage).glob(f"{sid}.*.npy"):
+            arr = np.load(p)
+            from ..pool import atomic_save_npy
+
+            atomic_save_npy(p, arr[keep])
+        atomic_write_table(pool.column_path(stage, sid), table.take(keep))
+
+
+__all__ = ["run_stage", "process_shard", "StageSummary", "StageConflict", "iter_pool_samples",
+           "to_arrow", "stage_counts"]

@@ -1,0 +1,143 @@
+"""`unparrot ingest`: make a pool from any supported input.
+
+Tar shards (a folder, a glob or a brace pattern such as DataComp's `{00000000..00001023}.tar`) are used in
+place: the pool only records where they are (pool.yaml). Other inputs are written as shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ..pool import Pool, atomic_write_bytes, expand_braces, write_errors
+from ..progress import progress_bar
+from .readers import read_image_folder, read_imagenet_captions, read_parquet, read_table
+from .samples import content_uid, normalize_uid
+from .tar import ShardWriter
+
+FORMATS = ("auto", "wds", "parquet", "table", "imagenet-captions", "folder")
+
+
+@dataclass
+class IngestSummary:
+    pool: str
+    format: str
+    n_in: int
+    n_written: int
+    n_err: int
+    shards: int
+    seconds: float
+    in_place: bool
+
+    def line(self) -> str:
+        if self.in_place:
+            return f"ingest: {self.shards} shards used in place (not copied) -> {self.pool}"
+        return (f"ingest ({self.format}): {self.n_in} records: {self.n_written} written in {self.shards} shards, "
+                f"{self.n_err} errors (errors/ingest) in {self.seconds:.1f}s -> {self.pool}")
+
+
+def detect_format(source: str) -> str:
+    p = Path(source)
+    if any(c in source for c in "*?{") or source.endswith(".tar"):
+        return "wds"
+    if p.is_dir():
+        if any(p.rglob("*.tar")):
+            return "wds"
+        if any(p.glob("*.parquet")):
+            return "parquet"
+        return "folder"
+    suffix = p.suffix.lower()
+    if suffix == ".parquet":
+        return "parquet"
+    if suffix in (".csv", ".tsv", ".jsonl", ".ndjson"):
+        return "table"
+    if suffix == ".json":
+        return "imagenet-captions"
+    raise ValueError(f"cannot tell the format of {source!r}; pass format= one of {', '.join(FORMATS[1:])}")
+
+
+def ingest(source: str, pool: str | os.PathLike, format: str = "auto", shard_size: int = 10000,
+           image_col: str | None = None, caption_col: str | None = None, path_col: str | None = None,
+           image_root: str | None = None, sep: str | None = None,
+           caption_fields: tuple[str, ...] = ("title", "tags", "description"), caption_join: str = " ",
+           progress: bool = True) -> IngestSummary:
+    """Create (or complete) pool folder `pool` from `source`. Re-running skips shards already written.
+
+    Records that cannot be read (missing image file, unreadable table line) go to errors/ingest/ with
+    their source location; everything else is written with its caption, metadata and uid in `.json`.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; one of {', '.join(FORMATS)}")
+    if shard_size < 1:
+        raise ValueError("shard_size must be positive")
+    fmt = detect_format(source) if format == "auto" else format
+    root = Path(pool)
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if fmt == "wds":
+        src = str(Path(source).resolve()) if Path(source).exists() else source
+        cfg = {"shards": src}
+        (root / "pool.yaml").write_text(yaml.safe_dump(cfg))
+        n = len(Pool(root).shards())
+        if n == 0:
+            raise FileNotFoundError(f"no .tar shards found at {source}")
+        return IngestSummary(str(root), fmt, 0, 0, 0, n, time.time() - t0, True)
+
+    if fmt == "parquet":
+        files = sorted(Path(source).glob("*.parquet")) if Path(source).is_dir() else [Path(source)]
+        records = (r for f in files for r in read_parquet(f, image_col, caption_col, path_col, image_root))
+    elif fmt == "table":
+        records = read_table(source, path_col, caption_col, image_root, sep)
+    elif fmt == "imagenet-captions":
+        records = read_imagenet_captions(source, image_root, caption_fields, caption_join)
+    else:
+        records = read_image_folder(source)
+
+    shard_dir = root / "shards"
+    errors, n_in, n_written = [], 0, 0
+    writer = None
+    bar = progress_bar(desc="ingest", unit="rec", disable=not progress)
+    for rec in records:
+        idx = n_in
+        n_in += 1
+        bar.update(1)
+        if rec.problem or rec.image is None:
+            errors.append({"uid": None, "key": rec.source, "reason": rec.problem or "no image"})
+            continue
+        shard_no = n_written // shard_size
+        n_written += 1
+        if (shard_dir / f"{shard_no:05d}.tar").exists():
+            continue  # written by an earlier (interrupted) run
+        if writer is None or writer.index != shard_no:
+            if writer is not None:
+                writer.close()
+            writer = ShardWriter(str(shard_dir / "{:05d}.tar"), max_count=shard_size, start=shard_no)
+        if "uid" in rec.meta and rec.meta["uid"] not in (None, ""):
+            uid, source_uid = normalize_uid(rec.meta["uid"])
+        else:
+            uid, source_uid = content_uid(rec.image, rec.caption), None
+        meta = {**rec.meta, "uid": uid, "source": rec.source}
+        if source_uid:
+            meta["source_uid"] = source_uid
+        members = {rec.ext: rec.image}
+        if rec.caption is not None:
+            members["txt"] = rec.caption
+            meta["caption"] = rec.caption
+        members["json"] = json.dumps(meta, ensure_ascii=False, default=str)
+        writer.write(f"{idx:09d}", members)
+    if writer is not None:
+        writer.close()
+    bar.close()
+    write_errors(root / "errors" / "ingest" / "ingest.parquet", "ingest", "ingest", errors)
+    summary = IngestSummary(str(root), fmt, n_in, n_written, len(errors), len(list(shard_dir.glob("*.tar"))),
+                            time.time() - t0, False)
+    atomic_write_bytes(root / "ingest.json", json.dumps({"source": str(source), **summary.__dict__}).encode())
+    return summary
+
+
+__all__ = ["ingest", "detect_format", "IngestSummary", "expand_braces"]

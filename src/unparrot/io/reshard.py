@@ -1,0 +1,167 @@
+"""`unparrot reshard`: write a subset of a pool as new webdataset shards (DataComp's resharder, in miniature).
+
+Every member of a kept sample is copied unchanged (image, .txt, extra members), except `.json`, which gains
+the requested columns (e.g. rewrites for LaCLIP training, has_text, clip_score). The output folder is a
+pool in its own right.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..pool import Pool, atomic_write_bytes, read_subset, subset_contains, write_errors
+from ..progress import progress_bar
+from .samples import parse_sample
+from .tar import ShardProblem, ShardWriter, iter_samples
+
+
+@dataclass
+class ReshardSummary:
+    out: str
+    subset: int
+    written: int
+    missing: int
+    errors: int
+    shards: int
+    seconds: float
+
+    def line(self) -> str:
+        s = (f"reshard: {self.written} of {self.subset} subset samples written in {self.shards} shards "
+             f"({self.seconds:.1f}s) -> {self.out}")
+        if self.missing:
+            s += f"; {self.missing} subset uids not found in the pool"
+        if self.errors:
+            s += f"; {self.errors} unreadable samples (errors/reshard)"
+        return s
+
+
+def _parse_columns(columns: Sequence[str] | None, pool: Pool) -> dict[str, list[str]]:
+    """"stage.column" or a bare column name (looked up across the pool's stages) -> {stage: [columns]}."""
+    import pyarrow.parquet as pq
+
+    out: dict[str, list[str]] = {}
+    for spec in columns or ():
+        if "." in spec:
+            st, col = spec.split(".", 1)
+        else:
+            st = None
+            for cand in pool.stages():
+                done = pool.done_shards(cand)
+                if done and spec in pq.read_schema(pool.column_path(cand, done[0])).names:
+                    st = cand
+                    break
+            if st is None:
+                raise KeyError(f"column {spec!r} is in no stage of {pool.root} (stages: {pool.stages()})")
+            col = spec
+        out.setdefault(st, []).append(col)
+    return out
+
+
+def _jsonable(v):
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, (np.generic,)):
+        return v.item()
+    if isinstance(v, float) and v != v:
+        return None
+    return v
+
+
+def reshard(pool: Pool | str, subset: str | os.PathLike | np.ndarray, out: str | os.PathLike,
+            shard_size: int = 10000, columns: Sequence[str] | None = None, mask_text: bool = False,
+            mask_fill: str = "mean", spot_stage: str = "spot", progress: bool = True) -> ReshardSummary:
+    """Write the samples of `pool` whose uid is in `subset` (a DataComp .npy or array) to `out/shards/`.
+
+    `columns` ("stage.column" or column names) are added to each sample's .json. With `mask_text`, images
+    are written with their text boxes (from `spot_stage`) filled (T-MARS style, see ops/mask.py).
+    """
+    pool = pool if isinstance(pool, Pool) else Pool(pool)
+    sub = subset if isinstance(subset, np.ndarray) else read_subset(subset)
+    wanted = _parse_columns(columns, pool)
+    masker = None
+    if mask_text:
+        from ..ops.mask import Masker
+
+        masker = Masker(fill=mask_fill)
+        if not pool.done_shards(spot_stage):
+            raise FileNotFoundError(f"mask_text needs the {spot_stage!r} stage (run `unparrot profile` first)")
+    out = Path(out)
+    if any((out / "shards").glob("*.tar")):
+        raise FileExistsError(f"{out}/shards already holds shards; reshard writes into an empty folder")
+    t0 = time.time()
+    errors, written, found = [], 0, set()
+    bar = progress_bar(total=len(sub), desc="reshard", unit="sample", disable=not progress)
+    with ShardWriter(str(out / "shards" / "{:05d}.tar"), max_count=shard_size) as w:
+        for sh in pool.shards():
+            extra = {}
+            for st, cols in wanted.items():
+                if pool.column_path(st, sh.id).exists():
+                    t = pool.read_columns(st, sh.id, ["uid"] + cols).to_pydict()
+                    extra[st] = {u: i for i, u in enumerate(t["uid"])}, t
+            boxes = None
+            if masker is not None and pool.column_path(spot_stage, sh.id).exists():
+                t = pool.read_columns(spot_stage, sh.id, ["uid", "boxes"]).to_pydict()
+                boxes = dict(zip(t["uid"], t["boxes"]))
+            batch: list = []
+            for item in iter_samples(sh.path):
+                if isinstance(item, ShardProblem):
+                    errors.append({"uid": None, "key": item.after_key, "shard": sh.id, "reason": item.reason})
+                    continue
+                batch.append(item)
+                if len(batch) >= 512:
+                    written += _write_batch(batch, sh.id, sub, w, wanted, extra, boxes, masker, errors, found)
+                    bar.n = written
+                    bar.refresh()
+                    batch = []
+            written += _write_batch(batch, sh.id, sub, w, wanted, extra, boxes, masker, errors, found)
+            bar.n = written
+            bar.refresh()
+    bar.close()
+    write_errors(out / "errors" / "reshard" / "reshard.parquet", "reshard", "", errors)
+    summary = ReshardSummary(str(out), len(sub), written, len(sub) - len(found), len(errors), len(w.written),
+                             time.time() - t0)
+    atomic_write_bytes(out / "reshard.json", json.dumps({"pool": str(pool.root), **summary.__dict__}).encode())
+    return summary
+
+
+def _write_batch(items, shard_id, sub, w, wanted, extra, boxes, masker, errors, found) -> int:
+    rows = [parse_sample(it, shard_id) for it in items]
+    keep = subset_contains(sub, [r["uid"] for r in rows]) if rows else []
+    n = 0
+    for it, row, k in zip(items, rows, keep):
+        if not k or row["uid"] in found:
+            continue
+        found.add(row["uid"])
+        if "sample" in row["problems"] or "image" in row["problems"]:
+            errors.append({"uid": row["uid"], "key": row["key"], "shard": shard_id,
+                           "reason": row["problems"].get("sample") or row["problems"]["image"]})
+            continue
+        meta = dict(row["meta"])
+        meta["uid"] = row["uid"]
+        for st, cols in wanted.items():
+            if st not in extra:
+                continue
+            index, table = extra[st]
+            i = index.get(row["uid"])
+            for c in cols:
+                meta[c] = None if i is None else _jsonable(table[c][i])
+        members = {ext: data for ext, data in it.members.items() if ext != "json"}
+        if masker is not None and boxes and boxes.get(row["uid"]):
+            try:
+                members[row["image_ext"]] = masker.mask_bytes(row["image"], boxes[row["uid"]], row["image_ext"])
+                meta["masked"] = True
+            except Exception as e:  # noqa: BLE001 - an undecodable image is an error row, not a crash
+                errors.append({"uid": row["uid"], "key": row["key"], "shard": shard_id,
+                               "reason": f"cannot mask image: {e}"})
+                continue
+        members["json"] = json.dumps(meta, ensure_ascii=False, default=str)
+        w.write(row["key"], members)
+        n += 1
+    return n

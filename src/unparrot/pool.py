@@ -1,0 +1,325 @@
+"""A pool is a folder: shards (in place or under `shards/`), per-stage columns, embeddings, errors, subsets.
+
+```
+POOL/pool.yaml                          optional: where the shards are, when they live elsewhere
+POOL/shards/*.tar                       default shard location (written by `ingest` and `synth`)
+POOL/columns/<stage>/<shard>.parquet    one row per processed sample, keyed by `uid`
+POOL/columns/<stage>/_stage.json        the operator and parameters that produced the stage
+POOL/embeddings/<stage>/<shard>.<name>.npy   float16 rows aligned with the parquet file's rows
+POOL/errors/<stage>/<shard>.parquet     uid, key, shard, stage, reason of each sample that failed
+POOL/subsets/<name>.npy                 DataComp subset: sorted uids as dtype (u8, u8)
+```
+
+A shard's column file is written last and atomically, so its presence means the shard is done.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+ERROR_COLUMNS = ("uid", "key", "shard", "stage", "reason")
+SUBSET_DTYPE = np.dtype("u8,u8")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand webdataset/DataComp shard patterns: "a/{000..003}.tar", "{x,y}.tar"."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    head, tail, body = pattern[: m.start()], pattern[m.end():], m.group(1)
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if r:
+        lo, hi = r.group(1), r.group(2)
+        width = len(lo) if lo.startswith("0") else 0
+        items = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        items = body.split(",")
+    return [p for it in items for p in expand_braces(head + it + tail)]
+
+
+def atomic_write_bytes(path: Path, data: bytes):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_table(path: Path, table: pa.Table):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save_npy(path: Path, arr: np.ndarray):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, arr)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A shard: its id (used to name its column files) and the tar path."""
+
+    id: str
+    path: str
+
+
+class Pool:
+    """A pool folder. Cheap to construct; nothing is read until asked."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"pool folder {str(self.root)!r} does not exist")
+
+    # ---- shards -------------------------------------------------------------------------------
+    @property
+    def config(self) -> dict:
+        p = self.root / "pool.yaml"
+        if not p.exists():
+            return {}
+        cfg = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{p}: expected a mapping, got {type(cfg).__name__}")
+        return cfg
+
+    def shards(self) -> list[Shard]:
+        """All shards, sorted by id. Shard ids are paths relative to their source folder, without .tar."""
+        sources = self.config.get("shards")
+        if sources is None:
+            sources = [str(self.root / "shards")]
+        if isinstance(sources, str):
+            sources = [sources]
+        out: dict[str, str] = {}
+        for src in sources:
+            src = str(src)
+            if not os.path.isabs(src):
+                src = str(self.root / src)
+            for path, sid in _list_source(src):
+                if sid in out and out[sid] != path:
+                    raise ValueError(f"two shards share the id {sid!r}: {out[sid]} and {path}")
+                out[sid] = path
+        return [Shard(k, out[k]) for k in sorted(out)]
+
+    # ---- columns ------------------------------------------------------------------------------
+    def column_path(self, stage: str, shard: str) -> Path:
+        return self.root / "columns" / stage / f"{shard}.parquet"
+
+    def error_path(self, stage: str, shard: str) -> Path:
+        return self.root / "errors" / stage / f"{shard}.parquet"
+
+    def embedding_path(self, stage: str, shard: str, name: str) -> Path:
+        return self.root / "embeddings" / stage / f"{shard}.{name}.npy"
+
+    def stages(self) -> list[str]:
+        d = self.root / "columns"
+        return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.exists() else []
+
+    def stage_info(self, stage: str) -> dict | None:
+        p = self.root / "columns" / stage / "_stage.json"
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def done_shards(self, stage: str) -> list[str]:
+        d = self.root / "columns" / stage
+        if not d.exists():
+            return []
+        return sorted(str(p.relative_to(d))[: -len(".parquet")] for p in d.rglob("*.parquet"))
+
+    def write_columns(self, stage: str, shard: str, columns: dict, errors: Sequence[dict] = ()):
+        """Write one shard's output: errors, then embeddings, then the column file (the 'done' marker).
+
+        2-D float arrays among `columns` are embeddings: saved as float16 .npy aligned with the rows.
+        """
+        write_errors(self.error_path(stage, shard), stage, shard, errors)
+        table_cols = {}
+        for name, values in columns.items():
+            if isinstance(values, np.ndarray) and values.ndim == 2 and values.dtype.kind == "f":
+                atomic_save_npy(self.embedding_path(stage, shard, name), values.astype(np.float16))
+            else:
+                table_cols[name] = values
+        atomic_write_table(self.column_path(stage, shard), to_arrow(table_cols))
+
+    def read_columns(self, stage: str, shard: str, columns: Sequence[str] | None = None) -> pa.Table:
+        return pq.read_table(self.column_path(stage, shard), columns=list(columns) if columns else None)
+
+    def load(self, stages: str | Sequence[str], columns: Sequence[str] | None = None,
+             shards: Iterable[str] | None = None, how: str = "outer"):
+        """Load columns of one or more stages as a pandas DataFrame, joined by uid.
+
+        `columns` limits what is read (uid is always included). Rows keep the first stage's order;
+        stages that failed on a row leave NaN/None there (how="outer") or drop it (how="inner").
+        """
+        import pandas as pd
+
+        stages = [stages] if isinstance(stages, str) else list(stages)
+        frames = []
+        for stage in stages:
+            done = self.done_shards(stage)
+            if not done:
+                raise FileNotFoundError(f"stage {stage!r} has no output in {self.root} (run it first)")
+            want = done if shards is None else [s for s in shards if s in set(done)]
+            cols = None
+            if columns is not None:
+                schema = pq.read_schema(self.column_path(stage, done[0]))
+                cols = ["uid"] + [c for c in columns if c in schema.names and c != "uid"]
+            parts = [self.read_columns(stage, s, cols).to_pandas() for s in want]
+            df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"uid": []})
+            if "shard" not in df.columns and stage == stages[0]:
+                df.insert(1, "shard", np.repeat(want, [len(p) for p in parts]) if parts else [])
+            frames.append(df)
+        out = frames[0]
+        for df in frames[1:]:
+            dup = [c for c in df.columns if c in out.columns and c != "uid"]
+            out = out.merge(df.drop(columns=dup), on="uid", how="left" if how == "outer" else "inner")
+        if columns is not None:
+            missing = [c for c in columns if c not in out.columns]
+            if missing:
+                raise KeyError(f"columns {missing} are in none of the stages {stages}")
+        return out
+
+    def embeddings(self, stage: str, name: str, shards: Iterable[str] | None = None, mmap: bool = True):
+        """Return (uids, list of per-shard float16 arrays), memory-mapped unless `mmap=False`."""
+        done = self.done_shards(stage)
+        want = done if shards is None else [s for s in shards if s in set(done)]
+        uids, arrays = [], []
+        for s in want:
+            p = self.embedding_path(stage, s, name)
+            if not p.exists():
+                raise FileNotFoundError(f"no {name!r} embeddings for shard {s} of stage {stage!r}")
+            arr = np.load(p, mmap_mode="r" if mmap else None)
+            u = self.read_columns(stage, s, ["uid"]).column("uid").to_pylist()
+            if len(u) != len(arr):
+                raise ValueError(f"{p}: {len(arr)} rows but {len(u)} uids")
+            uids.extend(u)
+            arrays.append(arr)
+        return uids, arrays
+
+    def errors(self, stage: str):
+        import pandas as pd
+
+        d = self.root / "errors" / stage
+        parts = [pq.read_table(p).to_pandas() for p in sorted(d.rglob("*.parquet"))] if d.exists() else []
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(ERROR_COLUMNS))
+
+    # ---- subsets ------------------------------------------------------------------------------
+    def subset_path(self, name: str) -> Path:
+        return self.root / "subsets" / f"{name}.npy"
+
+
+def _list_source(src: str) -> list[tuple[str, str]]:
+    """(path, id) of the tars a source names: a folder (searched recursively), a glob or a brace pattern."""
+    if os.path.isdir(src):
+        paths = sorted(glob.glob(os.path.join(src, "**", "*.tar"), recursive=True))
+        return [(p, os.path.relpath(p, src)[:-4]) for p in paths]
+    paths = []
+    for pat in expand_braces(src):
+        paths.extend(sorted(glob.glob(pat)) if any(c in pat for c in "*?[") else [pat])
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"shards not found: {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    return [(p, Path(p).name[:-4] if p.endswith(".tar") else Path(p).name) for p in paths]
+
+
+def to_arrow(columns: dict) -> pa.Table:
+    """Build an arrow table from a dict of equal-length columns (lists or 1-D arrays)."""
+    lengths = {k: len(v) for k, v in columns.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"columns have different lengths: {lengths}")
+    arrays = {}
+    for k, v in columns.items():
+        if isinstance(v, np.ndarray) and v.ndim == 1:
+            arrays[k] = pa.array(v)
+        else:
+            arrays[k] = pa.array(list(v))
+    return pa.table(arrays)
+
+
+def write_errors(path: Path, stage: str, shard: str, errors: Sequence[dict]):
+    rows = {c: [] for c in ERROR_COLUMNS}
+    for e in errors:
+        for c in ERROR_COLUMNS:
+            rows[c].append(e.get(c, stage if c == "stage" else shard if c == "shard" else None))
+    schema = pa.schema([(c, pa.string()) for c in ERROR_COLUMNS])
+    atomic_write_table(path, pa.table({c: pa.array(rows[c], pa.string()) for c in ERROR_COLUMNS},
+                                      schema=schema))
+
+
+# ---- DataComp subsets ---------------------------------------------------------------------------
+def uids_to_u8(uids: Iterable[str]) -> np.ndarray:
+    """Hex uids -> sorted, unique array of (u8, u8), DataComp's subset format."""
+    # np.unique sorts by (f0, f1): the order DataComp's resharder binary-searches
+    return np.unique(uids_to_array(list(uids)))
+
+
+def u8_to_uids(arr: np.ndarray) -> list[str]:
+    return [f"{int(a):016x}{int(b):016x}" for a, b in zip(arr["f0"], arr["f1"])]
+
+
+def write_subset(path: str | os.PathLike, uids: Iterable[str]) -> np.ndarray:
+    arr = uids_to_u8(uids)
+    atomic_save_npy(Path(path), arr)
+    return arr
+
+
+def read_subset(path: str | os.PathLike) -> np.ndarray:
+    arr = np.load(path, allow_pickle=False)
+    if arr.dtype != SUBSET_DTYPE:
+        if arr.dtype.names and len(arr.dtype.names) == 2 and all(arr.dtype[i] == np.uint64 for i in range(2)):
+            arr = arr.view(SUBSET_DTYPE)
+        else:
+            raise ValueError(f"{path}: a subset must be a numpy array of dtype (u8, u8), got {arr.dtype}")
+    hi, lo = arr["f0"], arr["f1"]
+    if len(arr) > 1 and not np.all((hi[:-1] < hi[1:]) | ((hi[:-1] == hi[1:]) & (lo[:-1] <= lo[1:]))):
+        arr = np.sort(arr)  # DataComp requires sorted subsets; accept and fix unsorted ones
+    return arr
+
+
+def subset_contains(subset: np.ndarray, uids: Sequence[str]) -> np.ndarray:
+    """Vectorised membership test of hex uids in a sorted subset array."""
+    if len(uids) == 0:
+        return np.zeros(0, bool)
+    q = uids_to_array(uids)
+    if len(subset) == 0:
+        return np.zeros(len(q), bool)
+    idx = np.minimum(np.searchsorted(subset, q), len(subset) - 1)
+    return subset[idx] == q
+
+
+def uids_to_array(uids: Sequence[str]) -> np.ndarray:
+    """Hex uids -> (u8, u8) array in the given order (no sorting, duplicates kept)."""
+    bad = next((u for u in uids if not isinstance(u, str) or len(u) != 32), None)
+    if bad is not None:
+        raise ValueError(f"uid {bad!r} is not 32 hex digits")
+    return np.array([(int(u[:16], 16), int(u[16:32], 16)) for u in uids], dtype=SUBSET_DTYPE)

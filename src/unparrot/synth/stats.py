@@ -1,0 +1,64 @@
+"""Ground-truth statistics of a synthetic pool (what a perfect text spotter would report)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from ..engine.local import iter_pool_samples
+from ..pool import Pool
+from ..text import co_embedded
+
+
+def truth_stats(pool: Pool | str, top: int = 10) -> dict:
+    """Share of images with text, CoTR statistics and top co-embedded words, from the recorded truth."""
+    pool = pool if isinstance(pool, Pool) else Pool(pool)
+    n = n_text = n_parrot = n_full = 0
+    cotr_sum = cotr_text_sum = 0.0
+    words = co_words = 0
+    co_counter: Counter = Counter()
+    kinds: Counter = Counter()
+    for row in iter_pool_samples(pool):
+        truth = (row["meta"] or {}).get("synth")
+        if truth is None or row["caption"] is None:
+            continue
+        n += 1
+        kinds[truth["kind"]] += 1
+        written = [t["text"] for t in truth["texts"]]
+        m = co_embedded(row["caption"], written)
+        words += len(m["caption_tokens"])
+        co_words += len(m["co_emb"])
+        co_counter.update(m["co_emb"])
+        if written:
+            n_text += 1
+            cotr_text_sum += m["cotr"]
+        cotr_sum += m["cotr"]
+        n_parrot += m["is_parrot"]
+        n_full += m["cotr"] == 1.0
+    if n == 0:
+        raise ValueError(f"{pool.root} has no synthetic ground truth (.json 'synth' records)")
+    return {
+        "samples": n,
+        "kinds": dict(kinds),
+        "share_with_text": n_text / n,
+        "mean_cotr": cotr_sum / n,
+        "mean_cotr_text_images": cotr_text_sum / n_text if n_text else 0.0,
+        "share_parrot_captions": n_parrot / n,
+        "share_parrot_of_text_images": n_parrot / n_text if n_text else 0.0,
+        "share_fully_parroted": n_full / n,
+        "share_caption_words_in_image": co_words / words if words else 0.0,
+        "top_co_emb_words": co_counter.most_common(top),
+    }
+
+
+def format_truth_stats(s: dict) -> str:
+    top = ", ".join(f"{w} ({c})" for w, c in s["top_co_emb_words"])
+    return "\n".join([
+        f"samples                              {s['samples']}  ({', '.join(f'{k}: {v}' for k, v in sorted(s['kinds'].items()))})",
+        f"images with text                     {100 * s['share_with_text']:.1f}%",
+        f"mean CoTR (all / text images)        {s['mean_cotr']:.3f} / {s['mean_cotr_text_images']:.3f}",
+        f"captions with CoTR > 0               {100 * s['share_parrot_captions']:.1f}% "
+        f"({100 * s['share_parrot_of_text_images']:.1f}% of text images)",
+        f"fully parroted captions (CoTR = 1)   {100 * s['share_fully_parroted']:.1f}%",
+        f"caption words spelled in the image   {100 * s['share_caption_words_in_image']:.1f}%",
+        f"top co-embedded words                {top}",
+    ])

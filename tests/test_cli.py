@@ -1,0 +1,47 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from unparrot.cli import build_parser, main
+
+ROOT = Path(__file__).parent.parent
+
+
+def _subcommands():
+    p = build_parser()
+    return sorted(next(a for a in p._actions if a.dest == "command").choices)
+
+
+@pytest.mark.parametrize("cmd", _subcommands())
+def test_every_subcommand_has_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: unparrot " + cmd) and len(out) > 150
+
+
+def test_python_dash_m_and_end_to_end(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "unparrot", *a], env=env, capture_output=True,  # noqa: E731
+                                    text=True, timeout=300)
+    r = run("synth", str(tmp_path / "p"), "-n", "120", "--preset", "learnable", "--shard-size", "60",
+            "--eval-per-class", "2", "--stats", "--quiet", "--param", "p_sign=0.5")
+    assert r.returncode == 0, r.stderr
+    assert "images with text" in r.stdout
+    r = run("run", str(tmp_path / "p"), "inspect", "--workers", "2", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "120 samples: 120 processed, 0 errors" in r.stdout
+    r = run("info", str(tmp_path / "p"))
+    assert "inspect" in r.stdout and "120 rows" in r.stdout
+
+
+def test_errors_are_one_clear_line(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "missing"), "inspect"]) == 1
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
+    assert main(["synth", str(tmp_path / "x"), "--param", "p_text=7"]) == 1
+    assert "p_text" in capsys.readouterr().err

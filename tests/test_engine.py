@@ -1,0 +1,169 @@
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import jpeg_bytes, write_tar
+from unparrot.engine import StageConflict, run_stage
+from unparrot.pool import Pool
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+
+
+def _sample(key, caption=b"a red square", uid=None, image=None, ext="jpg"):
+    members = [(f"{key}.{ext}", jpeg_bytes() if image is None else image), (f"{key}.txt", caption)]
+    if uid is not None:
+        members.append((f"{key}.json", json.dumps({"uid": uid}).encode()))
+    return members
+
+
+def _bad_input_pool(tmp_path):
+    """One shard per kind of breakage the issue names, plus a good one."""
+    u = lambda i: f"{i:032x}"  # noqa: E731
+    sh = tmp_path / "shards"
+    write_tar(sh / "00-good.tar", _sample("g0", uid=u(1)) + _sample("g1", uid=u(2)))
+    png = io.BytesIO()
+    Image.new("L", (10000, 10000), 128).save(png, format="PNG", compress_level=1)  # 100 megapixels
+    write_tar(sh / "01-bad.tar",
+              _sample("zero", image=b"", uid=u(3))
+              + _sample("nonimg", image=b"<html>not an image</html>", uid=u(4))
+              + _sample("trunc", image=jpeg_bytes(size=(200, 200))[:300], uid=u(5))
+              + _sample("huge", image=png.getvalue(), ext="png", uid=u(6))
+              + _sample("../evil", uid=u(7))
+              + _sample("badutf", caption=b"caf\xe9 \xff", uid=u(8))
+              + [("nocap.jpg", jpeg_bytes()), ("nocap.json", json.dumps({"uid": u(9)}).encode())]
+              + _sample("dup1", uid=u(10)) + _sample("dup2", uid=u(10))
+              + _sample("ok", uid=u(11)))
+    full = write_tar(tmp_path / "tmp.tar", sum((_sample(f"t{i}", uid=u(100 + i),
+                                                        image=jpeg_bytes(size=(120, 120))) for i in range(6)), []))
+    data = open(full, "rb").read()
+    (sh / "02-truncated.tar").write_bytes(data[: int(len(data) * 0.6)])
+    os.unlink(full)
+    write_tar(sh / "03-crossdup.tar", _sample("x", uid=u(1)) + _sample("y", uid=u(12)))
+    return Pool(tmp_path)
+
+
+def test_bad_input_gives_error_rows_and_counts_add_up(tmp_path):
+    pool = _bad_input_pool(tmp_path)
+    s = run_stage(pool, "inspect", progress=False)
+    assert s.n_in == s.n_ok + s.n_err
+    errs = pool.errors("inspect")
+    by_key = {k: r for k, r in zip(errs["key"], errs["reason"])}
+    assert "empty" in by_key["zero"]
+    assert "cannot decode" in by_key["nonimg"]
+    assert "cannot decode" in by_key["trunc"]
+    assert "too large" in by_key["huge"]
+    assert "traversal" in by_key["../evil"]
+    assert "UTF-8" in by_key["badutf"]
+    assert "missing caption" in by_key["nocap"]
+    assert "duplicate uid" in by_key["dup2"]
+    assert "first in shard 00-good" in by_key["x"]  # a uid seen in an earlier shard
+    assert any("truncated" in r or "corrupt" in r for r in errs["reason"])
+    ok = set(pool.load("inspect")["key"])
+    assert {"g0", "g1", "ok", "dup1", "y", "t0"} <= ok
+    # every sample that went in is either processed or an error row, never both, never lost
+    sample_errs = errs[errs["uid"].notna()]
+    assert len(ok) + len(sample_errs) == s.n_in
+    assert not ok & set(sample_errs["key"])
+    assert "truncated" in " ".join(s.problems) or "corrupt" in " ".join(s.problems)
+
+
+def test_stage_conflict_and_overwrite(synth_pool, tmp_path):
+    pool_dir = tmp_path / "p"
+    shutil.copytree(synth_pool, pool_dir)
+    run_stage(pool_dir, "inspect", progress=False)
+    with pytest.raises(StageConflict, match="overwrite"):
+        run_stage(pool_dir, "inspect", {"max_pixels": 1000}, progress=False)
+    s = run_stage(pool_dir, "inspect", {"max_pixels": 1000}, overwrite=True, progress=False)
+    assert s.n_ok == 0 and s.n_err == 300  # 64x64 > 1000 pixels: all rejected, all counted
+    with pytest.raises(TypeError, match="bad parameters"):
+        run_stage(pool_dir, "inspect", {"nope": 1}, progress=False)
+
+
+def test_parallel_equals_serial(synth_pool, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(synth_pool, a)
+    shutil.copytree(synth_pool, b)
+    sa = run_stage(a, "helpers:SlowDigest", {"delay": 0.0}, stage="d", workers=1, progress=False)
+    sb = run_stage(b, "helpers:SlowDigest", {"delay": 0.0}, stage="d", workers=2, batch_size=7, progress=False)
+    assert sa.n_ok == sb.n_ok == 300
+    for sid in Pool(a).done_shards("d"):
+        assert pq.read_table(Pool(a).column_path("d", sid)).equals(pq.read_table(Pool(b).column_path("d", sid)))
+
+
+def _children(pid):
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d))
+    return out
+
+
+@pytest.mark.slow
+def test_resume_after_killed_worker(tmp_path):
+    from unparrot.synth.generate import synth
+
+    src = tmp_path / "src"
+    synth(src, n=400, preset="learnable", seed=5, shard_size=50, eval_sets=(), workers=2, progress=False)
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    shutil.copytree(src, killed)
+    shutil.copytree(src, clean)
+    env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{ROOT / 'src'}"}
+    cmd = [sys.executable, "-m", "unparrot", "run", str(killed), "helpers:SlowDigest", "--param", "delay=0.01",
+           "--stage", "d", "--workers", "2", "--batch-size", "10", "--quiet"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    pool = Pool(killed)
+    while time.time() < deadline and len(pool.done_shards("d")) < 2:
+        time.sleep(0.05)
+    assert 2 <= len(pool.done_shards("d")) < 8, "the run finished before it could be interrupted"
+    workers = [c for c in _children(proc.pid) if "resource_tracker" not in open(f"/proc/{c}/cmdline").read()]
+    assert workers
+    os.kill(workers[-1], signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "rerun the same command to resume" in err
+    done_before = len(pool.done_shards("d"))
+    assert done_before < 8
+    # no half-written files are visible as done
+    for sid in pool.done_shards("d"):
+        pq.read_table(pool.column_path("d", sid))
+    s = run_stage(killed, "helpers:SlowDigest", {"delay": 0.01}, stage="d", workers=2, batch_size=10, progress=False)
+    assert s.skipped == done_before and s.n_ok == 400
+    c = run_stage(clean, "helpers:SlowDigest", {"delay": 0.01}, stage="d", workers=2, batch_size=10, progress=False)
+    assert c.n_ok == 400
+    for sid in Pool(clean).done_shards("d"):
+        assert pq.read_table(pool.column_path("d", sid)).equals(pq.read_table(Pool(clean).column_path("d", sid)))
+    assert not list((killed / "columns" / "d").glob(".*tmp"))
+
+
+def test_missing_input_stage_is_clear(synth_pool, tmp_path):
+    from unparrot.ops.base import Operator
+
+    class NeedsSpot(Operator):
+        inputs = {"spot": ["texts"]}
+
+    import unparrot.ops as ops
+
+    ops.OPS["_needs_spot"] = f"{__name__}:NeedsSpotGlobal"
+    globals()["NeedsSpotGlobal"] = NeedsSpot
+    try:
+        with pytest.raises(FileNotFoundError, match="needs stage 'spot' first"):
+            run_stage(synth_pool, "_needs_spot", progress=False)
+    finally:
+        del ops.OPS["_needs_spot"]

@@ -1,0 +1,107 @@
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from unparrot.engine.local import iter_pool_samples
+from unparrot.pool import Pool
+from unparrot.synth import render
+from unparrot.synth.generate import synth
+from unparrot.synth.stats import truth_stats
+from unparrot.synth.world import EVAL_SETS, make_config, make_pool_sample
+
+
+def test_deterministic_for_a_seed(tmp_path):
+    a = synth(tmp_path / "a", n=60, preset="learnable", seed=1, shard_size=25, eval_per_class=2, progress=False)
+    b = synth(tmp_path / "b", n=60, preset="learnable", seed=1, shard_size=25, eval_per_class=2, progress=False)
+    for sa, sb in zip(sorted((tmp_path / "a" / "shards").glob("*.tar")), sorted((tmp_path / "b" / "shards").glob("*.tar"))):
+        ra = [(r["uid"], r["caption"], r["image"]) for r in iter_pool_samples(Pool(tmp_path / "a"))]
+        rb = [(r["uid"], r["caption"], r["image"]) for r in iter_pool_samples(Pool(tmp_path / "b"))]
+        assert ra == rb
+    assert a["kinds"] == b["kinds"] and a["shards"] == 3
+    c = synth(tmp_path / "c", n=60, preset="learnable", seed=2, shard_size=25, eval_per_class=2, progress=False)
+    assert [r["caption"] for r in iter_pool_samples(Pool(tmp_path / "c"))] != [r[1] for r in ra]
+    assert synth(tmp_path / "a", n=60, preset="learnable", seed=1, shard_size=25, eval_per_class=2,
+                 progress=False) == a  # rerun: already there
+    with pytest.raises(FileExistsError):
+        synth(tmp_path / "a", n=61, preset="learnable", seed=1, progress=False)
+
+
+def test_text_quads_cover_the_ink():
+    """Ground truth quads must contain what was drawn: render a word on a blank canvas and compare."""
+    rng = np.random.default_rng(0)
+    for angle in (0.0, 12.0, -25.0):
+        img = Image.new("RGB", (200, 200), (255, 255, 255))
+        quad = render.draw_text(img, "parrot", "DejaVuSans-Bold.ttf", 30, 40, 60, (0, 0, 0), angle)
+        arr = np.asarray(img.convert("L")) < 128
+        ys, xs = np.nonzero(arr)
+        from matplotlib.path import Path as MPath
+
+        inside = MPath(np.array(quad)).contains_points(np.stack([xs + 0.5, ys + 0.5], 1), radius=3.0)
+        assert inside.mean() > 0.97, (angle, inside.mean())
+        qx, qy = np.array(quad)[:, 0], np.array(quad)[:, 1]
+        assert abs(qx.min() - 40) <= 1.5 and abs(qy.min() - 60) <= 1.5
+
+
+@pytest.mark.parametrize("preset", ["laion", "learnable"])
+def test_presets_statistics(preset, tmp_path):
+    synth(tmp_path / "p", n=600, preset=preset, seed=0, shard_size=300, eval_sets=(), progress=False)
+    s = truth_stats(tmp_path / "p")
+    assert 0.42 <= s["share_with_text"] <= 0.58  # LAION: about half the images carry text
+    assert 0.2 <= s["mean_cotr"] <= 0.45         # about 30% of caption words parroted on average
+    assert s["share_parrot_of_text_images"] >= 0.85  # ~90% of text-image captions overlap the text
+
+
+def test_learnable_preset_matches_feasibility_recipe():
+    cfg = make_config("learnable")
+    assert cfg.image_size == 64 and cfg.object_scale == (0.24, 0.40) and cfg.rotation == 20
+    assert cfg.p_text == 0.25 and cfg.p_pure_parrot == 0.25 and cfg.p_caption_parrots == 0.9
+    assert max(len(w) for w in cfg.words()) <= 5
+    assert 110 <= len(cfg.words()) + len(cfg.classes) <= 140
+    rng = np.random.default_rng(0)
+    texts = [t["text"] for _ in range(400) for t in make_pool_sample(cfg, rng)[2]["texts"]]
+    share_class = np.mean([t in cfg.classes for t in texts])
+    assert 0.4 <= share_class <= 0.6
+
+
+def test_ground_truth_is_recorded(synth_pool):
+    for r in list(iter_pool_samples(Pool(synth_pool)))[:50]:
+        gt = r["meta"]["synth"]
+        assert gt["kind"] in ("object", "text", "parrot")
+        if gt["kind"] == "object":
+            assert gt["texts"] == [] and 0 <= gt["label"] < 10
+        else:
+            assert gt["texts"] and all(len(t["quad"]) == 4 for t in gt["texts"])
+        for w in gt["parroted"]:
+            assert w in r["caption"]
+
+
+def test_eval_sets_in_clip_benchmark_layout(synth_pool):
+    import webdataset as wds
+
+    for name in EVAL_SETS:
+        d = synth_pool / "eval" / name
+        assert (d / "classnames.txt").read_text().split() == list(make_config("learnable").classes)
+        assert "{c}" in (d / "zeroshot_classification_templates.txt").read_text()
+        samples = list(wds.WebDataset(str(d / "test" / "0.tar"), shardshuffle=False))
+        assert len(samples) == 40 and all("cls" in s and "png" in s for s in samples)
+    clean = list(wds.WebDataset(str(synth_pool / "eval" / "clean" / "test" / "0.tar"), shardshuffle=False))
+    attack = list(wds.WebDataset(str(synth_pool / "eval" / "attack" / "test" / "0.tar"), shardshuffle=False))
+    for c, a in zip(clean[:10], attack[:10]):
+        info = json.loads(a["json"])
+        assert info["attack_label"] != info["label"]
+        ca = np.asarray(Image.open(io.BytesIO(c["png"]))).astype(int)
+        aa = np.asarray(Image.open(io.BytesIO(a["png"]))).astype(int)
+        diff = np.abs(ca - aa).sum(-1) > 0
+        assert 0.02 < diff.mean() < 0.5  # the same scene, with a word written on it
+
+
+def test_bad_parameters_are_clear():
+    with pytest.raises(ValueError, match="p_text"):
+        make_config("laion", p_text=1.5)
+    with pytest.raises(TypeError, match="unknown synth parameters"):
+        make_config("laion", colour="red")
+    with pytest.raises(KeyError, match="preset"):
+        make_config("nope")
