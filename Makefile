@@ -25,7 +25,7 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
 test: venv browser
-	$(BIN)/python -m pytest
+	UNPARROT_REQUIRE_BROWSER=1 $(BIN)/python -m pytest
 
 test-fast: venv
 	$(BIN)/python -m pytest -m "not slow"

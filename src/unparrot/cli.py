@@ -84,6 +84,84 @@ def cmd_info(a):
         print(format_truth_stats(truth_stats(pool)))
 
 
+# ---- profiling ----------------------------------------------------------------------------------
+def _stage_cmd(op):
+    def cmd(a):
+        from .engine import run
+
+        params = _kv(a.param)
+        if op == "spot" and a.backend:
+            params.setdefault("backend", a.backend)
+        _print(run(a.pool, op, params, stage=a.stage, workers=a.workers, batch_size=a.batch_size,
+                   overwrite=a.overwrite, progress=not a.quiet))
+    return cmd
+
+
+def cmd_profile(a):
+    from .profile import profile
+
+    spot_params = _kv(a.spot_param)
+    for k in ("det_max_side", "det_min_side", "min_score", "min_area", "min_chars"):
+        if getattr(a, k) is not None:
+            spot_params[k] = getattr(a, k)
+    print(profile(a.pool, backend=a.backend, workers=a.workers, batch_size=a.batch_size, spot_params=spot_params,
+                  parrot_params=_kv(a.parrot_param), overwrite=a.overwrite, progress=not a.quiet).line())
+
+
+def cmd_vocab(a):
+    from .profile import vocab
+
+    v = vocab(a.pool, out=a.out, top=a.top, stopwords=a.stopwords, min_len=a.min_len)
+    for name, rows in v.items():
+        print(f"{name}: {len(rows)} n-grams; top: " + ", ".join(f"{w} ({c})" for w, c in rows[:8]))
+    print(f"written to {a.out or str(a.pool) + '/vocab'}/")
+
+
+def cmd_report(a):
+    from .report import report
+
+    path = report(a.pool, out=a.out, sections=a.sections or None)
+    print(f"report: {path}")
+
+
+# ---- scoring and curation -------------------------------------------------------------------------
+def cmd_embed(a):
+    from .engine import run
+
+    params = {"model": a.model, "pretrained": a.pretrained, "masked": a.masked, "mask_fill": a.mask_fill,
+              **_kv(a.param)}
+    _print(run(a.pool, "embed", params, stage=a.stage, workers=a.workers, batch_size=a.batch_size,
+               overwrite=a.overwrite, progress=not a.quiet))
+
+
+def cmd_aesthetic(a):
+    from .engine import run
+
+    _print(run(a.pool, "aesthetic", {"weights": a.weights, "embed_stage": a.embed_stage}, stage=a.stage,
+               workers=a.workers, batch_size=1024, overwrite=a.overwrite, progress=not a.quiet))
+
+
+def cmd_cluster(a):
+    from .curate.cluster import cluster
+
+    _print(cluster(a.pool, embed_stage=a.embed_stage, k=a.k, pca_dim=a.pca_dim, niter=a.niter, nredo=a.nredo,
+                   seed=a.seed, min_points_per_centroid=a.min_points, max_points_per_centroid=a.max_points,
+                   eps=a.eps, keep=a.keep, centroids=a.centroids, stage=a.stage))
+
+
+def cmd_select(a):
+    from .curate.select import builtin_recipes, load_recipe, select
+
+    if a.list or not a.recipe:
+        for name in builtin_recipes():
+            r = load_recipe(name)
+            print(f"{name:<16} {' '.join(r.description.split())}")
+        return
+    for recipe in a.recipe:
+        _print(select(a.pool, recipe, out=a.out if len(a.recipe) == 1 else None, name=a.name if len(a.recipe) == 1 else None,
+                      overrides=_kv(a.set), size_like=a.size_like))
+
+
 def cmd_demo(a):
     from .demo import demo
 
@@ -160,6 +238,104 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("pool")
     sp.add_argument("--truth", action="store_true", help="also print synthetic ground-truth statistics")
 
+    for op, helptext in (("spot", "text spotting (OCR) per image: boxes, texts, has_text, text_area"),
+                         ("parrot", "co-embedded words and CoTR per caption (needs spot)")):
+        sp = add(op, _stage_cmd(op), helptext)
+        sp.add_argument("pool")
+        if op == "spot":
+            sp.add_argument("--backend", help="rapidocr (default), oracle (synthetic ground truth) or module:Class")
+        else:
+            sp.set_defaults(backend=None)
+        sp.add_argument("--param", action="append", metavar="KEY=VALUE",
+                        help="operator parameter (spot: min_score, min_area, min_chars, det_max_side, "
+                             "det_min_side, ...; parrot: stopwords, min_len, fuzzy, spot_stage, ...)")
+        sp.add_argument("--stage", help="output stage name")
+        sp.add_argument("--batch-size", type=int, default=32)
+        sp.add_argument("--overwrite", action="store_true")
+        common(sp)
+
+    sp = add("profile", cmd_profile, "spot text and measure parroting over a pool, then print a summary",
+             "Runs the spot and parrot stages (resumable) and prints: share of images with text, mean CoTR, "
+             "share of captions with CoTR > 0, fully parroted captions, top co-embedded words.")
+    sp.add_argument("pool")
+    sp.add_argument("--backend", default="rapidocr", help="OCR backend: rapidocr, oracle or module:Class")
+    sp.add_argument("--det-max-side", type=int, help="downscale images whose long side is larger (speed)")
+    sp.add_argument("--det-min-side", type=int, help="upscale images whose long side is smaller (recall on tiny images)")
+    sp.add_argument("--min-score", type=float, help="minimum recognition score of a text instance")
+    sp.add_argument("--min-area", type=float, help="minimum box area in pixels")
+    sp.add_argument("--min-chars", type=int, help="minimum letters/digits in a text instance")
+    sp.add_argument("--spot-param", action="append", metavar="KEY=VALUE")
+    sp.add_argument("--parrot-param", action="append", metavar="KEY=VALUE",
+                    help="CoTR variant: stopwords=true, min_len=2, fuzzy=true, keep_non_latin=true")
+    sp.add_argument("--batch-size", type=int, default=32)
+    sp.add_argument("--overwrite", action="store_true")
+    common(sp)
+
+    sp = add("vocab", cmd_vocab, "caption 1-/2-gram and co-embedded 1-gram counts as CSV (ngram,count)")
+    sp.add_argument("pool")
+    sp.add_argument("--out", help="output folder (default POOL/vocab)")
+    sp.add_argument("--top", type=int, default=1000)
+    sp.add_argument("--stopwords", action="store_true", help="drop stop words")
+    sp.add_argument("--min-len", type=int, default=1, help="drop tokens shorter than this")
+
+    sp = add("report", cmd_report, "write one self-contained HTML report of a pool")
+    sp.add_argument("pool")
+    sp.add_argument("--out", help="output file (default POOL/report.html)")
+    sp.add_argument("--sections", nargs="*", help="sections to include (default: all with data)")
+
+    sp = add("embed", cmd_embed, "CLIP image/text embeddings and CLIP score per pair (and masked CLIP score)",
+             "Any open_clip model (--model ViT-B-32 --pretrained FILE|TAG) or unparrot's small configs "
+             "(unparrot-rn-tiny, unparrot-rn-tiny-v1k, unparrot-vit-tiny). --masked adds masked_clip_score "
+             "(T-MARS: text boxes from the spot stage filled, scored against the original caption).")
+    sp.add_argument("pool")
+    sp.add_argument("--model", default="ViT-B-32")
+    sp.add_argument("--pretrained", help="checkpoint file, or an open_clip tag (needs the hub)")
+    sp.add_argument("--masked", action="store_true", help="also score the text-masked image (needs spot)")
+    sp.add_argument("--mask-fill", default="mean", help="mean (T-MARS), inpaint or solid")
+    sp.add_argument("--param", action="append", metavar="KEY=VALUE", help="chunk, device, spot_stage, ...")
+    sp.add_argument("--stage", help="output stage name (default embed)")
+    sp.add_argument("--batch-size", type=int, default=128)
+    sp.add_argument("--overwrite", action="store_true")
+    common(sp, workers=1)
+
+    sp = add("aesthetic", cmd_aesthetic, "LAION improved-aesthetic-predictor score from CLIP image embeddings",
+             "Needs the released MLP weights (e.g. sac+logos+ava1-l14-linearMSE.pth) and ViT-L/14 image "
+             "embeddings from an embed stage.")
+    sp.add_argument("pool")
+    sp.add_argument("--weights", required=True, help="the predictor's weight file")
+    sp.add_argument("--embed-stage", default="embed")
+    sp.add_argument("--stage", help="output stage name (default aesthetic)")
+    sp.add_argument("--overwrite", action="store_true")
+    common(sp, workers=1)
+
+    sp = add("cluster", cmd_cluster, "PCA + k-means over image embeddings, then SemDeDup near-duplicates",
+             "Writes cluster, dist_to_centroid, dup_of, keep_dedup. Defaults favour speed; the Parrot paper "
+             "used k=4000 --niter 300 --nredo 10 --seed 42 --min-points 10000 --max-points 200000 on 107M pairs.")
+    sp.add_argument("pool")
+    sp.add_argument("--embed-stage", default="embed")
+    sp.add_argument("-k", type=int, help="clusters (default: about sqrt(n), at most 4000)")
+    sp.add_argument("--pca-dim", type=int, default=256)
+    sp.add_argument("--niter", type=int, default=20)
+    sp.add_argument("--nredo", type=int, default=1)
+    sp.add_argument("--seed", type=int, default=42)
+    sp.add_argument("--min-points", type=int, default=1, help="faiss min points per centroid")
+    sp.add_argument("--max-points", type=int, default=256, help="faiss max points per centroid (training subsample)")
+    sp.add_argument("--eps", type=float, default=0.05, help="duplicates: cosine similarity > 1 - eps")
+    sp.add_argument("--keep", default="far", help="far (SemDeDup: least typical first) or near")
+    sp.add_argument("--centroids", help="folder of a previous run (POOL/cluster/<stage>) to assign with")
+    sp.add_argument("--stage", default="cluster")
+
+    sp = add("select", cmd_select, "apply curation recipes: DataComp subset .npy + funnel",
+             "Recipes are YAML (built-ins: all, less-is-more, cotr, clip-score, t-mars, parrot-debiased, random). "
+             "Writes POOL/subsets/<name>.npy (sorted u8,u8 uids) and <name>.json (the funnel).")
+    sp.add_argument("pool")
+    sp.add_argument("recipe", nargs="*", help="built-in name or YAML file (several allowed)")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe parameter, e.g. min_clip_score=0.28")
+    sp.add_argument("--size-like", help="cut to the size of another subset (random control)")
+    sp.add_argument("--name", help="subset name (default: the recipe name)")
+    sp.add_argument("--out", help="subset path (default POOL/subsets/<name>.npy)")
+    sp.add_argument("--list", action="store_true", help="list the built-in recipes")
+
     sp = add("demo", cmd_demo, "run the whole pipeline on a synthetic world and report the findings")
     sp.add_argument("--out", default="demo-out", help="output folder (a rerun resumes)")
     sp.add_argument("--size", default="default", help="small (CI check), default, full or large")
@@ -186,11 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError, RuntimeError, ImportError) as e:
         if os.environ.get("UNPARROT_DEBUG"):
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"unparrot {a.command}: error: {msg}", file=sys.stderr)
+        print(f"unparrot {a.command}: error: {msg}  (UNPARROT_DEBUG=1 shows a traceback)", file=sys.stderr)
         return 1
     return 0
 

@@ -31,6 +31,16 @@ import yaml
 
 ERROR_COLUMNS = ("uid", "key", "shard", "stage", "reason")
 SUBSET_DTYPE = np.dtype("u8,u8")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _tmp_beside(path: Path) -> tuple[int, str]:
+    """A temporary file next to `path` (same filesystem, so os.replace is atomic), with normal permissions."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    return fd, tmp
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -50,8 +60,7 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def atomic_write_bytes(path: Path, data: bytes):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    fd, tmp = _tmp_beside(Path(path))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -63,8 +72,7 @@ def atomic_write_bytes(path: Path, data: bytes):
 
 
 def atomic_write_table(path: Path, table: pa.Table):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    fd, tmp = _tmp_beside(Path(path))
     os.close(fd)
     try:
         pq.write_table(table, tmp, compression="zstd")
@@ -76,8 +84,7 @@ def atomic_write_table(path: Path, table: pa.Table):
 
 
 def atomic_save_npy(path: Path, arr: np.ndarray):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    fd, tmp = _tmp_beside(Path(path))
     try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, arr)

@@ -71,12 +71,27 @@ def iter_pool_samples(pool: Pool, shards: list[Shard] | None = None) -> Iterator
                 yield parse_sample(item, sh.id)
 
 
+def read_inputs(pool: Pool, stage: str, shard: str, cols) -> dict:
+    """Columns of an earlier stage for one shard; a name that is not a parquet column is read from the
+    stage's embeddings (`embeddings/<stage>/<shard>.<name>.npy`, rows aligned with the parquet)."""
+    import pyarrow.parquet as pq
+
+    names = set(pq.read_schema(pool.column_path(stage, shard)).names)
+    out = pool.read_columns(stage, shard, ["uid"] + [c for c in cols if c in names and c != "uid"]).to_pydict()
+    for c in cols:
+        if c not in names:
+            p = pool.embedding_path(stage, shard, c)
+            if not p.exists():
+                raise KeyError(f"stage {stage!r} has no column or embedding {c!r} (shard {shard})")
+            out[c] = np.load(p)
+    return out
+
+
 def process_shard(pool: Pool, shard: Shard, op, stage: str, batch_size: int = 64,
                   on_progress: Callable[[int], None] | None = None) -> ShardResult:
     """Run `op` over one shard and write its columns and errors. Returns the shard's counts."""
     res = ShardResult(shard.id)
-    inputs = {st: pool.read_columns(st, shard.id, ["uid"] + list(cols)).to_pydict()
-              for st, cols in op.inputs.items()}
+    inputs = {st: read_inputs(pool, st, shard.id, cols) for st, cols in op.inputs.items()}
     input_index = {st: {u: i for i, u in enumerate(cols["uid"])} for st, cols in inputs.items()}
     errors: list[dict] = []
     out_cols: dict[str, list] = {}
@@ -90,9 +105,9 @@ def process_shard(pool: Pool, shard: Shard, op, stage: str, batch_size: int = 64
                                                          "caption", "meta")}
         for st, cols in inputs.items():
             idx = [input_index[st][r["uid"]] for r in pending]
-            for c in cols:
+            for c, values in cols.items():
                 if c != "uid":
-                    batch[c] = [cols[c][i] for i in idx]
+                    batch[c] = values[idx] if isinstance(values, np.ndarray) else [values[i] for i in idx]
         out = op(batch)
         n = len(pending)
         bad = {k: len(v) for k, v in out.items() if len(v) != n}

@@ -155,7 +155,10 @@ def _write_batch(items, shard_id, sub, w, wanted, extra, boxes, masker, errors, 
         members = {ext: data for ext, data in it.members.items() if ext != "json"}
         if masker is not None and boxes and boxes.get(row["uid"]):
             try:
-                members[row["image_ext"]] = masker.mask_bytes(row["image"], boxes[row["uid"]], row["image_ext"])
+                ext = row["image_ext"] if row["image_ext"] in ("jpg", "jpeg", "png", "webp") else "png"
+                data = masker.mask_bytes(row["image"], boxes[row["uid"]], ext)
+                members.pop(row["image_ext"])
+                members[ext] = data
                 meta["masked"] = True
             except Exception as e:  # noqa: BLE001 - an undecodable image is an error row, not a crash
                 errors.append({"uid": row["uid"], "key": row["key"], "shard": shard_id,

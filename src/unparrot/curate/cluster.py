@@ -1,0 +1,235 @@
+"""`unparrot cluster`: PCA + k-means over a pool's image embeddings, then SemDeDup within each cluster.
+
+Parrot-caption curation (METHODS.md §1): embeddings -> PCA (256) -> faiss k-means; centroids and PCA are
+saved and can assign new data. Dedup (ours, SemDeDup style): within each cluster, members are visited in
+order of distance to the centroid (farthest first by default, SemDeDup's "keep hard"), and a member whose
+cosine similarity to an already *kept* member exceeds 1 - eps is dropped as a duplicate of the most
+similar one. Similarities use the full embeddings, not the PCA projection.
+
+Columns written (columns/<stage>/<shard>.parquet): `cluster`, `dist_to_centroid` (1 - cosine in PCA
+space), `dup_of` (uid of the kept near-duplicate, or None) and `keep_dedup`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..pool import Pool, atomic_save_npy, atomic_write_bytes, to_arrow, atomic_write_table
+
+
+@dataclass
+class ClusterSummary:
+    stage: str
+    samples: int
+    k: int
+    kept: int
+    duplicates: int
+    seconds: float
+    largest_cluster: int
+
+    def line(self) -> str:
+        return (f"{self.stage}: {self.samples} samples in {self.k} clusters (largest {self.largest_cluster}); "
+                f"SemDeDup keeps {self.kept}, drops {self.duplicates} near-duplicates ({self.seconds:.1f}s)")
+
+
+def default_k(n: int) -> int:
+    """k scaled to the pool (ours): about sqrt(n) clusters, capped at LAION's 4,000."""
+    return int(min(4000, max(1, round(math.sqrt(n)))))
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+class Projector:
+    """PCA (exact, from the covariance accumulated over chunks: incremental) followed by L2 normalisation;
+    identity when the embeddings are no wider than the target dimension."""
+
+    def __init__(self, mean=None, matrix=None):
+        self.mean, self.matrix = mean, matrix
+
+    @classmethod
+    def fit(cls, x: np.ndarray, dim: int, chunk: int = 65536) -> "Projector":
+        d = x.shape[1]
+        if dim <= 0 or dim >= d:
+            return cls()
+        s = np.zeros(d, np.float64)
+        ss = np.zeros((d, d), np.float64)
+        for i in range(0, len(x), chunk):
+            c = _normalize(x[i:i + chunk]).astype(np.float64)
+            s += c.sum(0)
+            ss += c.T @ c
+        mean = s / len(x)
+        cov = ss / len(x) - np.outer(mean, mean)
+        w, v = np.linalg.eigh(cov)
+        top = v[:, np.argsort(w)[::-1][:dim]]
+        return cls(mean.astype(np.float32), top.astype(np.float32))
+
+    def __call__(self, x: np.ndarray, chunk: int = 65536) -> np.ndarray:
+        out = []
+        for i in range(0, len(x), chunk):
+            c = _normalize(x[i:i + chunk])
+            if self.matrix is not None:
+                c = _normalize((c - self.mean) @ self.matrix)
+            out.append(c)
+        return np.concatenate(out) if out else np.zeros((0, x.shape[1]), np.float32)
+
+    def save(self, path: Path):
+        np.savez(path, mean=self.mean if self.mean is not None else np.zeros(0),
+                 matrix=self.matrix if self.matrix is not None else np.zeros((0, 0)))
+
+    @classmethod
+    def load(cls, path: Path) -> "Projector":
+        z = np.load(path)
+        return cls() if z["matrix"].size == 0 else cls(z["mean"], z["matrix"])
+
+
+def train_kmeans(x: np.ndarray, k: int, niter: int, nredo: int, seed: int, min_points: int, max_points: int):
+    """Spherical faiss k-means; faiss subsamples to k * max_points training points."""
+    import faiss
+
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, nredo=nredo, seed=seed, spherical=True, verbose=False,
+                      min_points_per_centroid=min_points, max_points_per_centroid=max_points)
+    km.train(np.ascontiguousarray(x))
+    return _normalize(km.centroids)
+
+
+def assign(x: np.ndarray, centroids: np.ndarray, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid (cosine) and 1 - cosine to it, in chunks."""
+    import faiss
+
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    labels = np.empty(len(x), np.int64)
+    dist = np.empty(len(x), np.float32)
+    for i in range(0, len(x), chunk):
+        s, l = index.search(np.ascontiguousarray(x[i:i + chunk], dtype=np.float32), 1)
+        labels[i:i + chunk], dist[i:i + chunk] = l[:, 0], 1.0 - s[:, 0]
+    return labels, dist
+
+
+def semdedup(emb: np.ndarray, order: np.ndarray, eps: float, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy dedup of the rows `order` of L2-normalised `emb` (visited in that order).
+
+    Returns (keep mask over `order`, index into `emb` of the kept duplicate each dropped row matches, -1
+    for kept rows). A row is dropped when its cosine to an earlier kept row exceeds 1 - eps.
+    """
+    thr = 1.0 - eps
+    n = len(order)
+    keep = np.zeros(n, bool)
+    dup = np.full(n, -1, np.int64)
+    kept_rows: list[int] = []  # indices into emb
+    kept_mat = np.zeros((0, emb.shape[1]), np.float32)
+    for b0 in range(0, n, block):
+        idx = order[b0:b0 + block]
+        X = _normalize(emb[idx])
+        if len(kept_mat):
+            S = X @ kept_mat.T
+            prev_best = S.argmax(1)
+            prev_max = S[np.arange(len(idx)), prev_best]
+        else:
+            prev_best = np.zeros(len(idx), np.int64)
+            prev_max = np.full(len(idx), -np.inf, np.float32)
+        G = X @ X.T
+        kept_here: list[int] = []  # positions within the block
+        for j in range(len(idx)):
+            best_val, best_row = prev_max[j], kept_rows[prev_best[j]] if len(kept_rows) else -1
+            if kept_here:
+                g = G[j, kept_here]
+                m = int(g.argmax())
+                if g[m] > best_val:
+                    best_val, best_row = g[m], int(idx[kept_here[m]])
+            if best_val > thr:
+                dup[b0 + j] = best_row
+            else:
+                keep[b0 + j] = True
+                kept_here.append(j)
+        if kept_here:
+            kept_rows.extend(int(idx[j]) for j in kept_here)
+            kept_mat = np.concatenate([kept_mat, X[kept_here]])
+    return keep, dup
+
+
+def cluster(pool: Pool | str, embed_stage: str = "embed", embedding: str = "image", k: int | None = None,
+            pca_dim: int = 256, niter: int = 20, nredo: int = 1, seed: int = 42, min_points_per_centroid: int = 1,
+            max_points_per_centroid: int = 256, eps: float = 0.05, keep: str = "far", centroids: str | None = None,
+            stage: str = "cluster", progress: bool = True) -> ClusterSummary:
+    """Cluster the pool's `embedding` vectors of `embed_stage` and mark near-duplicates.
+
+    Defaults are for speed (ours); the Parrot paper's LAION run used k=4000, niter=300, nredo=10, seed=42,
+    min/max points per centroid 10k/200k. `centroids` names a folder written by an earlier run (its PCA
+    and centroids are reused to assign this pool instead of training). Re-running replaces the stage.
+    """
+    if keep not in ("far", "near"):
+        raise ValueError("keep must be 'far' (SemDeDup: keep the least typical first) or 'near'")
+    if not 0 <= eps < 1:
+        raise ValueError("eps must be in [0, 1)")
+    pool = pool if isinstance(pool, Pool) else Pool(pool)
+    t0 = time.time()
+    shard_ids = pool.done_shards(embed_stage)
+    if not shard_ids:
+        raise FileNotFoundError(f"no {embed_stage!r} stage in {pool.root}: run `unparrot embed` first")
+    uids, arrays = pool.embeddings(embed_stage, embedding)
+    sizes = [len(a) for a in arrays]
+    # float16 as stored (n x d x 2 bytes in RAM); rows are normalised chunk by chunk when used
+    emb = np.concatenate(arrays) if arrays else np.zeros((0, 1), np.float16)
+    n = len(emb)
+    if n == 0:
+        raise ValueError(f"stage {embed_stage!r} has no embeddings")
+    out_dir = pool.root / "cluster" / stage
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if centroids:
+        proj = Projector.load(Path(centroids) / "pca.npz")
+        cents = np.load(Path(centroids) / "centroids.npy")
+        want = proj.matrix.shape[0] if proj.matrix is not None else cents.shape[1]
+        if want != emb.shape[1]:
+            raise ValueError(f"the saved clustering expects {want}-d embeddings, the pool has {emb.shape[1]}-d")
+        x = proj(emb)
+    else:
+        proj = Projector.fit(emb, pca_dim)
+        k = int(k or default_k(n))
+        if k > n:
+            raise ValueError(f"k={k} clusters for {n} samples")
+        x = proj(emb)
+        cents = train_kmeans(x, k, niter, nredo, seed, min_points_per_centroid, max_points_per_centroid)
+        proj.save(out_dir / "pca.npz")
+        atomic_save_npy(out_dir / "centroids.npy", cents)
+    labels, dist = assign(x, cents)
+    del x
+    keep_mask = np.zeros(n, bool)
+    dup_idx = np.full(n, -1, np.int64)
+    order_all = np.lexsort((-dist if keep == "far" else dist, labels))  # by cluster, then distance
+    bounds = np.searchsorted(labels[order_all], np.arange(len(cents) + 1))
+    for c in range(len(cents)):
+        members = order_all[bounds[c]:bounds[c + 1]]
+        if len(members) == 0:
+            continue
+        kmask, dups = semdedup(emb, members, eps)
+        keep_mask[members] = kmask
+        dup_idx[members] = dups
+    uid_arr = np.array(uids, dtype=object)
+    dup_of = np.where(dup_idx >= 0, uid_arr[np.maximum(dup_idx, 0)], None)
+    start = 0
+    for sid, size in zip(shard_ids, sizes):
+        sl = slice(start, start + size)
+        keys = pool.read_columns(embed_stage, sid, ["key"]).column("key").to_pylist()
+        atomic_write_table(pool.column_path(stage, sid), to_arrow({
+            "uid": uids[sl], "key": keys, "cluster": labels[sl].astype(np.int32),
+            "dist_to_centroid": dist[sl].astype(np.float32), "dup_of": list(dup_of[sl]),
+            "keep_dedup": keep_mask[sl]}))
+        start += size
+    params = {"embed_stage": embed_stage, "embedding": embedding, "k": int(len(cents)), "pca_dim": pca_dim,
+              "niter": niter, "nredo": nredo, "seed": seed, "min_points_per_centroid": min_points_per_centroid,
+              "max_points_per_centroid": max_points_per_centroid, "eps": eps, "keep": keep, "centroids": centroids}
+    atomic_write_bytes(pool.root / "columns" / stage / "_stage.json",
+                       json.dumps({"op": "cluster", "version": 1, "params": params}, indent=1).encode())
+    counts = np.bincount(labels, minlength=len(cents))
+    return ClusterSummary(stage, n, len(cents), int(keep_mask.sum()), int(n - keep_mask.sum()), time.time() - t0,
+                          int(counts.max()))

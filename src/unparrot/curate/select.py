@@ -1,0 +1,298 @@
+"""`unparrot select POOL RECIPE`: a recipe over the pool's columns -> a DataComp subset and a funnel.
+
+A recipe (YAML; built-ins in unparrot/recipes/) is validated completely (expressions parsed, columns
+found, types checked, sizes resolvable) before any column is loaded:
+
+    name: parrot-debiased
+    description: ...
+    params: {min_clip_score: 0.3}          # defaults for ${...} placeholders, overridable (--set)
+    where:                                  # applied in order; each step is a row of the funnel
+      - has_text == false
+      - clip_score > ${min_clip_score}
+      - {expr: aesthetic > 4.5, optional: true}   # skipped (and reported) when a column is absent
+      - keep_dedup
+    rank_by: masked_clip_score              # optional: keep the highest rows (or `random`) ...
+    size: {fraction: 0.5}                   # ... down to a size: fraction of the pool, count, or
+                                            #     {like: other-recipe} (the size of that subset)
+    seed: 0
+
+Rows where a needed column is missing (the stage failed on that sample) never pass a condition.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from ..pool import Pool, atomic_write_bytes, write_subset
+from .expr import ExprError, check, columns_of, evaluate, parse, rank_mask
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class RecipeError(ValueError):
+    pass
+
+
+@dataclass
+class Step:
+    expr: str
+    tree: tuple
+    name: str
+    optional: bool = False
+
+
+@dataclass
+class Recipe:
+    name: str
+    steps: list[Step] = field(default_factory=list)
+    rank_by: str | None = None
+    size: dict | None = None
+    seed: int = 0
+    description: str = ""
+    params: dict = field(default_factory=dict)
+
+    def columns(self) -> set[str]:
+        cols = set().union(*(columns_of(s.tree) for s in self.steps)) if self.steps else set()
+        if self.rank_by and self.rank_by != "random":
+            cols.add(self.rank_by)
+        return cols
+
+
+def builtin_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def load_recipe(spec: str | dict, overrides: dict | None = None) -> Recipe:
+    """A recipe from a built-in name, a YAML file path or a dict; `${param}` placeholders are filled from
+    `params` then `overrides`. Raises RecipeError/ExprError for anything malformed."""
+    if isinstance(spec, dict):
+        raw, origin = spec, "<dict>"
+    elif os.path.exists(spec):
+        raw, origin = yaml.safe_load(Path(spec).read_text()), spec
+    elif (RECIPE_DIR / f"{spec}.yaml").exists():
+        raw, origin = yaml.safe_load((RECIPE_DIR / f"{spec}.yaml").read_text()), f"built-in {spec}"
+    else:
+        raise RecipeError(f"no recipe {spec!r}: not a file and not a built-in ({', '.join(builtin_recipes())})")
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{origin}: a recipe is a mapping with name, where, rank_by, size")
+    unknown = set(raw) - {"name", "description", "params", "where", "rank_by", "size", "seed"}
+    if unknown:
+        raise RecipeError(f"{origin}: unknown recipe keys {sorted(unknown)}")
+    params = dict(raw.get("params") or {})
+    for k, v in (overrides or {}).items():
+        if k not in params:
+            raise RecipeError(f"{origin}: recipe has no parameter {k!r} (parameters: {', '.join(params) or 'none'})")
+        params[k] = v
+    for k, v in params.items():
+        if not isinstance(v, (int, float, str, bool)):
+            raise RecipeError(f"{origin}: parameter {k} must be a number, text or true/false")
+
+    def fill(text: str) -> str:
+        def sub(m):
+            if m.group(1) not in params:
+                raise RecipeError(f"{origin}: unknown placeholder ${{{m.group(1)}}}")
+            v = params[m.group(1)]
+            return json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else repr(v)
+        return _PLACEHOLDER.sub(sub, text)
+
+    steps = []
+    where = raw.get("where") or []
+    if not isinstance(where, list):
+        raise RecipeError(f"{origin}: `where` must be a list of conditions")
+    for i, item in enumerate(where):
+        if isinstance(item, dict):
+            bad = set(item) - {"expr", "name", "optional"}
+            if bad or "expr" not in item:
+                raise RecipeError(f"{origin}: condition {i + 1} must be a string or {{expr, name, optional}}")
+            text, name, optional = str(item["expr"]), item.get("name"), bool(item.get("optional", False))
+        elif isinstance(item, (str, bool)):
+            text, name, optional = str(item).lower() if isinstance(item, bool) else item, None, False
+        else:
+            raise RecipeError(f"{origin}: condition {i + 1} is a {type(item).__name__}, not an expression")
+        text = fill(text)
+        steps.append(Step(text, parse(text), name or text, optional))
+    size = raw.get("size")
+    if size is not None:
+        if not isinstance(size, dict) or len(size) != 1 or next(iter(size)) not in ("fraction", "count", "like"):
+            raise RecipeError(f"{origin}: size must be one of {{fraction: f}}, {{count: n}}, {{like: recipe}}")
+        (kind, v), = size.items()
+        if isinstance(v, str) and kind != "like":
+            v = yaml.safe_load(fill(v))
+        elif isinstance(v, str):
+            v = fill(v).strip('"')
+        if kind == "fraction" and not (isinstance(v, (int, float)) and 0 < float(v) <= 1):
+            raise RecipeError(f"{origin}: size fraction must be in (0, 1]")
+        if kind == "count" and not (isinstance(v, int) and v >= 0):
+            raise RecipeError(f"{origin}: size count must be a non-negative integer")
+        size = {kind: v}
+    rank_by = raw.get("rank_by")
+    if rank_by is not None and not (isinstance(rank_by, str) and re.fullmatch(r"[A-Za-z_][\w]*(\.\w+)?", rank_by)):
+        raise RecipeError(f"{origin}: rank_by must be a column name or 'random'")
+    return Recipe(name=str(raw.get("name") or Path(str(spec)).stem), steps=steps, rank_by=rank_by, size=size,
+                  seed=int(raw.get("seed", 0)), description=str(raw.get("description", "")), params=params)
+
+
+def column_types(pool: Pool) -> tuple[dict[str, str], dict[str, str]]:
+    """(type of each column, stage holding it). Ambiguous bare names are only reachable as stage.column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    types, where, seen = {}, {}, {}
+    for st in pool.stages():
+        done = pool.done_shards(st)
+        if not done:
+            continue
+        for f in pq.read_schema(pool.column_path(st, done[0])):
+            if f.name in ("uid", "key"):
+                continue
+            t = ("bool" if pa.types.is_boolean(f.type) else "num" if (pa.types.is_integer(f.type) or pa.types.is_floating(f.type))
+                 else "str" if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
+                 else "list" if pa.types.is_list(f.type) or pa.types.is_large_list(f.type) else "other")
+            types[f"{st}.{f.name}"], where[f"{st}.{f.name}"] = t, st
+            seen.setdefault(f.name, []).append((st, t))
+    for name, hits in seen.items():
+        if len(hits) > 1:  # several stages: a bare name means the stage with its operator's default name
+            default = [h for h in hits if (pool.stage_info(h[0]) or {}).get("op") == h[0]]
+            if len(default) == 1:
+                hits = default
+        if len(hits) == 1:
+            types[name], where[name] = hits[0][1], hits[0][0]
+        else:
+            types[name] = "ambiguous:" + ",".join(h[0] for h in hits)
+    return types, where
+
+
+@dataclass
+class Selection:
+    name: str
+    uids: list
+    funnel: list
+    pool_rows: int
+    path: str
+    stats: dict
+
+    def line(self) -> str:
+        steps = "; ".join(f"{f['step']}: -{f['removed']}" for f in self.funnel)
+        return (f"select {self.name}: {len(self.uids)} of {self.pool_rows} samples "
+                f"({100 * len(self.uids) / max(1, self.pool_rows):.1f}%) -> {self.path}  [{steps}]")
+
+
+def select(pool: Pool | str, recipe: str | dict | Recipe, out: str | os.PathLike | None = None,
+           name: str | None = None, overrides: dict | None = None, size_like: str | None = None) -> Selection:
+    """Apply a recipe: write POOL/subsets/<name>.npy (DataComp u8,u8 uids, sorted) and <name>.json (funnel)."""
+    pool = pool if isinstance(pool, Pool) else Pool(pool)
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
+    if size_like:
+        rec.size = {"like": size_like}
+    name = name or rec.name
+    types, where = column_types(pool)
+    steps = []
+    for s in rec.steps:
+        missing = [c for c in columns_of(s.tree) if c not in types]
+        if missing and s.optional:
+            steps.append((s, None))
+            continue
+        t = check(s.tree, types, s.expr)
+        if t != "bool":
+            raise ExprError(f"condition {s.expr!r} is a {t}, not true/false (compare it: e.g. `{s.expr} > 0`)")
+        steps.append((s, t))
+    if rec.rank_by and rec.rank_by != "random":
+        if rec.rank_by not in types:
+            raise ExprError(f"rank_by: unknown column {rec.rank_by!r}; available: {', '.join(sorted(types))}")
+        if types[rec.rank_by] != "num":
+            raise ExprError(f"rank_by: {rec.rank_by!r} is not numeric")
+    target = None
+    if rec.size and "like" in rec.size:
+        other = pool.root / "subsets" / f"{rec.size['like']}.json"
+        if not other.exists():
+            raise FileNotFoundError(f"size like {rec.size['like']!r}: run that recipe first ({other} missing)")
+        target = int(json.loads(other.read_text())["kept"])
+    needed = sorted({c for s, t in steps if t is not None for c in columns_of(s.tree)}
+                    | ({rec.rank_by} if rec.rank_by and rec.rank_by != "random" else set()))
+    t0 = time.time()
+    cols, uids, shards = _load(pool, needed, where)
+    n = len(uids)
+    mask = np.ones(n, bool)
+    funnel = []
+    for s, t in steps:
+        if t is None:
+            funnel.append({"step": s.name, "expr": s.expr, "before": int(mask.sum()), "after": int(mask.sum()),
+                           "removed": 0, "skipped": "column absent"})
+            continue
+        m = evaluate(s.tree, cols, n)
+        m = m if isinstance(m, np.ndarray) else np.full(n, bool(m))
+        before = int(mask.sum())
+        mask &= m.astype(bool)
+        funnel.append({"step": s.name, "expr": s.expr, "before": before, "after": int(mask.sum()),
+                       "removed": before - int(mask.sum())})
+    if rec.size:
+        if "fraction" in rec.size:
+            target = int(round(float(rec.size["fraction"]) * n))
+        elif "count" in rec.size:
+            target = int(rec.size["count"])
+        before = int(mask.sum())
+        if before > target:
+            idx = np.flatnonzero(mask)
+            if rec.rank_by and rec.rank_by != "random":
+                v = np.asarray(cols[rec.rank_by], float)[idx]
+                keep = idx[rank_mask(v, target / len(idx), highest=True)]
+            else:
+                keep = np.random.default_rng(rec.seed).choice(idx, target, replace=False)
+            mask = np.zeros(n, bool)
+            mask[keep] = True
+        how = f"top by {rec.rank_by}" if rec.rank_by and rec.rank_by != "random" else "random sample"
+        funnel.append({"step": f"size {target} ({how})", "expr": json.dumps(rec.size), "before": before,
+                       "after": int(mask.sum()), "removed": before - int(mask.sum())})
+    kept = [u for u, k in zip(uids, mask) if k]
+    path = Path(out) if out else pool.subset_path(name)
+    write_subset(path, kept)
+    stats = {"recipe": rec.name, "description": rec.description, "params": rec.params, "pool_rows": n,
+             "kept": len(kept), "funnel": funnel, "seconds": round(time.time() - t0, 2),
+             "kept_by_shard": {s: int(c) for s, c in zip(*np.unique(np.asarray(shards, object)[mask].astype(str),
+                                                                   return_counts=True))} if n else {}}
+    if "has_text" in types:
+        ht = _load(pool, ["has_text"], where)[0]["has_text"]
+        stats["share_with_text_pool"] = float(np.nanmean(_as_float(ht)))
+        stats["share_with_text_subset"] = float(np.nanmean(_as_float(ht[mask]))) if mask.any() else 0.0
+    atomic_write_bytes(path.with_suffix(".json"), json.dumps(stats, indent=1).encode())
+    return Selection(name, kept, funnel, n, str(path), stats)
+
+
+def _as_float(v):
+    return np.array([np.nan if x is None or x != x else float(x) for x in v]) if v.dtype == object else v.astype(float)
+
+
+def _load(pool: Pool, columns: list[str], where: dict[str, str]):
+    """The needed columns over the union of the uids of every stage (rows missing in a stage are None)."""
+    import pandas as pd
+
+    stages = sorted({where[c] for c in columns}) or [s for s in pool.stages() if pool.done_shards(s)][:1]
+    if not stages:
+        raise FileNotFoundError(f"{pool.root} has no stage output: run profile/embed/cluster first")
+    frames = []
+    for st in stages:
+        mine = [c for c in columns if where[c] == st]
+        plain = [c.split(".", 1)[1] if c.startswith(st + ".") else c for c in mine]
+        df = pool.load(st, columns=plain)
+        df = df.rename(columns=dict(zip(plain, mine)))[["uid", "shard"] + mine]
+        frames.append(df)
+    base = frames[0]
+    for df in frames[1:]:
+        extra = df[~df["uid"].isin(base["uid"])][["uid", "shard"]]
+        base = pd.concat([base, extra], ignore_index=True).merge(df.drop(columns=["shard"]), on="uid", how="left")
+    cols = {}
+    for c in columns:
+        s = base[c]
+        cols[c] = s.to_numpy(dtype=object) if s.dtype == object or str(s.dtype) in ("string", "str") else s.to_numpy()
+        if cols[c].dtype == object and all(isinstance(x, (bool, np.bool_)) for x in cols[c]):
+            cols[c] = cols[c].astype(bool)
+    return cols, base["uid"].tolist(), base["shard"].tolist()

@@ -1,0 +1,38 @@
+"""`parrot`: how much of each caption is spelled in its image (METHODS.md §1), from the spot columns.
+
+Writes `co_emb` (the caption tokens found in the spotted text, with repeats), `n_caption_tokens`, `cotr`
+(= |co_emb| / |caption tokens|), `iou` (set IoU of caption and spotted tokens), `ocr_coverage` (share
+of spotted tokens in the caption) and `is_parrot` (cotr > 0). Options are the variants of text.CotrOptions.
+"""
+
+from __future__ import annotations
+
+from ..text import CotrOptions, co_embedded
+from .base import Operator, column, map_rows
+
+PARROT_COLUMNS = ("co_emb", "n_caption_tokens", "cotr", "iou", "ocr_coverage", "is_parrot")
+
+
+class Parrot(Operator):
+    needs = ("caption",)
+    version = 1
+
+    def __init__(self, spot_stage: str = "spot", stopwords: bool = False, min_len: int = 1, fuzzy: bool = False,
+                 fuzzy_min_len: int = 5, keep_non_latin: bool = False):
+        self.opt = CotrOptions(stopwords=bool(stopwords), min_len=int(min_len), fuzzy=bool(fuzzy),
+                               fuzzy_min_len=int(fuzzy_min_len), keep_non_latin=bool(keep_non_latin))
+        self.inputs = {spot_stage: ["texts"]}
+
+    @classmethod
+    def inputs_for(cls, params: dict) -> dict[str, list[str]]:
+        return {params.get("spot_stage", "spot"): ["texts"]}
+
+    def __call__(self, batch):
+        captions, texts = column(batch, "caption"), column(batch, "texts")
+
+        def row(i):
+            m = co_embedded(captions[i], list(texts[i] or []), self.opt)
+            return {"co_emb": m["co_emb"], "n_caption_tokens": len(m["caption_tokens"]), "cotr": m["cotr"],
+                    "iou": m["iou"], "ocr_coverage": m["ocr_coverage"], "is_parrot": m["is_parrot"]}
+
+        return map_rows(row, len(captions), PARROT_COLUMNS)
