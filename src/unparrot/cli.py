@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mask-fill", default="mean", help="mean (T-MARS), inpaint or solid")
     sp.add_argument("--param", action="append", metavar="KEY=VALUE", help="chunk, device, spot_stage, ...")
     sp.add_argument("--stage", help="output stage name (default embed)")
-    sp.add_argument("--batch-size", type=int, default=128)
+    sp.add_argument("--batch-size", type=int, default=256, help="samples per operator call (4 model chunks)")
     sp.add_argument("--overwrite", action="store_true")
     common(sp, workers=1)
 

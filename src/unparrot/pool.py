@@ -126,13 +126,13 @@ class Pool:
         """All shards, sorted by id. Shard ids are paths relative to their source folder, without .tar."""
         sources = self.config.get("shards")
         if sources is None:
-            sources = [str(self.root / "shards")]
+            sources = ["shards"]
         if isinstance(sources, str):
             sources = [sources]
         out: dict[str, str] = {}
         for src in sources:
             src = str(src)
-            if not os.path.isabs(src):
+            if not os.path.isabs(src):  # relative to the pool folder
                 src = str(self.root / src)
             for path, sid in _list_source(src):
                 if sid in out and out[sid] != path:

@@ -56,15 +56,15 @@ class Projector:
         self.mean, self.matrix = mean, matrix
 
     @classmethod
-    def fit(cls, x: np.ndarray, dim: int, chunk: int = 65536) -> "Projector":
+    def fit(cls, x: np.ndarray, dim: int, chunk: int = 16384) -> "Projector":
         d = x.shape[1]
         if dim <= 0 or dim >= d:
             return cls()
         s = np.zeros(d, np.float64)
         ss = np.zeros((d, d), np.float64)
-        for i in range(0, len(x), chunk):
-            c = _normalize(x[i:i + chunk]).astype(np.float64)
-            s += c.sum(0)
+        for i in range(0, len(x), chunk):  # float32 products per chunk, float64 sums across chunks
+            c = _normalize(x[i:i + chunk])
+            s += c.sum(0, dtype=np.float64)
             ss += c.T @ c
         mean = s / len(x)
         cov = ss / len(x) - np.outer(mean, mean)
@@ -72,14 +72,12 @@ class Projector:
         top = v[:, np.argsort(w)[::-1][:dim]]
         return cls(mean.astype(np.float32), top.astype(np.float32))
 
-    def __call__(self, x: np.ndarray, chunk: int = 65536) -> np.ndarray:
-        out = []
+    def __call__(self, x: np.ndarray, chunk: int = 16384) -> np.ndarray:
+        out = np.empty((len(x), x.shape[1] if self.matrix is None else self.matrix.shape[1]), np.float32)
         for i in range(0, len(x), chunk):
             c = _normalize(x[i:i + chunk])
-            if self.matrix is not None:
-                c = _normalize((c - self.mean) @ self.matrix)
-            out.append(c)
-        return np.concatenate(out) if out else np.zeros((0, x.shape[1]), np.float32)
+            out[i:i + chunk] = c if self.matrix is None else _normalize((c - self.mean) @ self.matrix)
+        return out
 
     def save(self, path: Path):
         np.savez(path, mean=self.mean if self.mean is not None else np.zeros(0),

@@ -51,9 +51,11 @@ class StageSummary:
     seconds: float
     problems: list[str] = field(default_factory=list)
     error_dir: str = ""
+    setup_seconds: float = 0.0  # loading the operator (models) in-process; excluded from the rate
 
     def line(self) -> str:
-        rate = self.n_in / self.seconds if self.seconds > 0 else 0.0
+        work = self.seconds - self.setup_seconds
+        rate = self.n_in / work if work > 0 else 0.0
         s = (f"{self.stage}: {self.shards} shards ({self.skipped} already done), {self.n_in} samples: "
              f"{self.n_ok} processed, {self.n_err} errors in {self.seconds:.1f}s ({rate:.1f} samples/s)")
         if self.n_err:
@@ -243,9 +245,12 @@ def run_stage(pool: Pool | str, op: str, params: dict | None = None, *, stage: s
     results: list[ShardResult] = []
     bar = progress_bar(total=None, desc=stage, unit="img", disable=not progress)
     _count_in_background(todo, bar)
+    setup = 0.0
     try:
         if todo and (workers <= 1 or len(todo) == 1):
+            t_setup = time.time()
             op_obj = op_cls(**params)
+            setup = time.time() - t_setup
             for sh in todo:
                 results.append(process_shard(pool, sh, op_obj, stage, batch_size, on_progress=bar.update))
         elif todo:
@@ -260,7 +265,7 @@ def run_stage(pool: Pool | str, op: str, params: dict | None = None, *, stage: s
     return StageSummary(stage=stage, shards=len(all_shards), skipped=len(all_shards) - len(todo),
                         n_in=counts["n_in"], n_ok=counts["n_ok"], n_err=counts["n_err"],
                         seconds=time.time() - t0, problems=problems,
-                        error_dir=str(pool.root / "errors" / stage))
+                        error_dir=str(pool.root / "errors" / stage), setup_seconds=setup)
 
 
 def bind_params(op_cls, params: dict) -> dict:
