@@ -162,6 +162,43 @@ def cmd_select(a):
                       overrides=_kv(a.set), size_like=a.size_like))
 
 
+# ---- training -------------------------------------------------------------------------------------
+def _train_fields():
+    import dataclasses
+
+    from .train.trainer import TrainConfig
+
+    return [f for f in dataclasses.fields(TrainConfig) if f.name not in ("train_data", "progress")]
+
+
+def cmd_train(a):
+    from .train import TrainConfig, train
+
+    if a.nproc and a.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        import subprocess
+
+        argv = [x for x in sys.argv[1:]]
+        i = argv.index("--nproc")
+        del argv[i:i + 2]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
+               "-m", "unparrot"] + argv
+        raise SystemExit(subprocess.call(cmd))
+    cfg = yaml.safe_load(open(a.config)) if a.config else {}
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{a.config}: a training config is a mapping of options")
+    for f in _train_fields():
+        v = getattr(a, f.name)
+        if v is not None:
+            cfg[f.name] = v
+    if a.train_data:
+        cfg["train_data"] = a.train_data
+    cfg["progress"] = not a.quiet
+    s = train(TrainConfig.from_dict(cfg))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"train: {s['steps']} steps, {s['samples_seen']} samples seen, final loss {s['loss']:.4f}, "
+              f"{s['samples_per_s']:.0f} samples/s, data wait {100 * s['data_wait']:.1f}% -> {s['checkpoint']}")
+
+
 def cmd_demo(a):
     from .demo import demo
 
@@ -335,6 +372,32 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--name", help="subset name (default: the recipe name)")
     sp.add_argument("--out", help="subset path (default POOL/subsets/<name>.npy)")
     sp.add_argument("--list", action="store_true", help="list the built-in recipes")
+
+    sp = add("train", cmd_train, "train a CLIP model on shards (open_clip models, LaCLIP rewrites, DDP)",
+             "Trains for a fixed number of samples seen (shards drawn with replacement), so every subset gets "
+             "the same compute. Options come from --config YAML, then flags. Multi-process: --nproc N, or "
+             "torchrun --nproc_per_node N -m unparrot train ...")
+    sp.formatter_class = argparse.HelpFormatter  # defaults are shown in [brackets]
+    sp.add_argument("train_data", nargs="?", help="reshard output folder, folder of tars, glob or {a..b} pattern")
+    sp.add_argument("--config", help="YAML file of training options (flags override it)")
+    sp.add_argument("--nproc", type=int, default=0, help="launch N processes with torch.distributed.run")
+    sp.add_argument("--quiet", action="store_true")
+    from .train.trainer import OPTION_HELP
+
+    for f in _train_fields():
+        flag = "--" + f.name.replace("_", "-")
+        t = f.type if isinstance(f.type, str) else str(f.type)
+        h = f"{OPTION_HELP.get(f.name, '')} [{f.default if not callable(f.default_factory) else '[]'}]"
+        if "bool" in t and "|" not in t:
+            sp.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=h)
+        elif "tuple" in t or "list" in t:
+            sp.add_argument(flag, type=yaml.safe_load, default=None, metavar="YAML", help=h)
+        elif "int" in t and "float" not in t:
+            sp.add_argument(flag, type=int, default=None, help=h)
+        elif "float" in t:
+            sp.add_argument(flag, type=float, default=None, help=h)
+        else:
+            sp.add_argument(flag, default=None, help=h)
 
     sp = add("demo", cmd_demo, "run the whole pipeline on a synthetic world and report the findings")
     sp.add_argument("--out", default="demo-out", help="output folder (a rerun resumes)")
