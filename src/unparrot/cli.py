@@ -199,6 +199,59 @@ def cmd_train(a):
               f"{s['samples_per_s']:.0f} samples/s, data wait {100 * s['data_wait']:.1f}% -> {s['checkpoint']}")
 
 
+# ---- evaluation -----------------------------------------------------------------------------------
+def _named_paths(items: list[str] | None) -> dict:
+    out = {}
+    for it in items or ():
+        name, sep, path = it.partition("=")
+        if not sep:
+            name, path = os.path.basename(os.path.normpath(it)), it
+        out[name] = path
+    return out
+
+
+def cmd_evaluate(a):
+    from .evaluate import evaluate, results_table
+
+    words = None
+    if a.sync_vocab:
+        from .profile import read_vocab
+
+        words = read_vocab(a.sync_vocab, top=a.sync_top)
+    recs = evaluate(a.model, a.pretrained, datasets=_named_paths(a.dataset), tasks=tuple(a.tasks.split(",")),
+                    out=a.out, name=a.name, retrieval_sets=_named_paths(a.retrieval) or None, sync_words=words,
+                    sync_font_scale=a.sync_font_scale, templates=a.templates, batch=a.batch_size,
+                    overwrite=a.overwrite)
+    print(results_table(a.out, models=sorted({r["model"] for r in recs})))
+
+
+def cmd_attack(a):
+    from .evaluate import build_attack
+
+    r = build_attack(a.src, a.out, mode=a.mode, model=a.model, pretrained=a.pretrained, size_frac=a.size,
+                     seed=a.seed)
+    print(f"attack ({r['mode']}): {r['images']} images -> {r['out']}")
+    for k, v in list(r.get("targets", {}).items())[:20]:
+        print(f"  {k} -> {v}")
+
+
+def cmd_results(a):
+    from .evaluate import results_table
+
+    print(results_table(a.out, fmt=a.format, models=a.models or None))
+
+
+def cmd_robustness(a):
+    from .evaluate import robustness
+
+    r = robustness(a.out, id_sets=a.id.split(","), ood_sets=a.ood.split(","),
+                   baselines=a.baselines.split(",") if a.baselines else None, link=a.link, plot=a.plot)
+    for pair, f in r["fits"].items():
+        print(f"trend {pair}: {a.link}(ood) = {f['a']:.3f} * {a.link}(id) + {f['b']:.3f}")
+    for m, er in r["effective_robustness"].items():
+        print(f"  {m:<28} ER mean {er['mean']:+.4f}  " + "  ".join(f"{k} {v:+.4f}" for k, v in er.items() if k != "mean"))
+
+
 def cmd_demo(a):
     from .demo import demo
 
@@ -398,6 +451,49 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument(flag, type=float, default=None, help=h)
         else:
             sp.add_argument(flag, default=None, help=h)
+
+    sp = add("evaluate", cmd_evaluate, "evaluate a CLIP model: zero-shot (+ attack success), retrieval, Sync score",
+             "Writes one JSON per (model, task, dataset) in CLIP_benchmark's shape under --out; existing results "
+             "are skipped. Labelled sets: CLIP_benchmark's webdataset layout or ImageFolder folders.")
+    sp.add_argument("--model", required=True, help="open_clip architecture or unparrot config")
+    sp.add_argument("--pretrained", help="checkpoint file (or open_clip tag)")
+    sp.add_argument("--name", help="name of the model in the results (default: the run folder or model)")
+    sp.add_argument("--tasks", default="zeroshot", help="comma list of zeroshot, retrieval, sync")
+    sp.add_argument("--dataset", action="append", metavar="NAME=PATH", help="labelled set for zeroshot (repeatable)")
+    sp.add_argument("--retrieval", action="append", metavar="NAME=PATH", help="set with captions for retrieval")
+    sp.add_argument("--sync-vocab", help="vocab CSV (unparrot vocab) or one word per line")
+    sp.add_argument("--sync-top", type=int, default=200, help="words of the vocabulary to render")
+    sp.add_argument("--sync-font-scale", type=float, help="font px / canvas (default 32/224)")
+    sp.add_argument("--templates", help="openai, simple, plain or a file (default: the set's own)")
+    sp.add_argument("--out", default="results")
+    sp.add_argument("--batch-size", type=int, default=64)
+    sp.add_argument("--overwrite", action="store_true")
+
+    sp = add("attack", cmd_attack, "build a typographically attacked copy of a labelled set",
+             "attr (ImageNet-Attr): the class a reference model most confuses with the true one, in red near the "
+             "top-left; random: a random wrong class, font, size, colour and position.")
+    sp.add_argument("src", help="labelled set folder")
+    sp.add_argument("out", help="output folder")
+    sp.add_argument("--mode", default="attr", help="attr or random")
+    sp.add_argument("--model", help="reference model for attr")
+    sp.add_argument("--pretrained", help="reference checkpoint")
+    sp.add_argument("--size", type=float, default=0.25, help="font size / short side of the image")
+    sp.add_argument("--seed", type=int, default=0)
+
+    sp = add("results", cmd_results, "a table of results across models (markdown or CSV)")
+    sp.add_argument("out", nargs="?", default="results")
+    sp.add_argument("--format", default="md", help="md or csv")
+    sp.add_argument("--models", nargs="*")
+
+    sp = add("robustness", cmd_robustness, "effective robustness (Fang et al.) from zero-shot results",
+             "Fits link(acc_ood) = a*link(acc_id) + b over the baseline models and reports each model's accuracy "
+             "above that trend, per shift and averaged.")
+    sp.add_argument("out", nargs="?", default="results")
+    sp.add_argument("--id", required=True, help="in-distribution set name(s), comma separated")
+    sp.add_argument("--ood", required=True, help="shifted set names, comma separated")
+    sp.add_argument("--baselines", help="models defining the trend (default: all)")
+    sp.add_argument("--link", default="logit", help="logit, probit or linear")
+    sp.add_argument("--plot", help="write a PNG of the fits")
 
     sp = add("demo", cmd_demo, "run the whole pipeline on a synthetic world and report the findings")
     sp.add_argument("--out", default="demo-out", help="output folder (a rerun resumes)")

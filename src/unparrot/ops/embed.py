@@ -10,11 +10,10 @@ decoding hides behind compute (PIL and torch both release the GIL).
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
 from ..io.decode import MAX_PIXELS, DecodeError, open_image
+from ..prefetch import prefetch
 from .base import Operator, column
 from .mask import Masker
 
@@ -32,7 +31,6 @@ class Embed(Operator):
         self.device, self.chunk, self.max_pixels = device, int(chunk), int(max_pixels)
         self.masker = Masker(mask_fill) if masked else None
         self.inputs = {spot_stage: ["boxes"]} if masked else {}
-        self.pool = ThreadPoolExecutor(1)
 
     @classmethod
     def inputs_for(cls, params: dict) -> dict[str, list[str]]:
@@ -75,11 +73,7 @@ class Embed(Operator):
         mscores = np.zeros(n, np.float32) if self.masker is not None else None
         errors: list = [None] * n
         chunks = [list(range(i, min(n, i + self.chunk))) for i in range(0, n, self.chunk)]
-        fut = self.pool.submit(self._prepare, images, boxes, chunks[0]) if chunks else None
-        for k in range(len(chunks)):
-            ok, x, xm, errs = fut.result()
-            if k + 1 < len(chunks):
-                fut = self.pool.submit(self._prepare, images, boxes, chunks[k + 1])
+        for ok, x, xm, errs in prefetch(lambda rows: self._prepare(images, boxes, rows), chunks):
             for i, e in errs.items():
                 errors[i] = e
             if not ok:

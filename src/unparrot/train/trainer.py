@@ -315,6 +315,7 @@ def train(cfg: TrainConfig | dict) -> dict:
         t_prev = t_done
         done = step + 1
         last = {"step": done, "loss": total, "lr": lr, "logit_scale": float(model.logit_scale.detach().exp()),
+                "step_seconds": t_done - (t_got - wait), "wait_seconds": wait,
                 "samples_seen": done * cfg.batch_size, "data_wait": wait_total / max(step_total, 1e-9),
                 "samples_per_s": (done - start_step) * cfg.batch_size / max(t_done - t_start, 1e-9),
                 "skipped_samples": stream.skipped}

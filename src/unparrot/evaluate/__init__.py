@@ -1,0 +1,79 @@
+"""Evaluation of any open_clip model or checkpoint: zero-shot classification (with typographic-attack
+metrics on attacked sets), retrieval, Sync score, and effective robustness across models.
+
+`evaluate(...)` writes one JSON per (model, task, dataset) in CLIP_benchmark's shape and skips what exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from .attack import build_attack
+from .datasets import load_set
+from .results import read_results, result_path, results_table, write_result
+from .robustness import robustness
+
+TASKS = ("zeroshot", "retrieval", "sync")
+
+
+def evaluate(model: str, pretrained: str | None = None, datasets: dict[str, str] | None = None,
+             tasks: tuple[str, ...] = ("zeroshot",), out: str | os.PathLike = "results", name: str | None = None,
+             retrieval_sets: dict[str, str] | None = None, sync_words: list[str] | None = None,
+             sync_font_scale: float | None = None, templates: str | None = None, batch: int = 64,
+             overwrite: bool = False, progress: bool = True) -> list[dict]:
+    """Evaluate one model. `datasets` (name -> labelled set folder) feed `zeroshot`; `retrieval_sets` (or
+    `datasets`) feed `retrieval`; `sync_words` (a list, or read from a vocab CSV) feed `sync`. Returns the
+    result records (existing ones are read, not recomputed, unless `overwrite`)."""
+    from ..models import load_clip
+
+    bad = [t for t in tasks if t not in TASKS]
+    if bad:
+        raise KeyError(f"unknown tasks {bad}; known: {', '.join(TASKS)} (robustness runs across models: "
+                       f"`unparrot robustness`)")
+    name = name or (Path(pretrained).parent.parent.name if pretrained and os.path.exists(pretrained) else model)
+    datasets = dict(datasets or {})
+    jobs = []
+    if "zeroshot" in tasks:
+        if not datasets:
+            raise ValueError("zeroshot needs at least one labelled set (--dataset NAME=PATH)")
+        jobs += [("zeroshot", d, p) for d, p in datasets.items()]
+    if "retrieval" in tasks:
+        jobs += [("retrieval", d, p) for d, p in (retrieval_sets or datasets).items()]
+    if "sync" in tasks:
+        if not sync_words:
+            raise ValueError("sync needs words (--sync-vocab FILE: a vocab CSV or one word per line)")
+        jobs.append(("sync", "rendered-vocab", None))
+    for _, d, p in jobs:  # every input checked before any model is loaded
+        if p is not None:
+            load_set(p, d, templates)
+    todo = [j for j in jobs if overwrite or not result_path(out, name, j[0], j[1]).exists()]
+    records = []
+    clip = load_clip(model, pretrained) if todo else None
+    for task, d, p in jobs:
+        rp = result_path(out, name, task, d)
+        if (task, d, p) not in todo:
+            records.append(json.loads(rp.read_text()))
+            continue
+        t0 = time.time()
+        if task == "sync":
+            from .sync import sync_score
+
+            metrics = sync_score(clip, sync_words, font_scale=sync_font_scale, batch=batch)
+        else:
+            from .zeroshot import retrieval, zeroshot
+
+            ds = load_set(p, d, templates)
+            metrics = (zeroshot if task == "zeroshot" else retrieval)(clip, ds, batch)
+        metrics["seconds"] = round(time.time() - t0, 2)
+        write_result(out, name, task, d, metrics, pretrained=pretrained, architecture=model, path=p)
+        records.append(json.loads(rp.read_text()))
+        if progress:
+            head = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+            print(f"evaluate {name} {task} {d}: {head}")
+    return records
+
+
+__all__ = ["evaluate", "build_attack", "load_set", "read_results", "results_table", "robustness", "write_result"]

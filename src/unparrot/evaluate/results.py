@@ -1,0 +1,74 @@
+"""Results: one JSON file per (model, task, dataset), in CLIP_benchmark's shape; tables across models."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+from pathlib import Path
+
+
+def result_path(out: str | os.PathLike, model: str, task: str, dataset: str) -> Path:
+    safe = lambda s: re.sub(r"[^\w.\-]", "_", s)  # noqa: E731
+    return Path(out) / safe(model) / f"{safe(task)}__{safe(dataset)}.json"
+
+
+def write_result(out, model: str, task: str, dataset: str, metrics: dict, pretrained: str | None = None,
+                 **extra) -> Path:
+    p = result_path(out, model, task, dataset)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    rec = {"dataset": dataset, "model": model, "pretrained": pretrained, "task": task, "metrics": metrics,
+           "language": "en", **extra}
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec, indent=1))
+    os.replace(tmp, p)
+    return p
+
+
+def read_results(out: str | os.PathLike) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(Path(out).glob("*/*.json"))]
+
+
+def _headline(r: dict) -> dict:
+    """The numbers a results table shows for one record."""
+    m, t = r["metrics"], r["task"]
+    if t == "zeroshot":
+        out = {f"{r['dataset']} acc1": m.get("acc1")}
+        if "attack_success_rate" in m:
+            out[f"{r['dataset']} attack success"] = m["attack_success_rate"]
+        return out
+    if t == "retrieval":
+        return {f"{r['dataset']} I2T R@1": m.get("text_retrieval_recall@1"),
+                f"{r['dataset']} T2I R@1": m.get("image_retrieval_recall@1")}
+    if t == "sync":
+        return {"sync": m.get("sync_mean"), "sync gap": m.get("sync_gap"), "read top1": m.get("read_top1")}
+    if t == "robustness":
+        return {f"ER {k}": v for k, v in m.get("effective_robustness", {}).items()}
+    return {}
+
+
+def results_table(out: str | os.PathLike, fmt: str = "md", models: list[str] | None = None) -> str:
+    """Models x headline metrics as markdown or CSV (blank where a model lacks a result)."""
+    rows: dict[str, dict] = {}
+    for r in read_results(out):
+        if models and r["model"] not in models:
+            continue
+        rows.setdefault(r["model"], {}).update(_headline(r))
+    cols = sorted({c for v in rows.values() for c in v}, key=lambda c: (not c.startswith(("clean", "sync")), c))
+    order = models or sorted(rows)
+    fmt_v = (lambda v: "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v))
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["model"] + cols)
+        for m in order:
+            if m in rows:
+                w.writerow([m] + [fmt_v(rows[m].get(c)) for c in cols])
+        return buf.getvalue()
+    lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for m in order:
+        if m in rows:
+            lines.append(f"| {m} | " + " | ".join(fmt_v(rows[m].get(c)) for c in cols) + " |")
+    return "\n".join(lines)

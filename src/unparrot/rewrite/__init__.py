@@ -1,0 +1,288 @@
+"""`unparrot rewrite`: LaCLIP caption rewrites (METHODS.md §3) as a whole-pool stage.
+
+Every caption of the pool is read from the shards; each *unique* caption gets K rewrites, one per
+style (chat, bard, human, coco by default); the results go to `columns/<stage>/<shard>.parquet`
+(`rewrites`, `rewrite_styles`, `rewrite_failures` per sample), and training samples among the original
+and its rewrites. All generation goes through a cache under `POOL/cache/rewrite/`, so a rerun or a
+resumed run repeats no finished rewrite; failed rewrites are kept with their reason and tried again only
+with `retry_failed=True`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from ..engine.local import _check_stage
+from ..io.samples import parse_sample
+from ..io.tar import ShardProblem, iter_samples
+from ..pool import Pool
+from ..progress import progress_bar
+from .backends import BACKENDS, Backend, Completion, Request, get_backend
+from .cache import RewriteCache, task_key
+from .prompt import (PROMPT_VERSION, STYLES, Parsed, build_prompt, check_rewrite, clean_caption, draw_pairs,
+                     load_style, parse_completion)
+
+BLOCK = 2048  # tasks generated per round of retries: bounds memory, keeps results flowing to the cache
+
+
+@dataclass
+class RewriteSummary:
+    stage: str
+    backend: str
+    model: str
+    shards: int
+    skipped: int
+    n_in: int = 0
+    n_ok: int = 0
+    n_err: int = 0
+    captions: int = 0
+    tasks: int = 0
+    cached: int = 0
+    generated: int = 0
+    failed: int = 0
+    calls: int = 0
+    seconds: float = 0.0
+    setup_seconds: float = 0.0
+    error_dir: str = ""
+    failure_reasons: dict = field(default_factory=dict)
+
+    def line(self) -> str:
+        work = self.seconds - self.setup_seconds
+        rate = self.generated / work if work > 0 and self.generated else 0.0
+        s = (f"{self.stage}: {self.shards} shards ({self.skipped} already done), {self.n_in} samples: "
+             f"{self.n_ok} rows, {self.n_err} errors; {self.captions} unique captions, {self.tasks} rewrites "
+             f"({self.cached} cached, {self.generated} new from {self.calls} {self.backend} calls, "
+             f"{self.failed} failed) in {self.seconds:.1f}s ({rate:.2f} new rewrites/s)")
+        if self.failed:
+            top = sorted(self.failure_reasons.items(), key=lambda kv: -kv[1])[:3]
+            s += "; failures: " + ", ".join(f"{r} ({n})" for r, n in top) + " — retry_failed=True (--retry-failed) tries them again"
+        if self.n_err:
+            s += f"; errors in {self.error_dir}"
+        return s
+
+
+@dataclass(frozen=True)
+class Task:
+    caption: str
+    style: str      # a style name (LLM backends) or an EDA operation
+    slot: int       # which repeat of the style, when k exceeds the number of styles
+    key: str
+
+    @property
+    def label(self) -> str:
+        return self.style if self.slot == 0 else f"{self.style}#{self.slot}"
+
+
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256("\0".join(map(str, parts)).encode("utf-8")).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def make_request(task: Task, attempt: int, seed: int, backend: Backend, draws: int | None) -> Request:
+    """Attempt `attempt` of a task: its own sampling seed and (for LLMs) its own in-context draw, both
+    fixed by (caption, style, slot, seed, attempt), so a rerun asks exactly the same questions."""
+    s = _seed(task.caption, task.style, task.slot, seed, attempt)
+    if not backend.needs_prompt:
+        return Request(task.caption, task.style, s)
+    pool = load_style(task.style)
+    return Request(task.caption, task.style, s, build_prompt(task.caption, draw_pairs(pool, s, draws)))
+
+
+def run_tasks(backend: Backend, tasks: Sequence[Task], *, seed: int = 0, retries: int = 2,
+              draws: int | None = None, on_final=None, starts: dict | None = None, block: int = BLOCK) -> int:
+    """Generate every task, retrying unusable rewrites up to `retries` times with fresh seeds; each
+    final outcome goes to `on_final(task, entry)` as soon as it is known. `starts[key]` is the first
+    attempt number of a task (a failure tried again continues with new seeds rather than repeating
+    the old ones). Returns the number of backend calls."""
+    calls = 0
+    starts = starts or {}
+    for b in range(0, len(tasks), block):
+        pending = [(t, starts.get(t.key, 0)) for t in tasks[b:b + block]]
+        while pending:
+            reqs = [make_request(t, a, seed, backend, draws) for t, a in pending]
+            again = []
+            for i, comp in backend.generate(reqs):
+                calls += 1
+                t, a = pending[i]
+                first = starts.get(t.key, 0)
+                if comp.error:  # the request failed as such: a model retry cannot help
+                    on_final(t, {"ok": False, "reason": comp.error, "attempts": a + 1})
+                    continue
+                parsed = parse_completion(comp.text, comp.finish_reason, t.caption) if backend.needs_prompt else \
+                    Parsed(clean_caption(comp.text or "") or None, None if (comp.text or "").strip() else "empty output")
+                reason = parsed.reason or check_rewrite(t.caption, parsed.text)
+                if reason is None:
+                    on_final(t, {"ok": True, "text": parsed.text, "attempts": a + 1})
+                elif a - first < retries:
+                    again.append((t, a + 1))
+                else:
+                    on_final(t, {"ok": False, "reason": f"{reason} (after {a + 1 - first} attempts)",
+                                 "attempts": a + 1, "last": parsed.text})
+            pending = again
+    return calls
+
+
+def rewrite(pool: Pool | str, backend: str = "llama-cpp", k: int = 4, styles: Sequence[str] | None = None,
+            model: str | None = None, seed: int = 0, temperature: float = 0.9, top_p: float = 0.95,
+            max_tokens: int = 77, retries: int = 2, retry_failed: bool = False, concurrency: int = 4,
+            timeout: float = 120.0, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
+            workers: int = 1, threads: int | None = None, draws: int | None = None,
+            max_caption_chars: int = 1000, overwrite: bool = False, progress: bool = True,
+            stage: str = "rewrite", backend_options: dict | None = None) -> RewriteSummary:
+    """Add `k` rewrites per caption to a pool (resumable; unique captions only; cached).
+
+    `styles` defaults to the backend's (chat, bard, human, coco for LLMs; sr, ri, rs, rd for EDA);
+    rewrite i uses style i mod len(styles). `draws=N` fixes N in-context draws per style so a local
+    model reuses its KV cache (faster on CPU; default: a fresh draw per caption, as in LaCLIP).
+    Captions longer than `max_caption_chars`, empty or unreadable are error rows.
+    """
+    t0 = time.time()
+    pool = pool if isinstance(pool, Pool) else Pool(pool)
+    if backend not in BACKENDS:
+        raise KeyError(f"unknown rewrite backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if k < 1:
+        raise ValueError("rewrite: k must be at least 1")
+    if retries < 0 or max_tokens < 1 or not 0 < top_p <= 1 or temperature < 0:
+        raise ValueError("rewrite: need retries >= 0, max_tokens >= 1, 0 < top_p <= 1, temperature >= 0")
+    all_shards = pool.shards()
+    if not all_shards:
+        raise FileNotFoundError(f"no shards found in {pool.root} (expected shards/*.tar or pool.yaml)")
+    cls = BACKENDS[backend]
+    styles = tuple(styles or cls.default_styles)
+    style_ids = _style_ids(cls, styles)
+    opts = dict(model=model, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                concurrency=concurrency, timeout=timeout, base_url=base_url, api_key_env=api_key_env,
+                workers=workers, threads=threads, **(backend_options or {}))
+    t_setup = time.time()
+    be = get_backend(backend, **opts)
+    setup = time.time() - t_setup
+    try:
+        params = be.params()
+        if be.needs_prompt:
+            params["draws"] = draws
+        record = {"op": "rewrite", "version": PROMPT_VERSION,
+                  "params": {"backend": backend, "model": be.model_id, "k": k, "styles": list(style_ids.values()),
+                             "seed": seed, "max_caption_chars": max_caption_chars, **params}}
+        _check_stage(pool, stage, record, overwrite)
+        done = set(pool.done_shards(stage))
+        todo = [s for s in all_shards if retry_failed or s.id not in done]
+        summary = RewriteSummary(stage=stage, backend=backend, model=be.model_id, shards=len(all_shards),
+                                 skipped=len(all_shards) - len(todo), error_dir=str(pool.root / "errors" / stage))
+        rows, errors = _read_captions(pool, todo, max_caption_chars)
+        slots = [(styles[i % len(styles)], i // len(styles)) for i in range(k)]
+        captions = list(dict.fromkeys(r["caption"] for rs in rows.values() for r in rs))
+        cache = RewriteCache(pool.root / "cache" / "rewrite" / "rewrites.jsonl")
+        try:
+            tasks: dict[tuple[str, int, str], Task] = {}
+            for cap in captions:
+                for style, slot in slots:
+                    label = style_ids[style] + (f"#{slot}" if slot else "")
+                    key = task_key(cap, backend, be.model_id, PROMPT_VERSION, label, seed, params)
+                    tasks[(cap, slot, style)] = Task(cap, style, slot, key)
+            todo_tasks, starts = [], {}
+            for t in tasks.values():
+                hit = cache.get(t.key)
+                if hit is not None and (hit["ok"] or not retry_failed):
+                    summary.cached += 1
+                else:
+                    todo_tasks.append(t)
+                    if hit is not None:
+                        starts[t.key] = int(hit.get("attempts") or 0)
+            bar = progress_bar(total=len(todo_tasks), desc=stage, unit="rewrite", disable=not progress)
+
+            def on_final(t: Task, entry: dict):
+                cache.put(t.key, {**entry, "style": t.label, "backend": backend, "model": be.model_id})
+                if entry["ok"]:
+                    summary.generated += 1
+                bar.update(1)
+
+            try:
+                summary.calls = run_tasks(be, todo_tasks, seed=seed, retries=retries, draws=draws,
+                                          on_final=on_final, starts=starts)
+            finally:
+                bar.close()
+            for sh in todo:
+                cols = {"uid": [], "key": [], "rewrites": [], "rewrite_styles": [], "rewrite_failures": []}
+                for r in rows[sh.id]:
+                    texts, labels, fails = [], [], []
+                    for style, slot in slots:
+                        t = tasks[(r["caption"], slot, style)]
+                        e = cache.get(t.key)
+                        if e is not None and e["ok"]:
+                            texts.append(e["text"])
+                            labels.append(t.label)
+                        else:
+                            reason = e["reason"] if e is not None else "not generated"
+                            fails.append(f"{t.label}: {reason}")
+                    for c, v in (("uid", r["uid"]), ("key", r["key"]), ("rewrites", texts),
+                                 ("rewrite_styles", labels), ("rewrite_failures", fails)):
+                        cols[c].append(v)
+                pool.write_columns(stage, sh.id, cols, errors[sh.id])
+            reasons: dict[str, int] = {}
+            for t in tasks.values():
+                e = cache.get(t.key)
+                if e is None or not e["ok"]:
+                    summary.failed += 1
+                    r = (e or {}).get("reason", "not generated").split(" (after")[0]
+                    reasons[r] = reasons.get(r, 0) + 1
+            summary.failure_reasons = reasons
+            summary.captions, summary.tasks = len(captions), len(tasks)
+        finally:
+            cache.close()
+    finally:
+        be.close()
+    from ..engine.local import stage_counts
+
+    counts = stage_counts(pool, stage, [s.id for s in all_shards])
+    summary.n_in, summary.n_ok, summary.n_err = counts["n_in"], counts["n_ok"], counts["n_err"]
+    summary.seconds, summary.setup_seconds = time.time() - t0, setup
+    return summary
+
+
+def _style_ids(cls, styles: Sequence[str]) -> dict[str, str]:
+    """style -> the id that goes into cache keys: name@content-digest for prompt styles."""
+    if not styles:
+        raise ValueError("rewrite: no styles")
+    if cls.needs_prompt:
+        return {s: f"{load_style(s).name}@{load_style(s).digest}" for s in styles}
+    from .eda import OPS
+
+    bad = [s for s in styles if s not in OPS]
+    if bad:
+        raise KeyError(f"EDA styles are its operations {', '.join(OPS)}; got {bad}")
+    return {s: s for s in styles}
+
+
+def _read_captions(pool: Pool, shards, max_caption_chars: int) -> tuple[dict, dict]:
+    """Per shard: rows (uid, key, caption) to rewrite, and error rows for samples without a usable caption."""
+    rows: dict[str, list] = {}
+    errors: dict[str, list] = {}
+    seen: dict[str, str] = {}
+    for sh in shards:
+        rs, errs = [], []
+        for item in iter_samples(sh.path):
+            if isinstance(item, ShardProblem):
+                errs.append({"uid": None, "key": item.after_key, "reason": item.reason})
+                continue
+            row = parse_sample(item, sh.id)
+            p = row["problems"]
+            cap = clean_caption(row["caption"]) if row["caption"] is not None else None
+            reason = p.get("sample") or p.get("caption")
+            if reason is None and not cap:
+                reason = "empty caption"
+            if reason is None and len(cap) > max_caption_chars:
+                reason = f"caption too long to rewrite: {len(cap)} characters (max_caption_chars={max_caption_chars})"
+            if reason is None and row["uid"] in seen:
+                reason = f"duplicate uid {row['uid']} (first in shard {seen[row['uid']]})"
+            if reason is not None:
+                errs.append({"uid": row["uid"], "key": row["key"], "reason": reason})
+                continue
+            seen[row["uid"]] = sh.id
+            rs.append({"uid": row["uid"], "key": row["key"], "caption": cap})
+        rows[sh.id], errors[sh.id] = rs, errs
+    return rows, errors
+
+
+__all__ = ["rewrite", "RewriteSummary", "Task", "run_tasks", "BACKENDS", "STYLES", "PROMPT_VERSION", "Completion"]
