@@ -47,6 +47,8 @@ def report(name: str, ours: float, base: float, unit: str, target: float, higher
     ratio = ours / base if base else float("inf")
     ok = ratio >= target if higher_is_better else ratio <= target
     sign = ">=" if higher_is_better else "<="
-    print(f"{name}: ours {ours:.1f} {unit}, baseline {base:.1f} {unit}, ratio {ratio:.2f} "
-          f"(target {sign} {target}) {'OK' if ok else 'MISSED'}")
+    print(
+        f"{name}: ours {ours:.1f} {unit}, baseline {base:.1f} {unit}, ratio {ratio:.2f} "
+        f"(target {sign} {target}) {'OK' if ok else 'MISSED'}"
+    )
     return ok

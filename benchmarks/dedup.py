@@ -35,7 +35,7 @@ def make_data(root, n: int, d: int, n_dups: int, seed: int = 0):
     x = np.empty((n, d), np.float32)
     for i in range(0, base_n, 100_000):
         m = min(100_000, base_n - i)
-        x[i:i + m] = centres[rng.integers(0, 4000, m)] + rng.normal(scale=0.6, size=(m, d)).astype(np.float32)
+        x[i : i + m] = centres[rng.integers(0, 4000, m)] + rng.normal(scale=0.6, size=(m, d)).astype(np.float32)
     truth = np.full(n, -1, np.int64)
     truth[base_n:] = rng.choice(base_n, n_dups, replace=False)
     x[base_n:] = x[truth[base_n:]] + rng.normal(scale=0.01, size=(n_dups, d)).astype(np.float32)
@@ -86,12 +86,15 @@ def baseline(root, k: int) -> dict:
         # big cluster does not need n_c^2 floats at once
         M = np.full(len(idx), -np.inf, np.float32)
         for r0 in range(0, len(idx), 4096):
-            S = X[r0:r0 + 4096] @ X[r0:].T
+            S = X[r0 : r0 + 4096] @ X[r0:].T
             S[np.tril_indices(S.shape[0], 0, S.shape[1])] = -np.inf
             M[r0:] = np.maximum(M[r0:], S.max(axis=0))
         dropped.extend(idx[M > thr].tolist())
-    return {"seconds": time.time() - t0, "dropped": [int(uids[i], 16) for i in dropped],
-            "line": f"baseline: MiniBatchKMeans k={k}, largest cluster {sizes.max()}"}
+    return {
+        "seconds": time.time() - t0,
+        "dropped": [int(uids[i], 16) for i in dropped],
+        "line": f"baseline: MiniBatchKMeans k={k}, largest cluster {sizes.max()}",
+    }
 
 
 def child(which: str, root: str, k: int):
@@ -123,8 +126,9 @@ def main():
     truth = np.load(OUT / name / "truth.npy")
     res = {}
     for which in ("ours", "baseline"):
-        p = subprocess.run([sys.executable, __file__, "--child", which, name, "--k", str(a.k)], capture_output=True,
-                           text=True)
+        p = subprocess.run(
+            [sys.executable, __file__, "--child", which, name, "--k", str(a.k)], capture_output=True, text=True
+        )
         if p.returncode:
             print(f"{which} failed with exit code {p.returncode}: {p.stderr[-2000:]}")
             return 1
@@ -134,9 +138,14 @@ def main():
     print(b["line"])
     r_o, r_b = recall(o["dropped"], truth), recall(b["dropped"], truth)
     print(f"time: ours {o['seconds']:.1f}s, baseline {b['seconds']:.1f}s, speed-up {b['seconds'] / o['seconds']:.2f}x")
-    print(f"peak memory: ours {o['peak_mb']:.0f} MB, baseline {b['peak_mb']:.0f} MB, ratio {o['peak_mb'] / b['peak_mb']:.2f}")
-    print(f"planted duplicates recovered: ours {r_o:.4f}, baseline {r_b:.4f} (target >= 0.99) "
-          f"{'OK' if r_o >= 0.99 else 'MISSED'}; dropped in all: ours {len(o['dropped'])}, baseline {len(b['dropped'])}")
+    print(
+        f"peak memory: ours {o['peak_mb']:.0f} MB, baseline {b['peak_mb']:.0f} MB, "
+        f"ratio {o['peak_mb'] / b['peak_mb']:.2f}"
+    )
+    print(
+        f"planted duplicates recovered: ours {r_o:.4f}, baseline {r_b:.4f} (target >= 0.99) "
+        f"{'OK' if r_o >= 0.99 else 'MISSED'}; dropped in all: ours {len(o['dropped'])}, baseline {len(b['dropped'])}"
+    )
     return 0 if r_o >= 0.99 else 1
 
 

@@ -26,8 +26,8 @@ def bare(clip, images, captions, batch: int) -> float:
     t0 = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(x), batch):
-            fi = clip.model.encode_image(x[i:i + batch])
-            ft = clip.model.encode_text(tok[i:i + batch])
+            fi = clip.model.encode_image(x[i : i + batch])
+            ft = clip.model.encode_text(tok[i : i + batch])
             _ = (torch.nn.functional.normalize(fi, dim=-1) * torch.nn.functional.normalize(ft, dim=-1)).sum(-1)
     return len(x) / (time.perf_counter() - t0)
 
@@ -54,7 +54,7 @@ def main():
         torch.manual_seed(0)
         torch.save({"state_dict": load_clip(a.model).model.state_dict()}, ckpt)
     best_bare = best_ours = 0.0
-    for rep in range(3):  # interleaved, best of each: robust to noise from the other core
+    for _ in range(3):  # interleaved, best of each: robust to noise from the other core
         # a freshly loaded model on both sides (the stage loads its own), so both pay the same first-call
         # warm-up and the ratio isolates decoding, preprocessing and I/O
         clip = load_clip(a.model, str(ckpt))
@@ -63,8 +63,14 @@ def main():
         shutil.rmtree(pool / "columns" / "embed", ignore_errors=True)
         shutil.rmtree(pool / "embeddings" / "embed", ignore_errors=True)
         shutil.rmtree(pool / "errors" / "embed", ignore_errors=True)
-        s = run_stage(pool, "embed", {"model": a.model, "pretrained": str(ckpt), "chunk": a.batch},
-                      batch_size=a.batch * 4, workers=1, progress=False)
+        s = run_stage(
+            pool,
+            "embed",
+            {"model": a.model, "pretrained": str(ckpt), "chunk": a.batch},
+            batch_size=a.batch * 4,
+            workers=1,
+            progress=False,
+        )
         # steady state: the one-time model load (timed by the engine) is not a per-image cost
         best_ours = max(best_ours, s.n_ok / (s.seconds - s.setup_seconds))
     print(s.line() + f" (model load {s.setup_seconds:.1f}s excluded from the rate)")

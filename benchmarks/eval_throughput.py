@@ -23,7 +23,7 @@ def bare(clip, ds, batch) -> float:
     t0 = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(x), batch):
-            torch.nn.functional.normalize(clip.model.encode_image(x[i:i + batch]), dim=-1)
+            torch.nn.functional.normalize(clip.model.encode_image(x[i : i + batch]), dim=-1)
     return len(x) / (time.perf_counter() - t0)
 
 

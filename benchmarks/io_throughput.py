@@ -74,9 +74,11 @@ def main():
     marks = [float(x) for x in out.stdout.split()]
     peak, first = max(marks), marks[1] if len(marks) > 1 else marks[0]
     flat = peak - first < 50
-    print(f"RSS while streaming {a.n} samples (MB every 5k): {' '.join(f'{m:.0f}' for m in marks)}; "
-          f"peak {peak:.0f} MB, growth after the first 5k {peak - first:.0f} MB "
-          f"(target: flat and < 1024 MB) {'OK' if flat and peak < 1024 else 'MISSED'}")
+    print(
+        f"RSS while streaming {a.n} samples (MB every 5k): {' '.join(f'{m:.0f}' for m in marks)}; "
+        f"peak {peak:.0f} MB, growth after the first 5k {peak - first:.0f} MB "
+        f"(target: flat and < 1024 MB) {'OK' if flat and peak < 1024 else 'MISSED'}"
+    )
     return 0 if ok and flat and peak < 1024 else 1
 
 

@@ -30,8 +30,9 @@ def main():
     from unparrot.pool import Pool
     from unparrot.text import co_embedded, tokens
 
-    src = synthetic_pool(f"ocr-laion{a.image_size}-{a.n}", a.n, preset="laion", shard_size=max(1, a.n // 4),
-                         image_size=a.image_size)
+    src = synthetic_pool(
+        f"ocr-laion{a.image_size}-{a.n}", a.n, preset="laion", shard_size=max(1, a.n // 4), image_size=a.image_size
+    )
     params = {k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in a.param)}
     stage = "spot_" + "_".join(f"{k}{v}" for k, v in sorted(params.items())) if params else "spot"
     pool = Pool(src)
@@ -49,13 +50,16 @@ def main():
         g = got.loc[r["uid"]]
         read = set(t for x in g["texts"] for t in tokens(x))
         heights = [t["height"] for t in truth]
-        rows.append({
-            "truth": bool(truth), "pred": bool(g["has_text"]),
-            "max_h": max(heights) if heights else 0.0,
-            "words": [(t["text"], t["height"], abs(t["angle"]), t["text"] in read) for t in truth],
-            "cotr_true": co_embedded(r["caption"], [t["text"] for t in truth])["cotr"],
-            "cotr_pred": co_embedded(r["caption"], list(g["texts"]))["cotr"],
-        })
+        rows.append(
+            {
+                "truth": bool(truth),
+                "pred": bool(g["has_text"]),
+                "max_h": max(heights) if heights else 0.0,
+                "words": [(t["text"], t["height"], abs(t["angle"]), t["text"] in read) for t in truth],
+                "cotr_true": co_embedded(r["caption"], [t["text"] for t in truth])["cotr"],
+                "cotr_pred": co_embedded(r["caption"], list(g["texts"]))["cotr"],
+            }
+        )
     print(f"{len(rows)} images, {sum(r['truth'] for r in rows)} with text")
 
     def prf(sub):
@@ -71,8 +75,10 @@ def main():
     bp, br, bf1 = prf(big)
     mae = float(np.mean([abs(r["cotr_true"] - r["cotr_pred"]) for r in rows]))
     print(f"has_text all images:        precision {p:.3f} recall {rc:.3f} F1 {f1:.3f}")
-    print(f"has_text text >= 12 px:     precision {bp:.3f} recall {br:.3f} F1 {bf1:.3f} (target F1 >= 0.95) "
-          f"{'OK' if bf1 >= 0.95 else 'MISSED'}")
+    print(
+        f"has_text text >= 12 px:     precision {bp:.3f} recall {br:.3f} F1 {bf1:.3f} (target F1 >= 0.95) "
+        f"{'OK' if bf1 >= 0.95 else 'MISSED'}"
+    )
     print(f"CoTR mean absolute error:   {mae:.4f} (target <= 0.05) {'OK' if mae <= 0.05 else 'MISSED'}")
     words = [w for r in rows for w in r["words"]]
     print(f"word recall (rendered strings read exactly): {np.mean([w[3] for w in words]):.3f} of {len(words)}")

@@ -61,7 +61,9 @@ def baseline(pool, min_score=0.5, min_chars=2) -> tuple[float, dict]:
         res = eng(decode_rgb(row["image"])[:, :, ::-1].copy())
         txts = list(res.txts or []) if getattr(res, "txts", None) is not None else []
         scores = list(res.scores or []) if txts else []
-        has[row["uid"]] = any(s >= min_score and len(re.findall(r"[^\W_]", t)) >= min_chars for t, s in zip(txts, scores))
+        has[row["uid"]] = any(
+            s >= min_score and len(re.findall(r"[^\W_]", t)) >= min_chars for t, s in zip(txts, scores)
+        )
     return time.perf_counter() - t0, has
 
 
@@ -92,7 +94,10 @@ def main():
     agree = np.mean([has_ours.get(u) == h for u, h in has_base.items()])
     print(line)
     ok = report("profile vs plain rapidocr loop", n / t_ours, n / t_base, "images/s", 3.0)
-    print(f"same has_text decision: {100 * agree:.1f}% of {n} images (target >= 99%) {'OK' if agree >= 0.99 else 'MISSED'}")
+    print(
+        f"same has_text decision: {100 * agree:.1f}% of {n} images (target >= 99%) "
+        f"{'OK' if agree >= 0.99 else 'MISSED'}"
+    )
     return 0 if ok and agree >= 0.99 else 1
 
 

@@ -37,8 +37,24 @@ def shards_dir():
 def ours(shards, steps, batch, warm) -> tuple[float, float]:
     run = OUT / "train-ours"
     shutil.rmtree(run, ignore_errors=True)
-    cmd = [sys.executable, "-m", "unparrot", "train", str(shards), "--out", str(run), "--model", "unparrot-rn-tiny",
-           "--samples", str(steps * batch), "--batch-size", str(batch), "--workers", "1", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "unparrot",
+        "train",
+        str(shards),
+        "--out",
+        str(run),
+        "--model",
+        "unparrot-rn-tiny",
+        "--samples",
+        str(steps * batch),
+        "--batch-size",
+        str(batch),
+        "--workers",
+        "1",
+        "--quiet",
+    ]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     m = [json.loads(ln) for ln in open(run / "metrics.jsonl")][warm:]
     step = np.array([x["step_seconds"] for x in m])
@@ -51,12 +67,45 @@ def open_clip_trainer(shards, steps, batch, warm) -> tuple[float, float]:
     shutil.rmtree(logs, ignore_errors=True)
     n = len(list((shards / "shards").glob("*.tar")))
     pattern = str(shards / "shards") + "/{00000..%05d}.tar" % (n - 1)
-    code = ("import sys, unparrot.models as m; m.register_configs(); "
-            "from open_clip_train.main import main; main(sys.argv[1:])")
-    cmd = [sys.executable, "-c", code, "--train-data", pattern, "--dataset-type", "webdataset",
-           "--train-num-samples", str(steps * batch), "--batch-size", str(batch), "--epochs", "1",
-           "--model", "unparrot-rn-tiny", "--workers", "1", "--device", "cpu", "--logs", str(logs), "--name", "oc",
-           "--lr", "1e-3", "--warmup", "5", "--precision", "fp32", "--log-every-n-steps", "10", "--save-frequency", "0"]
+    code = (
+        "import sys, unparrot.models as m; m.register_configs(); "
+        "from open_clip_train.main import main; main(sys.argv[1:])"
+    )
+    cmd = [
+        sys.executable,
+        "-c",
+        code,
+        "--train-data",
+        pattern,
+        "--dataset-type",
+        "webdataset",
+        "--train-num-samples",
+        str(steps * batch),
+        "--batch-size",
+        str(batch),
+        "--epochs",
+        "1",
+        "--model",
+        "unparrot-rn-tiny",
+        "--workers",
+        "1",
+        "--device",
+        "cpu",
+        "--logs",
+        str(logs),
+        "--name",
+        "oc",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "5",
+        "--precision",
+        "fp32",
+        "--log-every-n-steps",
+        "10",
+        "--save-frequency",
+        "0",
+    ]
     subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     log = (logs / "oc" / "out.log").read_text()
     rows = re.findall(r"\[\s*(\d+)/\d+.*?Data \(t\): ([\d.]+) Batch \(t\): ([\d.]+)", log)
@@ -76,8 +125,10 @@ def main():
     o_sps, o_wait = ours(shards, a.steps, a.batch, warm)
     b_sps, b_wait = open_clip_trainer(shards, a.steps, a.batch, warm)
     ok = report("unparrot train vs open_clip_train.main (unparrot-rn-tiny, batch 64)", o_sps, b_sps, "samples/s", 1.0)
-    print(f"data wait share of step time: ours {100 * o_wait:.1f}% (target < 10%) {'OK' if o_wait < 0.1 else 'MISSED'}; "
-          f"open_clip_train {100 * b_wait:.1f}%")
+    print(
+        f"data wait share of step time: ours {100 * o_wait:.1f}% (target < 10%) {'OK' if o_wait < 0.1 else 'MISSED'}; "
+        f"open_clip_train {100 * b_wait:.1f}%"
+    )
     return 0 if ok and o_wait < 0.1 else 1
 
 

@@ -26,10 +26,27 @@ def test_every_subcommand_has_help(cmd, capsys):
 
 def test_python_dash_m_and_end_to_end(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "unparrot", *a], env=env, capture_output=True,  # noqa: E731
-                                    text=True, timeout=300)
-    r = run("synth", str(tmp_path / "p"), "-n", "120", "--preset", "learnable", "--shard-size", "60",
-            "--eval-per-class", "2", "--stats", "--quiet", "--param", "p_sign=0.5")
+    def run(*a):
+        return subprocess.run(
+            [sys.executable, "-m", "unparrot", *a], env=env, capture_output=True, text=True, timeout=300
+        )
+
+    r = run(
+        "synth",
+        str(tmp_path / "p"),
+        "-n",
+        "120",
+        "--preset",
+        "learnable",
+        "--shard-size",
+        "60",
+        "--eval-per-class",
+        "2",
+        "--stats",
+        "--quiet",
+        "--param",
+        "p_sign=0.5",
+    )
     assert r.returncode == 0, r.stderr
     assert "images with text" in r.stdout
     r = run("run", str(tmp_path / "p"), "inspect", "--workers", "2", "--quiet")

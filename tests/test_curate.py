@@ -1,5 +1,4 @@
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -64,8 +63,11 @@ def _pool_with_embeddings(tmp_path, n_groups=30, copies=3, d=32, seed=0):
     uids = [f"{i:032x}" for i in range(len(vecs))]
     half = len(vecs) // 2
     for sid, sl in (("a", slice(0, half)), ("b", slice(half, None))):
-        pool.write_columns("embed", sid, {"uid": uids[sl], "key": uids[sl], "clip_score": np.linspace(0, 1, len(uids[sl])),
-                                          "image": vecs[sl]})
+        pool.write_columns(
+            "embed",
+            sid,
+            {"uid": uids[sl], "key": uids[sl], "clip_score": np.linspace(0, 1, len(uids[sl])), "image": vecs[sl]},
+        )
     return pool, uids, group
 
 
@@ -94,8 +96,9 @@ def _curation_pool(tmp_path):
     for sid, sl in (("a", slice(0, n // 2)), ("b", slice(n // 2, None))):
         u = uids[sl]
         pool.write_columns("spot", sid, {"uid": u, "key": u, "has_text": has[sl], "text_area": has[sl] * 0.2})
-        pool.write_columns("parrot", sid, {"uid": u, "key": u, "cotr": np.where(has[sl], 0.5, 0.0),
-                                           "is_parrot": has[sl]})
+        pool.write_columns(
+            "parrot", sid, {"uid": u, "key": u, "cotr": np.where(has[sl], 0.5, 0.0), "is_parrot": has[sl]}
+        )
     for st in ("spot", "parrot", "embed"):
         (pool.root / "columns" / st / "_stage.json").write_text(json.dumps({"op": st}))
     cluster(pool, k=5, eps=0.02, niter=5)

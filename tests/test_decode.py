@@ -14,16 +14,20 @@ def _save(im, fmt, **kw):
     return b.getvalue()
 
 
-@pytest.mark.parametrize("make", [
-    lambda: _save(Image.new("L", (20, 10), 77), "PNG"),
-    lambda: _save(Image.new("CMYK", (20, 10), (0, 255, 0, 0)), "JPEG"),
-    lambda: _save(Image.new("RGBA", (20, 10), (255, 0, 0, 0)), "PNG"),
-    lambda: _save(Image.new("I;16", (20, 10), 40000), "PNG"),
-    lambda: _save(Image.new("P", (20, 10), 3), "PNG"),
-    lambda: _save(Image.new("1", (20, 10), 1), "PNG"),
-    lambda: _save(Image.new("RGB", (1, 1), (1, 2, 3)), "PNG"),
-    lambda: _save(Image.new("RGB", (20, 10), (9, 9, 9)), "WEBP"),
-], ids=["gray", "cmyk", "rgba", "16bit", "palette", "bilevel", "1x1", "webp"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _save(Image.new("L", (20, 10), 77), "PNG"),
+        lambda: _save(Image.new("CMYK", (20, 10), (0, 255, 0, 0)), "JPEG"),
+        lambda: _save(Image.new("RGBA", (20, 10), (255, 0, 0, 0)), "PNG"),
+        lambda: _save(Image.new("I;16", (20, 10), 40000), "PNG"),
+        lambda: _save(Image.new("P", (20, 10), 3), "PNG"),
+        lambda: _save(Image.new("1", (20, 10), 1), "PNG"),
+        lambda: _save(Image.new("RGB", (1, 1), (1, 2, 3)), "PNG"),
+        lambda: _save(Image.new("RGB", (20, 10), (9, 9, 9)), "WEBP"),
+    ],
+    ids=["gray", "cmyk", "rgba", "16bit", "palette", "bilevel", "1x1", "webp"],
+)
 def test_modes_become_rgb(make):
     arr = decode_rgb(make())
     assert arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3
@@ -41,11 +45,14 @@ def test_animated_gif_first_frame():
     assert decode_rgb(b.getvalue()).shape == (8, 8, 3)
 
 
-@pytest.mark.parametrize("data,msg", [
-    (b"", "empty"),
-    (b"definitely not an image", "cannot decode"),
-    (jpeg_bytes(size=(64, 64))[:200], "cannot decode"),
-])
+@pytest.mark.parametrize(
+    "data,msg",
+    [
+        (b"", "empty"),
+        (b"definitely not an image", "cannot decode"),
+        (jpeg_bytes(size=(64, 64))[:200], "cannot decode"),
+    ],
+)
 def test_bad_bytes_raise_decode_error(data, msg):
     with pytest.raises(DecodeError, match=msg):
         open_image(data)

@@ -45,8 +45,9 @@ def test_mismatched_checkpoint_is_clear(tiny_ckpt):
 def test_embed_stage(synth_pool, tmp_path, tiny_ckpt):
     pool = Pool(shutil.copytree(synth_pool, tmp_path / "p"))
     run_stage(pool, "spot", {"backend": "oracle"}, progress=False)
-    s = run_stage(pool, "embed", {"model": "unparrot-rn-tiny", "pretrained": tiny_ckpt, "masked": True},
-                  workers=2, progress=False)
+    s = run_stage(
+        pool, "embed", {"model": "unparrot-rn-tiny", "pretrained": tiny_ckpt, "masked": True}, workers=2, progress=False
+    )
     assert s.n_ok == 300 and s.n_err == 0
     df = pool.load(["embed", "spot"])
     uids, img = pool.embeddings("embed", "image")

@@ -34,18 +34,23 @@ def _bad_input_pool(tmp_path):
     write_tar(sh / "00-good.tar", _sample("g0", uid=u(1)) + _sample("g1", uid=u(2)))
     png = io.BytesIO()
     Image.new("L", (10000, 10000), 128).save(png, format="PNG", compress_level=1)  # 100 megapixels
-    write_tar(sh / "01-bad.tar",
-              _sample("zero", image=b"", uid=u(3))
-              + _sample("nonimg", image=b"<html>not an image</html>", uid=u(4))
-              + _sample("trunc", image=jpeg_bytes(size=(200, 200))[:300], uid=u(5))
-              + _sample("huge", image=png.getvalue(), ext="png", uid=u(6))
-              + _sample("../evil", uid=u(7))
-              + _sample("badutf", caption=b"caf\xe9 \xff", uid=u(8))
-              + [("nocap.jpg", jpeg_bytes()), ("nocap.json", json.dumps({"uid": u(9)}).encode())]
-              + _sample("dup1", uid=u(10)) + _sample("dup2", uid=u(10))
-              + _sample("ok", uid=u(11)))
-    full = write_tar(tmp_path / "tmp.tar", sum((_sample(f"t{i}", uid=u(100 + i),
-                                                        image=jpeg_bytes(size=(120, 120))) for i in range(6)), []))
+    write_tar(
+        sh / "01-bad.tar",
+        _sample("zero", image=b"", uid=u(3))
+        + _sample("nonimg", image=b"<html>not an image</html>", uid=u(4))
+        + _sample("trunc", image=jpeg_bytes(size=(200, 200))[:300], uid=u(5))
+        + _sample("huge", image=png.getvalue(), ext="png", uid=u(6))
+        + _sample("../evil", uid=u(7))
+        + _sample("badutf", caption=b"caf\xe9 \xff", uid=u(8))
+        + [("nocap.jpg", jpeg_bytes()), ("nocap.json", json.dumps({"uid": u(9)}).encode())]
+        + _sample("dup1", uid=u(10))
+        + _sample("dup2", uid=u(10))
+        + _sample("ok", uid=u(11)),
+    )
+    full = write_tar(
+        tmp_path / "tmp.tar",
+        sum((_sample(f"t{i}", uid=u(100 + i), image=jpeg_bytes(size=(120, 120))) for i in range(6)), []),
+    )
     data = open(full, "rb").read()
     (sh / "02-truncated.tar").write_bytes(data[: int(len(data) * 0.6)])
     os.unlink(full)
@@ -124,8 +129,23 @@ def test_resume_after_killed_worker(tmp_path):
     shutil.copytree(src, killed)
     shutil.copytree(src, clean)
     env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{ROOT / 'src'}"}
-    cmd = [sys.executable, "-m", "unparrot", "run", str(killed), "helpers:SlowDigest", "--param", "delay=0.01",
-           "--stage", "d", "--workers", "2", "--batch-size", "10", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "unparrot",
+        "run",
+        str(killed),
+        "helpers:SlowDigest",
+        "--param",
+        "delay=0.01",
+        "--stage",
+        "d",
+        "--workers",
+        "2",
+        "--batch-size",
+        "10",
+        "--quiet",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     pool = Pool(killed)

@@ -1,4 +1,3 @@
-import io
 import json
 
 import numpy as np
@@ -7,8 +6,15 @@ from PIL import Image
 
 from unparrot.evaluate.attack import confused_classes
 from unparrot.evaluate.datasets import load_set, write_set
-from unparrot.evaluate.metrics import (attack_success_rate, confusion_matrix, effective_robustness, fit_trend,
-                                       mean_per_class_recall, retrieval_recall, topk_accuracy)
+from unparrot.evaluate.metrics import (
+    attack_success_rate,
+    confusion_matrix,
+    effective_robustness,
+    fit_trend,
+    mean_per_class_recall,
+    retrieval_recall,
+    topk_accuracy,
+)
 from unparrot.evaluate.results import read_results, results_table, write_result
 from unparrot.evaluate.robustness import robustness
 from unparrot.evaluate.sync import derangement, render_word
@@ -57,8 +63,7 @@ def test_robustness_across_result_files(tmp_path):
     for m, (i, o1, o2) in accs.items():
         for d, v in (("clean", i), ("shift-a", o1), ("shift-b", o2)):
             write_result(tmp_path, m, "zeroshot", d, {"acc1": v})
-    r = robustness(tmp_path, ["clean"], ["shift-a", "shift-b"], baselines=["m1", "m2", "m3"],
-                   plot=tmp_path / "er.png")
+    r = robustness(tmp_path, ["clean"], ["shift-a", "shift-b"], baselines=["m1", "m2", "m3"], plot=tmp_path / "er.png")
     er = r["effective_robustness"]
     assert abs(er["m2"]["mean"]) < 0.02 and er["new"]["clean->shift-a"] > 0.09
     assert (tmp_path / "er.png").stat().st_size > 5000
@@ -79,7 +84,7 @@ def test_result_files_have_clip_benchmark_shape(tmp_path):
 
 def test_confused_classes_with_fallback():
     labels = np.array([0, 0, 0, 1, 1, 2])
-    preds = np.array([0, 2, 2, 0, 1, 2])   # class 0 -> 2, class 1 -> 0, class 2 never confused
+    preds = np.array([0, 2, 2, 0, 1, 2])  # class 0 -> 2, class 1 -> 0, class 2 never confused
     emb = np.array([[1, 0], [0.9, 0.1], [0, 1]], float)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     assert confused_classes(labels, preds, emb).tolist() == [2, 0, 1]  # 2 falls back to its nearest text
@@ -131,22 +136,37 @@ def test_evaluate_end_to_end_on_a_tiny_set(tmp_path):
     torch.manual_seed(0)
     ck = tmp_path / "m.pt"
     torch.save({"state_dict": load_clip("unparrot-rn-tiny").model.state_dict()}, ck)
-    recs = evaluate("unparrot-rn-tiny", str(ck), datasets={"tiny": str(path)}, tasks=("zeroshot", "retrieval", "sync"),
-                    out=tmp_path / "res", name="rand", sync_words=["red", "green", "blue"], progress=False)
+    recs = evaluate(
+        "unparrot-rn-tiny",
+        str(ck),
+        datasets={"tiny": str(path)},
+        tasks=("zeroshot", "retrieval", "sync"),
+        out=tmp_path / "res",
+        name="rand",
+        sync_words=["red", "green", "blue"],
+        progress=False,
+    )
     assert {r["task"] for r in recs} == {"zeroshot", "retrieval", "sync"}
     z = next(r for r in recs if r["task"] == "zeroshot")["metrics"]
     assert z["n"] == 12 and 0 <= z["acc1"] <= 1
     s = next(r for r in recs if r["task"] == "sync")["metrics"]
     assert set(s["per_style"]) == {"black_on_white", "white_on_black", "white_on_gray", "black_on_gray"}
-    again = evaluate("unparrot-rn-tiny", str(ck), datasets={"tiny": str(path)}, out=tmp_path / "res", name="rand",
-                     progress=False)
+    again = evaluate(
+        "unparrot-rn-tiny", str(ck), datasets={"tiny": str(path)}, out=tmp_path / "res", name="rand", progress=False
+    )
     assert again[0]["metrics"]["seconds"] == z["seconds"]  # read back, not recomputed
     out = build_attack(path, tmp_path / "att", mode="attr", model="unparrot-rn-tiny", pretrained=str(ck))
     assert out["images"] == 12 and set(out["targets"]) == {"red", "green", "blue"}
     att = list(load_set(tmp_path / "att").samples())
     assert all(r["meta"]["attack_label"] != r["label"] for r in att)
-    zr = evaluate("unparrot-rn-tiny", str(ck), datasets={"att": str(tmp_path / "att")}, out=tmp_path / "res",
-                  name="rand", progress=False)[0]["metrics"]
+    zr = evaluate(
+        "unparrot-rn-tiny",
+        str(ck),
+        datasets={"att": str(tmp_path / "att")},
+        out=tmp_path / "res",
+        name="rand",
+        progress=False,
+    )[0]["metrics"]
     assert "attack_success_rate" in zr
     rnd = build_attack(path, tmp_path / "att2", mode="random", seed=1)
     assert rnd["images"] == 12

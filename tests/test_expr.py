@@ -3,8 +3,15 @@ import pytest
 
 from unparrot.curate.expr import ExprError, check, columns_of, evaluate, parse, rank_mask
 
-TYPES = {"has_text": "bool", "clip_score": "num", "cotr": "num", "texts": "list", "caption": "str",
-         "keep_dedup": "bool", "spot.has_text": "bool"}
+TYPES = {
+    "has_text": "bool",
+    "clip_score": "num",
+    "cotr": "num",
+    "texts": "list",
+    "caption": "str",
+    "keep_dedup": "bool",
+    "spot.has_text": "bool",
+}
 
 
 def ev(text, cols, n):
@@ -14,8 +21,12 @@ def ev(text, cols, n):
 
 
 def test_conditions_combine():
-    cols = {"has_text": np.array([True, False, False, True]), "clip_score": np.array([0.1, 0.35, 0.5, 0.4]),
-            "cotr": np.array([1.0, 0.0, 0.0, 0.5]), "keep_dedup": np.array([True, True, False, True])}
+    cols = {
+        "has_text": np.array([True, False, False, True]),
+        "clip_score": np.array([0.1, 0.35, 0.5, 0.4]),
+        "cotr": np.array([1.0, 0.0, 0.0, 0.5]),
+        "keep_dedup": np.array([True, True, False, True]),
+    }
     assert ev("has_text == false and clip_score > 0.3", cols, 4).tolist() == [False, True, True, False]
     assert ev("not has_text and keep_dedup", cols, 4).tolist() == [False, True, False, False]
     assert ev("has_text or (cotr < 0.5 and not keep_dedup)", cols, 4).tolist() == [True, False, True, True]
@@ -37,27 +48,48 @@ def test_missing_values_never_pass():
 
 
 def test_list_and_string_columns():
-    cols = {"texts": np.array([["a", "b"], [], ["c"]], dtype=object), "caption": np.array(["x", "y", "x"], dtype=object)}
+    cols = {
+        "texts": np.array([["a", "b"], [], ["c"]], dtype=object),
+        "caption": np.array(["x", "y", "x"], dtype=object),
+    }
     assert ev("len(texts) >= 1", cols, 3).tolist() == [True, False, True]
     assert ev("caption == 'x'", cols, 3).tolist() == [True, False, True]
 
 
-@pytest.mark.parametrize("text,msg", [
-    ("clip_score >", "expected"), ("clip_score > > 1", "unexpected"), ("(has_text", "expected '\\)'"),
-    ("has_text == false and", "unexpected the end"), ("", "empty"), ("clip_score $ 3", "unexpected character"),
-    ("__import__('os')", "unknown function"), ("0 < clip_score < 1", "chained"),
-])
+@pytest.mark.parametrize(
+    "text,msg",
+    [
+        ("clip_score >", "expected"),
+        ("clip_score > > 1", "unexpected"),
+        ("(has_text", "expected '\\)'"),
+        ("has_text == false and", "unexpected the end"),
+        ("", "empty"),
+        ("clip_score $ 3", "unexpected character"),
+        ("__import__('os')", "unknown function"),
+        ("0 < clip_score < 1", "chained"),
+    ],
+)
 def test_malformed(text, msg):
     with pytest.raises(ExprError, match=msg):
         check(parse(text), TYPES, text)
 
 
-@pytest.mark.parametrize("text,msg", [
-    ("aesthetic > 4.5", "unknown column 'aesthetic'"), ("clip_score", "num"),  # a number is not a condition
-    ("has_text > 1", "cannot compare"), ("clip_score == 'a'", "cannot compare"), ("has_text < true", "does not apply"),
-    ("has_text and clip_score", "needs true/false"), ("top(clip_score, 2)", "fraction"), ("top(has_text, 0.5)", "numeric"),
-    ("texts == 'a'", "cannot compare"), ("len(clip_score) > 1", "list or text"), ("not clip_score", "'not' needs"),
-])
+@pytest.mark.parametrize(
+    "text,msg",
+    [
+        ("aesthetic > 4.5", "unknown column 'aesthetic'"),
+        ("clip_score", "num"),  # a number is not a condition
+        ("has_text > 1", "cannot compare"),
+        ("clip_score == 'a'", "cannot compare"),
+        ("has_text < true", "does not apply"),
+        ("has_text and clip_score", "needs true/false"),
+        ("top(clip_score, 2)", "fraction"),
+        ("top(has_text, 0.5)", "numeric"),
+        ("texts == 'a'", "cannot compare"),
+        ("len(clip_score) > 1", "list or text"),
+        ("not clip_score", "'not' needs"),
+    ],
+)
 def test_type_errors(text, msg):
     with pytest.raises(ExprError, match=msg):
         t = check(parse(text), TYPES, text)

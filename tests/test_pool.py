@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
 
-from unparrot.pool import (Pool, expand_braces, read_subset, subset_contains, u8_to_uids, uids_to_u8,
-                           write_subset)
+from unparrot.pool import Pool, expand_braces, read_subset, subset_contains, u8_to_uids, uids_to_u8, write_subset
 
 
 def _uid(i):
@@ -52,12 +51,18 @@ def test_columns_join_and_embeddings(tmp_path):
     (tmp_path / "shards").mkdir()
     pool = Pool(tmp_path)
     u = [_uid(i) for i in range(6)]
-    pool.write_columns("a", "00", {"uid": u[:3], "key": ["0", "1", "2"], "x": [1, 2, 3],
-                                   "emb": np.eye(3, 4, dtype=np.float32)})
-    pool.write_columns("a", "01", {"uid": u[3:], "key": ["3", "4", "5"], "x": [4, 5, 6],
-                                   "emb": np.ones((3, 4), np.float32)})
-    pool.write_columns("b", "00", {"uid": [u[2], u[0]], "key": ["2", "0"], "y": ["c", "a"]},
-                       errors=[{"uid": u[1], "key": "1", "reason": "broken"}])
+    pool.write_columns(
+        "a", "00", {"uid": u[:3], "key": ["0", "1", "2"], "x": [1, 2, 3], "emb": np.eye(3, 4, dtype=np.float32)}
+    )
+    pool.write_columns(
+        "a", "01", {"uid": u[3:], "key": ["3", "4", "5"], "x": [4, 5, 6], "emb": np.ones((3, 4), np.float32)}
+    )
+    pool.write_columns(
+        "b",
+        "00",
+        {"uid": [u[2], u[0]], "key": ["2", "0"], "y": ["c", "a"]},
+        errors=[{"uid": u[1], "key": "1", "reason": "broken"}],
+    )
     pool.write_columns("b", "01", {"uid": u[3:], "key": ["3", "4", "5"], "y": ["d", "e", "f"]})
     df = pool.load(["a", "b"], columns=["x", "y"])
     assert df["uid"].tolist() == u

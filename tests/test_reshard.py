@@ -24,8 +24,14 @@ def test_ingest_reshard_read_roundtrip(tmp_path):
     rows = list(iter_pool_samples(pool))
     chosen = [r for r in rows if int(r["caption"].split()[-1]) % 3 == 0]
     write_subset(pool.subset_path("thirds"), [r["uid"] for r in chosen] + ["f" * 32])  # one uid not in the pool
-    s = reshard(pool, pool.subset_path("thirds"), tmp_path / "out", shard_size=4, columns=["inspect.width", "caption_words"],
-                progress=False)
+    s = reshard(
+        pool,
+        pool.subset_path("thirds"),
+        tmp_path / "out",
+        shard_size=4,
+        columns=["inspect.width", "caption_words"],
+        progress=False,
+    )
     assert s.written == len(chosen) == 9 and s.missing == 1 and s.shards == 3
     out = list(iter_pool_samples(Pool(tmp_path / "out")))
     assert [r["caption"] for r in out] == [r["caption"] for r in chosen]
@@ -45,11 +51,18 @@ def test_reshard_keeps_extra_members_and_webdataset_reads_it(synth_pool, tmp_pat
     pool = Pool(synth_pool)
     uids = [r["uid"] for r in iter_pool_samples(pool)][::7]
     out = tmp_path / "sub"
-    reshard(pool, np.sort(np.unique(np.array([(int(u[:16], 16), int(u[16:], 16)) for u in uids], "u8,u8"))),
-            out, shard_size=20, progress=False)
+    reshard(
+        pool,
+        np.sort(np.unique(np.array([(int(u[:16], 16), int(u[16:], 16)) for u in uids], "u8,u8"))),
+        out,
+        shard_size=20,
+        progress=False,
+    )
     ds = wds.WebDataset(sorted(str(p) for p in (out / "shards").glob("*.tar")), shardshuffle=False).decode("pil")
-    got = [(s["__key__"], s["txt"], json.loads(s["json"]) if isinstance(s["json"], (bytes, str)) else s["json"])
-           for s in ds]
+    got = [
+        (s["__key__"], s["txt"], json.loads(s["json"]) if isinstance(s["json"], (bytes, str)) else s["json"])
+        for s in ds
+    ]
     assert len(got) == len(uids)
     assert [g[2]["uid"] for g in got] == uids
     assert all("synth" in g[2] for g in got)

@@ -1,7 +1,6 @@
 import io
 import shutil
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -56,10 +55,15 @@ def test_odd_images_go_through_or_become_error_rows(tmp_path):
     gif = io.BytesIO()
     frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
     cases = {
-        "tiny": _png("RGB", (1, 1), (0, 0, 0)), "gray": _png("L", (50, 40), 100),
-        "cmyk": _png("CMYK", (50, 40), (0, 50, 0, 0), fmt="JPEG"), "alpha": _png("RGBA", (50, 40), (0, 0, 0, 0)),
-        "sixteen": _png("I;16", (50, 40), 30000), "palette": _png("P", (50, 40), 5),
-        "animated": gif.getvalue(), "huge": _png("L", (9000, 8000), 0), "broken": b"\x89PNG\r\n\x1a\nbroken",
+        "tiny": _png("RGB", (1, 1), (0, 0, 0)),
+        "gray": _png("L", (50, 40), 100),
+        "cmyk": _png("CMYK", (50, 40), (0, 50, 0, 0), fmt="JPEG"),
+        "alpha": _png("RGBA", (50, 40), (0, 0, 0, 0)),
+        "sixteen": _png("I;16", (50, 40), 30000),
+        "palette": _png("P", (50, 40), 5),
+        "animated": gif.getvalue(),
+        "huge": _png("L", (9000, 8000), 0),
+        "broken": b"\x89PNG\r\n\x1a\nbroken",
     }
     members = []
     for k, data in cases.items():

@@ -43,7 +43,7 @@ def test_truncated_between_samples_is_shard_problem(tmp_path):
     p = write_tar(tmp_path / "t.tar", [("a.jpg", b"1" * 512), ("b.jpg", b"2" * 512)])
     data = open(p, "rb").read()
     cut = tmp_path / "cut.tar"
-    cut.write_bytes(data[:1024 + 100])  # a's header+data, then a partial header of b
+    cut.write_bytes(data[: 1024 + 100])  # a's header+data, then a partial header of b
     out = list(iter_samples(cut))
     assert out[0].key == "a"
     assert any(isinstance(o, ShardProblem) or (isinstance(o, RawSample) and o.problem) for o in out[1:])
@@ -97,8 +97,7 @@ def test_long_names_pax_gnu_and_compressed(tmp_path):
     for fmt in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
         p = tmp_path / f"{fmt}.tar"
         with tarfile.open(p, "w", format=fmt) as tf:
-            for name, data in [(long_key + ".jpg", b"img"), (long_key + ".txt", "ç".encode()),
-                               ("ünï.txt", b"u")]:
+            for name, data in [(long_key + ".jpg", b"img"), (long_key + ".txt", "ç".encode()), ("ünï.txt", b"u")]:
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))

@@ -37,5 +37,7 @@ def test_edges():
     assert co_embedded("", ["x"])["cotr"] == 0.0
     assert co_embedded("hello", [])["iou"] == 0.0 and not co_embedded("hello", [])["is_parrot"]
     assert co_embedded("!!!", ["!!!"])["cotr"] == 0.0
-    assert edit_distance_le1("kitten", "sitten") and edit_distance_le1("abc", "abcd") and edit_distance_le1("abcd", "acd")
+    assert (
+        edit_distance_le1("kitten", "sitten") and edit_distance_le1("abc", "abcd") and edit_distance_le1("abcd", "acd")
+    )
     assert not edit_distance_le1("kitten", "sitting") and not edit_distance_le1("ab", "ba")

@@ -28,8 +28,21 @@ def shards(synth_pool, tmp_path_factory):
 
 
 def _cfg(shards, out, **kw):
-    base = dict(train_data=str(shards), out=str(out), model="unparrot-vit-tiny", samples=16 * 12, batch_size=16,
-                workers=0, threads=1, lr=1e-3, warmup=2, shuffle_buffer=50, progress=False, log_every=1, seed=1)
+    base = dict(
+        train_data=str(shards),
+        out=str(out),
+        model="unparrot-vit-tiny",
+        samples=16 * 12,
+        batch_size=16,
+        workers=0,
+        threads=1,
+        lr=1e-3,
+        warmup=2,
+        shuffle_buffer=50,
+        progress=False,
+        log_every=1,
+        seed=1,
+    )
     base.update(kw)
     return TrainConfig.from_dict(base)
 
@@ -78,7 +91,7 @@ def test_global_order_is_independent_of_layout(shards):
     one = list(TrainStream(paths, maker, 8, 4, 0, 0, 1, seed=3, shuffle_buffer=20))
     r0 = list(TrainStream(paths, maker, 8, 4, 0, 0, 2, seed=3, shuffle_buffer=20))
     r1 = list(TrainStream(paths, maker, 8, 4, 0, 1, 2, seed=3, shuffle_buffer=20))
-    for (s, x, t), (_, x0, t0), (_, x1, t1) in zip(one, r0, r1):
+    for (_, x, t), (_, x0, t0), (_, x1, t1) in zip(one, r0, r1):
         assert torch.equal(x, torch.cat([x0, x1])) and torch.equal(t, torch.cat([t0, t1]))
     late = list(TrainStream(paths, maker, 8, 4, 2, 0, 1, seed=3, shuffle_buffer=20))  # resume at step 2
     assert [s for s, _, _ in late] == [2, 3] and torch.equal(late[0][1], one[2][1])
@@ -115,13 +128,41 @@ def test_bad_config_is_clear(shards, tmp_path):
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(shards, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    args = [str(shards), "--model", "unparrot-vit-tiny", "--samples", "96", "--batch-size", "16", "--workers", "0",
-            "--threads", "1", "--warmup", "2", "--shuffle-buffer", "50", "--seed", "1", "--quiet"]
-    one = subprocess.run([sys.executable, "-m", "unparrot", "train", *args, "--out", str(tmp_path / "one")],
-                         env=env, capture_output=True, text=True, timeout=600)
+    args = [
+        str(shards),
+        "--model",
+        "unparrot-vit-tiny",
+        "--samples",
+        "96",
+        "--batch-size",
+        "16",
+        "--workers",
+        "0",
+        "--threads",
+        "1",
+        "--warmup",
+        "2",
+        "--shuffle-buffer",
+        "50",
+        "--seed",
+        "1",
+        "--quiet",
+    ]
+    one = subprocess.run(
+        [sys.executable, "-m", "unparrot", "train", *args, "--out", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "unparrot", "train", *args, "--out", str(tmp_path / "two"),
-                          "--nproc", "2"], env=env, capture_output=True, text=True, timeout=600)
+    two = subprocess.run(
+        [sys.executable, "-m", "unparrot", "train", *args, "--out", str(tmp_path / "two"), "--nproc", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(a) == len(b) == 6
@@ -136,12 +177,43 @@ def test_open_clip_trainer_reads_reshard_output(shards, tmp_path):
     """The real client: open_clip's own trainer on our shards (our config registered, nothing else changed)."""
     tars = sorted(str(p) for p in (shards / "shards").glob("*.tar"))
     pattern = str(shards / "shards") + "/{00000..%05d}.tar" % (len(tars) - 1)
-    code = ("import sys, unparrot.models as m; m.register_configs(); "
-            "from open_clip_train.main import main; main(sys.argv[1:])")
-    cmd = [sys.executable, "-c", code, "--train-data", pattern, "--dataset-type", "webdataset",
-           "--train-num-samples", "64", "--batch-size", "16", "--epochs", "1", "--model", "unparrot-rn-tiny",
-           "--workers", "0", "--device", "cpu", "--logs", str(tmp_path), "--name", "oc", "--lr", "1e-3",
-           "--warmup", "1", "--precision", "fp32", "--log-every-n-steps", "1"]
+    code = (
+        "import sys, unparrot.models as m; m.register_configs(); "
+        "from open_clip_train.main import main; main(sys.argv[1:])"
+    )
+    cmd = [
+        sys.executable,
+        "-c",
+        code,
+        "--train-data",
+        pattern,
+        "--dataset-type",
+        "webdataset",
+        "--train-num-samples",
+        "64",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "1",
+        "--model",
+        "unparrot-rn-tiny",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--logs",
+        str(tmp_path),
+        "--name",
+        "oc",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "1",
+        "--precision",
+        "fp32",
+        "--log-every-n-steps",
+        "1",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -30,10 +30,21 @@ def cmd_synth(a):
     from .synth.generate import synth
     from .synth.stats import format_truth_stats, truth_stats
 
-    s = synth(a.out, n=a.n, preset=a.preset, seed=a.seed, shard_size=a.shard_size,
-              eval_per_class=a.eval_per_class, workers=a.workers, progress=not a.quiet, **_kv(a.param))
-    print(f"synth: {s['samples']} pairs in {s['shards']} shards, {sum(s['eval_sets'].values())} evaluation "
-          f"images in {len(s['eval_sets'])} sets ({s['seconds']}s) -> {a.out}")
+    s = synth(
+        a.out,
+        n=a.n,
+        preset=a.preset,
+        seed=a.seed,
+        shard_size=a.shard_size,
+        eval_per_class=a.eval_per_class,
+        workers=a.workers,
+        progress=not a.quiet,
+        **_kv(a.param),
+    )
+    print(
+        f"synth: {s['samples']} pairs in {s['shards']} shards, {sum(s['eval_sets'].values())} evaluation "
+        f"images in {len(s['eval_sets'])} sets ({s['seconds']}s) -> {a.out}"
+    )
     if a.stats:
         print(format_truth_stats(truth_stats(a.out)))
 
@@ -41,24 +52,57 @@ def cmd_synth(a):
 def cmd_ingest(a):
     from .io.ingest import ingest
 
-    _print(ingest(a.source, a.pool, format=a.format, shard_size=a.shard_size, image_col=a.image_col,
-                  caption_col=a.caption_col, path_col=a.path_col, image_root=a.image_root, sep=a.sep,
-                  caption_fields=tuple(a.caption_fields.split(",")), caption_join=a.caption_join,
-                  progress=not a.quiet))
+    _print(
+        ingest(
+            a.source,
+            a.pool,
+            format=a.format,
+            shard_size=a.shard_size,
+            image_col=a.image_col,
+            caption_col=a.caption_col,
+            path_col=a.path_col,
+            image_root=a.image_root,
+            sep=a.sep,
+            caption_fields=tuple(a.caption_fields.split(",")),
+            caption_join=a.caption_join,
+            progress=not a.quiet,
+        )
+    )
 
 
 def cmd_run(a):
     from .engine import run
 
-    _print(run(a.pool, a.op, _kv(a.param), stage=a.stage, engine=a.engine, workers=a.workers,
-               batch_size=a.batch_size, overwrite=a.overwrite, progress=not a.quiet))
+    _print(
+        run(
+            a.pool,
+            a.op,
+            _kv(a.param),
+            stage=a.stage,
+            engine=a.engine,
+            workers=a.workers,
+            batch_size=a.batch_size,
+            overwrite=a.overwrite,
+            progress=not a.quiet,
+        )
+    )
 
 
 def cmd_reshard(a):
     from .io.reshard import reshard
 
-    _print(reshard(a.pool, a.subset, a.out, shard_size=a.shard_size, columns=a.columns or None,
-                   mask_text=a.mask_text, mask_fill=a.mask_fill, progress=not a.quiet))
+    _print(
+        reshard(
+            a.pool,
+            a.subset,
+            a.out,
+            shard_size=a.shard_size,
+            columns=a.columns or None,
+            mask_text=a.mask_text,
+            mask_fill=a.mask_fill,
+            progress=not a.quiet,
+        )
+    )
 
 
 def cmd_info(a):
@@ -71,8 +115,10 @@ def cmd_info(a):
     for st in pool.stages():
         c = stage_counts(pool, st, [s.id for s in shards])
         info = pool.stage_info(st) or {}
-        print(f"  {st:<16} {len(pool.done_shards(st))}/{len(shards)} shards, {c['n_ok']} rows, {c['n_err']} errors"
-              f"  [{info.get('op', '?')}]")
+        print(
+            f"  {st:<16} {len(pool.done_shards(st))}/{len(shards)} shards, {c['n_ok']} rows, {c['n_err']} errors"
+            f"  [{info.get('op', '?')}]"
+        )
     subs = sorted((pool.root / "subsets").glob("*.npy")) if (pool.root / "subsets").exists() else []
     for p in subs:
         import numpy as np
@@ -92,8 +138,19 @@ def _stage_cmd(op):
         params = _kv(a.param)
         if op == "spot" and a.backend:
             params.setdefault("backend", a.backend)
-        _print(run(a.pool, op, params, stage=a.stage, workers=a.workers, batch_size=a.batch_size,
-                   overwrite=a.overwrite, progress=not a.quiet))
+        _print(
+            run(
+                a.pool,
+                op,
+                params,
+                stage=a.stage,
+                workers=a.workers,
+                batch_size=a.batch_size,
+                overwrite=a.overwrite,
+                progress=not a.quiet,
+            )
+        )
+
     return cmd
 
 
@@ -104,8 +161,18 @@ def cmd_profile(a):
     for k in ("det_max_side", "det_min_side", "min_score", "min_area", "min_chars"):
         if getattr(a, k) is not None:
             spot_params[k] = getattr(a, k)
-    print(profile(a.pool, backend=a.backend, workers=a.workers, batch_size=a.batch_size, spot_params=spot_params,
-                  parrot_params=_kv(a.parrot_param), overwrite=a.overwrite, progress=not a.quiet).line())
+    print(
+        profile(
+            a.pool,
+            backend=a.backend,
+            workers=a.workers,
+            batch_size=a.batch_size,
+            spot_params=spot_params,
+            parrot_params=_kv(a.parrot_param),
+            overwrite=a.overwrite,
+            progress=not a.quiet,
+        ).line()
+    )
 
 
 def cmd_vocab(a):
@@ -128,25 +195,64 @@ def cmd_report(a):
 def cmd_embed(a):
     from .engine import run
 
-    params = {"model": a.model, "pretrained": a.pretrained, "masked": a.masked, "mask_fill": a.mask_fill,
-              **_kv(a.param)}
-    _print(run(a.pool, "embed", params, stage=a.stage, workers=a.workers, batch_size=a.batch_size,
-               overwrite=a.overwrite, progress=not a.quiet))
+    params = {
+        "model": a.model,
+        "pretrained": a.pretrained,
+        "masked": a.masked,
+        "mask_fill": a.mask_fill,
+        **_kv(a.param),
+    }
+    _print(
+        run(
+            a.pool,
+            "embed",
+            params,
+            stage=a.stage,
+            workers=a.workers,
+            batch_size=a.batch_size,
+            overwrite=a.overwrite,
+            progress=not a.quiet,
+        )
+    )
 
 
 def cmd_aesthetic(a):
     from .engine import run
 
-    _print(run(a.pool, "aesthetic", {"weights": a.weights, "embed_stage": a.embed_stage}, stage=a.stage,
-               workers=a.workers, batch_size=1024, overwrite=a.overwrite, progress=not a.quiet))
+    _print(
+        run(
+            a.pool,
+            "aesthetic",
+            {"weights": a.weights, "embed_stage": a.embed_stage},
+            stage=a.stage,
+            workers=a.workers,
+            batch_size=1024,
+            overwrite=a.overwrite,
+            progress=not a.quiet,
+        )
+    )
 
 
 def cmd_cluster(a):
     from .curate.cluster import cluster
 
-    _print(cluster(a.pool, embed_stage=a.embed_stage, k=a.k, pca_dim=a.pca_dim, niter=a.niter, nredo=a.nredo,
-                   seed=a.seed, min_points_per_centroid=a.min_points, max_points_per_centroid=a.max_points,
-                   eps=a.eps, keep=a.keep, centroids=a.centroids, stage=a.stage))
+    _print(
+        cluster(
+            a.pool,
+            embed_stage=a.embed_stage,
+            k=a.k,
+            pca_dim=a.pca_dim,
+            niter=a.niter,
+            nredo=a.nredo,
+            seed=a.seed,
+            min_points_per_centroid=a.min_points,
+            max_points_per_centroid=a.max_points,
+            eps=a.eps,
+            keep=a.keep,
+            centroids=a.centroids,
+            stage=a.stage,
+        )
+    )
 
 
 def cmd_select(a):
@@ -158,8 +264,16 @@ def cmd_select(a):
             print(f"{name:<16} {' '.join(r.description.split())}")
         return
     for recipe in a.recipe:
-        _print(select(a.pool, recipe, out=a.out if len(a.recipe) == 1 else None, name=a.name if len(a.recipe) == 1 else None,
-                      overrides=_kv(a.set), size_like=a.size_like))
+        _print(
+            select(
+                a.pool,
+                recipe,
+                out=a.out if len(a.recipe) == 1 else None,
+                name=a.name if len(a.recipe) == 1 else None,
+                overrides=_kv(a.set),
+                size_like=a.size_like,
+            )
+        )
 
 
 # ---- training -------------------------------------------------------------------------------------
@@ -179,9 +293,16 @@ def cmd_train(a):
 
         argv = [x for x in sys.argv[1:]]
         i = argv.index("--nproc")
-        del argv[i:i + 2]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
-               "-m", "unparrot"] + argv
+        del argv[i : i + 2]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={a.nproc}",
+            "-m",
+            "unparrot",
+        ] + argv
         raise SystemExit(subprocess.call(cmd))
     cfg = yaml.safe_load(open(a.config)) if a.config else {}
     if not isinstance(cfg, dict):
@@ -195,8 +316,10 @@ def cmd_train(a):
     cfg["progress"] = not a.quiet
     s = train(TrainConfig.from_dict(cfg))
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"train: {s['steps']} steps, {s['samples_seen']} samples seen, final loss {s['loss']:.4f}, "
-              f"{s['samples_per_s']:.0f} samples/s, data wait {100 * s['data_wait']:.1f}% -> {s['checkpoint']}")
+        print(
+            f"train: {s['steps']} steps, {s['samples_seen']} samples seen, final loss {s['loss']:.4f}, "
+            f"{s['samples_per_s']:.0f} samples/s, data wait {100 * s['data_wait']:.1f}% -> {s['checkpoint']}"
+        )
 
 
 # ---- evaluation -----------------------------------------------------------------------------------
@@ -218,18 +341,27 @@ def cmd_evaluate(a):
         from .profile import read_vocab
 
         words = read_vocab(a.sync_vocab, top=a.sync_top)
-    recs = evaluate(a.model, a.pretrained, datasets=_named_paths(a.dataset), tasks=tuple(a.tasks.split(",")),
-                    out=a.out, name=a.name, retrieval_sets=_named_paths(a.retrieval) or None, sync_words=words,
-                    sync_font_scale=a.sync_font_scale, templates=a.templates, batch=a.batch_size,
-                    overwrite=a.overwrite)
+    recs = evaluate(
+        a.model,
+        a.pretrained,
+        datasets=_named_paths(a.dataset),
+        tasks=tuple(a.tasks.split(",")),
+        out=a.out,
+        name=a.name,
+        retrieval_sets=_named_paths(a.retrieval) or None,
+        sync_words=words,
+        sync_font_scale=a.sync_font_scale,
+        templates=a.templates,
+        batch=a.batch_size,
+        overwrite=a.overwrite,
+    )
     print(results_table(a.out, models=sorted({r["model"] for r in recs})))
 
 
 def cmd_attack(a):
     from .evaluate import build_attack
 
-    r = build_attack(a.src, a.out, mode=a.mode, model=a.model, pretrained=a.pretrained, size_frac=a.size,
-                     seed=a.seed)
+    r = build_attack(a.src, a.out, mode=a.mode, model=a.model, pretrained=a.pretrained, size_frac=a.size, seed=a.seed)
     print(f"attack ({r['mode']}): {r['images']} images -> {r['out']}")
     for k, v in list(r.get("targets", {}).items())[:20]:
         print(f"  {k} -> {v}")
@@ -244,12 +376,20 @@ def cmd_results(a):
 def cmd_robustness(a):
     from .evaluate import robustness
 
-    r = robustness(a.out, id_sets=a.id.split(","), ood_sets=a.ood.split(","),
-                   baselines=a.baselines.split(",") if a.baselines else None, link=a.link, plot=a.plot)
+    r = robustness(
+        a.out,
+        id_sets=a.id.split(","),
+        ood_sets=a.ood.split(","),
+        baselines=a.baselines.split(",") if a.baselines else None,
+        link=a.link,
+        plot=a.plot,
+    )
     for pair, f in r["fits"].items():
         print(f"trend {pair}: {a.link}(ood) = {f['a']:.3f} * {a.link}(id) + {f['b']:.3f}")
     for m, er in r["effective_robustness"].items():
-        print(f"  {m:<28} ER mean {er['mean']:+.4f}  " + "  ".join(f"{k} {v:+.4f}" for k, v in er.items() if k != "mean"))
+        print(
+            f"  {m:<28} ER mean {er['mean']:+.4f}  " + "  ".join(f"{k} {v:+.4f}" for k, v in er.items() if k != "mean")
+        )
 
 
 def cmd_demo(a):
@@ -260,14 +400,17 @@ def cmd_demo(a):
 
 # ---- parser -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="unparrot", description=(
-        "Find, measure and remove the text-spotting (parrot caption) bias in image-text data for CLIP."))
+    p = argparse.ArgumentParser(
+        prog="unparrot",
+        description=("Find, measure and remove the text-spotting (parrot caption) bias in image-text data for CLIP."),
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def add(name, fn, help, desc=None):
-        sp = sub.add_parser(name, help=help, description=desc or help,
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sp = sub.add_parser(
+            name, help=help, description=desc or help, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
         sp.set_defaults(fn=fn)
         return sp
 
@@ -275,9 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--workers", type=int, default=workers, help="worker processes")
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    sp = add("synth", cmd_synth, "generate a synthetic parrot-world pool and evaluation sets",
-             "Generate a synthetic pool of image-caption pairs (some with embedded text their captions parrot), "
-             "with ground truth in each sample's .json, plus labelled evaluation sets in CLIP_benchmark's layout.")
+    sp = add(
+        "synth",
+        cmd_synth,
+        "generate a synthetic parrot-world pool and evaluation sets",
+        "Generate a synthetic pool of image-caption pairs (some with embedded text their captions parrot), "
+        "with ground truth in each sample's .json, plus labelled evaluation sets in CLIP_benchmark's layout.",
+    )
     sp.add_argument("out", help="output folder (becomes a pool)")
     sp.add_argument("-n", type=int, default=10000, help="number of pairs")
     sp.add_argument("--preset", default="laion", help="laion (LAION-like statistics) or learnable (tiny-CLIP friendly)")
@@ -288,9 +435,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--stats", action="store_true", help="print ground-truth text statistics")
     common(sp)
 
-    sp = add("ingest", cmd_ingest, "make a pool from shards, parquet, a CSV/JSONL table, ImageNet-Captions or a folder",
-             "Tar shards are used in place (never copied); other inputs are written as shards into POOL/shards.")
-    sp.add_argument("source", help="shard folder/glob/{a..b} pattern, .parquet, .csv/.tsv/.jsonl, ImageNet-Captions .json, or image folder")
+    sp = add(
+        "ingest",
+        cmd_ingest,
+        "make a pool from shards, parquet, a CSV/JSONL table, ImageNet-Captions or a folder",
+        "Tar shards are used in place (never copied); other inputs are written as shards into POOL/shards.",
+    )
+    sp.add_argument(
+        "source",
+        help="shard folder/glob/{a..b} pattern, .parquet, .csv/.tsv/.jsonl, ImageNet-Captions .json, or image folder",
+    )
     sp.add_argument("pool", help="pool folder to create")
     sp.add_argument("--format", default="auto", help="auto, wds, parquet, table, imagenet-captions, folder")
     sp.add_argument("--shard-size", type=int, default=10000)
@@ -299,7 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--caption-col", help="column with captions")
     sp.add_argument("--image-root", help="folder that image paths are relative to (default: the table's folder)")
     sp.add_argument("--sep", help="CSV separator (default: tab for .tsv, comma otherwise)")
-    sp.add_argument("--caption-fields", default="title,tags,description", help="ImageNet-Captions fields joined into the caption")
+    sp.add_argument(
+        "--caption-fields", default="title,tags,description", help="ImageNet-Captions fields joined into the caption"
+    )
     sp.add_argument("--caption-join", default=" ", help="separator between ImageNet-Captions fields")
     sp.add_argument("--quiet", action="store_true")
 
@@ -313,8 +469,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite", action="store_true", help="recompute a stage made with other parameters")
     common(sp)
 
-    sp = add("reshard", cmd_reshard, "write a subset of a pool as new shards",
-             "Write the samples whose uid is in SUBSET (a DataComp .npy) as new webdataset shards in OUT/shards.")
+    sp = add(
+        "reshard",
+        cmd_reshard,
+        "write a subset of a pool as new shards",
+        "Write the samples whose uid is in SUBSET (a DataComp .npy) as new webdataset shards in OUT/shards.",
+    )
     sp.add_argument("pool")
     sp.add_argument("subset", help="subset .npy (sorted uids, dtype u8,u8)")
     sp.add_argument("out", help="output folder")
@@ -328,35 +488,51 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("pool")
     sp.add_argument("--truth", action="store_true", help="also print synthetic ground-truth statistics")
 
-    for op, helptext in (("spot", "text spotting (OCR) per image: boxes, texts, has_text, text_area"),
-                         ("parrot", "co-embedded words and CoTR per caption (needs spot)")):
+    for op, helptext in (
+        ("spot", "text spotting (OCR) per image: boxes, texts, has_text, text_area"),
+        ("parrot", "co-embedded words and CoTR per caption (needs spot)"),
+    ):
         sp = add(op, _stage_cmd(op), helptext)
         sp.add_argument("pool")
         if op == "spot":
             sp.add_argument("--backend", help="rapidocr (default), oracle (synthetic ground truth) or module:Class")
         else:
             sp.set_defaults(backend=None)
-        sp.add_argument("--param", action="append", metavar="KEY=VALUE",
-                        help="operator parameter (spot: min_score, min_area, min_chars, det_max_side, "
-                             "det_min_side, ...; parrot: stopwords, min_len, fuzzy, spot_stage, ...)")
+        sp.add_argument(
+            "--param",
+            action="append",
+            metavar="KEY=VALUE",
+            help="operator parameter (spot: min_score, min_area, min_chars, det_max_side, "
+            "det_min_side, ...; parrot: stopwords, min_len, fuzzy, spot_stage, ...)",
+        )
         sp.add_argument("--stage", help="output stage name")
         sp.add_argument("--batch-size", type=int, default=32)
         sp.add_argument("--overwrite", action="store_true")
         common(sp)
 
-    sp = add("profile", cmd_profile, "spot text and measure parroting over a pool, then print a summary",
-             "Runs the spot and parrot stages (resumable) and prints: share of images with text, mean CoTR, "
-             "share of captions with CoTR > 0, fully parroted captions, top co-embedded words.")
+    sp = add(
+        "profile",
+        cmd_profile,
+        "spot text and measure parroting over a pool, then print a summary",
+        "Runs the spot and parrot stages (resumable) and prints: share of images with text, mean CoTR, "
+        "share of captions with CoTR > 0, fully parroted captions, top co-embedded words.",
+    )
     sp.add_argument("pool")
     sp.add_argument("--backend", default="rapidocr", help="OCR backend: rapidocr, oracle or module:Class")
     sp.add_argument("--det-max-side", type=int, help="downscale images whose long side is larger (speed)")
-    sp.add_argument("--det-min-side", type=int, help="upscale images whose long side is smaller (recall on tiny images)")
+    sp.add_argument(
+        "--det-min-side", type=int, help="upscale images whose long side is smaller (recall on tiny images)"
+    )
     sp.add_argument("--min-score", type=float, help="minimum recognition score of a text instance")
     sp.add_argument("--min-area", type=float, help="minimum box area in pixels")
     sp.add_argument("--min-chars", type=int, help="minimum letters/digits in a text instance")
     sp.add_argument("--spot-param", action="append", metavar="KEY=VALUE")
-    sp.add_argument("--parrot-param", action="append", metavar="KEY=VALUE",
-                    help="CoTR variant: stopwords=true, min_len=2, fuzzy=true, keep_non_latin=true")
+    sp.add_argument(
+        "--parrot-param",
+        action="append",
+        metavar="KEY=VALUE",
+        help="CoTR variant: stopwords=true, min_len=2, fuzzy=true, keep_non_latin=true",
+    )
     sp.add_argument("--batch-size", type=int, default=32)
     sp.add_argument("--overwrite", action="store_true")
     common(sp)
@@ -373,10 +549,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="output file (default POOL/report.html)")
     sp.add_argument("--sections", nargs="*", help="sections to include (default: all with data)")
 
-    sp = add("embed", cmd_embed, "CLIP image/text embeddings and CLIP score per pair (and masked CLIP score)",
-             "Any open_clip model (--model ViT-B-32 --pretrained FILE|TAG) or unparrot's small configs "
-             "(unparrot-rn-tiny, unparrot-rn-tiny-v1k, unparrot-vit-tiny). --masked adds masked_clip_score "
-             "(T-MARS: text boxes from the spot stage filled, scored against the original caption).")
+    sp = add(
+        "embed",
+        cmd_embed,
+        "CLIP image/text embeddings and CLIP score per pair (and masked CLIP score)",
+        "Any open_clip model (--model ViT-B-32 --pretrained FILE|TAG) or unparrot's small configs "
+        "(unparrot-rn-tiny, unparrot-rn-tiny-v1k, unparrot-vit-tiny). --masked adds masked_clip_score "
+        "(T-MARS: text boxes from the spot stage filled, scored against the original caption).",
+    )
     sp.add_argument("pool")
     sp.add_argument("--model", default="ViT-B-32")
     sp.add_argument("--pretrained", help="checkpoint file, or an open_clip tag (needs the hub)")
@@ -388,9 +568,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite", action="store_true")
     common(sp, workers=1)
 
-    sp = add("aesthetic", cmd_aesthetic, "LAION improved-aesthetic-predictor score from CLIP image embeddings",
-             "Needs the released MLP weights (e.g. sac+logos+ava1-l14-linearMSE.pth) and ViT-L/14 image "
-             "embeddings from an embed stage.")
+    sp = add(
+        "aesthetic",
+        cmd_aesthetic,
+        "LAION improved-aesthetic-predictor score from CLIP image embeddings",
+        "Needs the released MLP weights (e.g. sac+logos+ava1-l14-linearMSE.pth) and ViT-L/14 image "
+        "embeddings from an embed stage.",
+    )
     sp.add_argument("pool")
     sp.add_argument("--weights", required=True, help="the predictor's weight file")
     sp.add_argument("--embed-stage", default="embed")
@@ -398,9 +582,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite", action="store_true")
     common(sp, workers=1)
 
-    sp = add("cluster", cmd_cluster, "PCA + k-means over image embeddings, then SemDeDup near-duplicates",
-             "Writes cluster, dist_to_centroid, dup_of, keep_dedup. Defaults favour speed; the Parrot paper "
-             "used k=4000 --niter 300 --nredo 10 --seed 42 --min-points 10000 --max-points 200000 on 107M pairs.")
+    sp = add(
+        "cluster",
+        cmd_cluster,
+        "PCA + k-means over image embeddings, then SemDeDup near-duplicates",
+        "Writes cluster, dist_to_centroid, dup_of, keep_dedup. Defaults favour speed; the Parrot paper "
+        "used k=4000 --niter 300 --nredo 10 --seed 42 --min-points 10000 --max-points 200000 on 107M pairs.",
+    )
     sp.add_argument("pool")
     sp.add_argument("--embed-stage", default="embed")
     sp.add_argument("-k", type=int, help="clusters (default: about sqrt(n), at most 4000)")
@@ -415,9 +603,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--centroids", help="folder of a previous run (POOL/cluster/<stage>) to assign with")
     sp.add_argument("--stage", default="cluster")
 
-    sp = add("select", cmd_select, "apply curation recipes: DataComp subset .npy + funnel",
-             "Recipes are YAML (built-ins: all, less-is-more, cotr, clip-score, t-mars, parrot-debiased, random). "
-             "Writes POOL/subsets/<name>.npy (sorted u8,u8 uids) and <name>.json (the funnel).")
+    sp = add(
+        "select",
+        cmd_select,
+        "apply curation recipes: DataComp subset .npy + funnel",
+        "Recipes are YAML (built-ins: all, less-is-more, cotr, clip-score, t-mars, parrot-debiased, random). "
+        "Writes POOL/subsets/<name>.npy (sorted u8,u8 uids) and <name>.json (the funnel).",
+    )
     sp.add_argument("pool")
     sp.add_argument("recipe", nargs="*", help="built-in name or YAML file (several allowed)")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe parameter, e.g. min_clip_score=0.28")
@@ -426,10 +618,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="subset path (default POOL/subsets/<name>.npy)")
     sp.add_argument("--list", action="store_true", help="list the built-in recipes")
 
-    sp = add("train", cmd_train, "train a CLIP model on shards (open_clip models, LaCLIP rewrites, DDP)",
-             "Trains for a fixed number of samples seen (shards drawn with replacement), so every subset gets "
-             "the same compute. Options come from --config YAML, then flags. Multi-process: --nproc N, or "
-             "torchrun --nproc_per_node N -m unparrot train ...")
+    sp = add(
+        "train",
+        cmd_train,
+        "train a CLIP model on shards (open_clip models, LaCLIP rewrites, DDP)",
+        "Trains for a fixed number of samples seen (shards drawn with replacement), so every subset gets "
+        "the same compute. Options come from --config YAML, then flags. Multi-process: --nproc N, or "
+        "torchrun --nproc_per_node N -m unparrot train ...",
+    )
     sp.formatter_class = argparse.HelpFormatter  # defaults are shown in [brackets]
     sp.add_argument("train_data", nargs="?", help="reshard output folder, folder of tars, glob or {a..b} pattern")
     sp.add_argument("--config", help="YAML file of training options (flags override it)")
@@ -452,9 +648,13 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             sp.add_argument(flag, default=None, help=h)
 
-    sp = add("evaluate", cmd_evaluate, "evaluate a CLIP model: zero-shot (+ attack success), retrieval, Sync score",
-             "Writes one JSON per (model, task, dataset) in CLIP_benchmark's shape under --out; existing results "
-             "are skipped. Labelled sets: CLIP_benchmark's webdataset layout or ImageFolder folders.")
+    sp = add(
+        "evaluate",
+        cmd_evaluate,
+        "evaluate a CLIP model: zero-shot (+ attack success), retrieval, Sync score",
+        "Writes one JSON per (model, task, dataset) in CLIP_benchmark's shape under --out; existing results "
+        "are skipped. Labelled sets: CLIP_benchmark's webdataset layout or ImageFolder folders.",
+    )
     sp.add_argument("--model", required=True, help="open_clip architecture or unparrot config")
     sp.add_argument("--pretrained", help="checkpoint file (or open_clip tag)")
     sp.add_argument("--name", help="name of the model in the results (default: the run folder or model)")
@@ -469,9 +669,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=64)
     sp.add_argument("--overwrite", action="store_true")
 
-    sp = add("attack", cmd_attack, "build a typographically attacked copy of a labelled set",
-             "attr (ImageNet-Attr): the class a reference model most confuses with the true one, in red near the "
-             "top-left; random: a random wrong class, font, size, colour and position.")
+    sp = add(
+        "attack",
+        cmd_attack,
+        "build a typographically attacked copy of a labelled set",
+        "attr (ImageNet-Attr): the class a reference model most confuses with the true one, in red near the "
+        "top-left; random: a random wrong class, font, size, colour and position.",
+    )
     sp.add_argument("src", help="labelled set folder")
     sp.add_argument("out", help="output folder")
     sp.add_argument("--mode", default="attr", help="attr or random")
@@ -485,9 +689,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--format", default="md", help="md or csv")
     sp.add_argument("--models", nargs="*")
 
-    sp = add("robustness", cmd_robustness, "effective robustness (Fang et al.) from zero-shot results",
-             "Fits link(acc_ood) = a*link(acc_id) + b over the baseline models and reports each model's accuracy "
-             "above that trend, per shift and averaged.")
+    sp = add(
+        "robustness",
+        cmd_robustness,
+        "effective robustness (Fang et al.) from zero-shot results",
+        "Fits link(acc_ood) = a*link(acc_id) + b over the baseline models and reports each model's accuracy "
+        "above that trend, per shift and averaged.",
+    )
     sp.add_argument("out", nargs="?", default="results")
     sp.add_argument("--id", required=True, help="in-distribution set name(s), comma separated")
     sp.add_argument("--ood", required=True, help="shifted set names, comma separated")

@@ -42,9 +42,11 @@ def model_config(name: str) -> dict:
 
     cfg = open_clip.get_model_config(name)
     if cfg is None:
-        raise KeyError(f"unknown model {name!r}; open_clip knows {len(open_clip.list_models())} "
-                       f"architectures (e.g. ViT-B-32, RN50) and unparrot adds "
-                       f"{', '.join(p.stem for p in sorted(CONFIG_DIR.glob('*.json')))}")
+        raise KeyError(
+            f"unknown model {name!r}; open_clip knows {len(open_clip.list_models())} "
+            f"architectures (e.g. ViT-B-32, RN50) and unparrot adds "
+            f"{', '.join(p.stem for p in sorted(CONFIG_DIR.glob('*.json')))}"
+        )
     return cfg
 
 
@@ -83,7 +85,7 @@ def build_vocab(texts, context_length: int = 32) -> list[int]:
     ids = {tok.sot_token_id, tok.eot_token_id}
     batch = list(texts)
     for i in range(0, len(batch), 4096):
-        ids.update(np.unique(tok(batch[i:i + 4096]).numpy()).tolist())
+        ids.update(np.unique(tok(batch[i : i + 4096]).numpy()).tolist())
     ids.discard(0)
     return sorted(ids)
 
@@ -107,8 +109,13 @@ def _checkpoint_vocab(path: str) -> list[int] | None:
     return list(ck["unparrot_vocab"]) if isinstance(ck, dict) and "unparrot_vocab" in ck else None
 
 
-def load_clip(name: str, pretrained: str | None = None, device: str = "cpu", vocab: Sequence[int] | None = None,
-              train: bool = False) -> Clip:
+def load_clip(
+    name: str,
+    pretrained: str | None = None,
+    device: str = "cpu",
+    vocab: Sequence[int] | None = None,
+    train: bool = False,
+) -> Clip:
     """Create an open_clip model (random init when `pretrained` is None) with its transform and tokenizer.
 
     `pretrained` is an open_clip tag (needs the hub, unreachable offline), a local checkpoint file, or
@@ -117,7 +124,6 @@ def load_clip(name: str, pretrained: str | None = None, device: str = "cpu", voc
     """
     register_configs()
     import open_clip
-    import torch
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     schema = name.split(":", 1)[0] + ":" if name.startswith(("hf-hub:", "local-dir:")) else None
@@ -125,33 +131,40 @@ def load_clip(name: str, pretrained: str | None = None, device: str = "cpu", voc
     if pretrained and schema is None and not os.path.exists(pretrained):
         tags = open_clip.list_pretrained_tags_by_model(name) if not is_unparrot_model(name) else []
         if pretrained not in tags:
-            raise FileNotFoundError(f"pretrained {pretrained!r} is neither a file nor a known tag of {name} "
-                                    f"({', '.join(tags) or 'none'})")
+            raise FileNotFoundError(
+                f"pretrained {pretrained!r} is neither a file nor a known tag of {name} ({', '.join(tags) or 'none'})"
+            )
     if pretrained and os.path.exists(pretrained) and vocab is None:
         vocab = _checkpoint_vocab(pretrained)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, device=device, weights_only=True)
+            name, pretrained=pretrained, device=device, weights_only=True
+        )
     except RuntimeError as e:
         msg = str(e)
         if "state_dict" in msg or "size mismatch" in msg or "Missing key" in msg or "Unexpected key" in msg:
             lines = [ln.strip() for ln in msg.splitlines() if ln.strip()][:4]
-            raise ValueError(f"checkpoint {pretrained} does not match architecture {name}: "
-                             + " | ".join(lines)[:600]) from None
+            raise ValueError(
+                f"checkpoint {pretrained} does not match architecture {name}: " + " | ".join(lines)[:600]
+            ) from None
         raise
     except Exception as e:  # hub lookups fail offline with many exception types
         if pretrained and not os.path.exists(str(pretrained)) or schema == "hf-hub:":
-            raise RuntimeError(f"cannot load {name} {pretrained or ''}: the weights need a download from a model "
-                               f"hub, which is not reachable here ({type(e).__name__}); pass a local checkpoint "
-                               f"file as pretrained") from e
+            raise RuntimeError(
+                f"cannot load {name} {pretrained or ''}: the weights need a download from a model "
+                f"hub, which is not reachable here ({type(e).__name__}); pass a local checkpoint "
+                f"file as pretrained"
+            ) from e
         raise
     model.train(train)
     ctx = (cfg or {}).get("text_cfg", {}).get("context_length", 77)
     vocab_size = (cfg or {}).get("text_cfg", {}).get("vocab_size", 49408)
     if vocab_size < 49408:
         if vocab is None:
-            raise ValueError(f"{name} has a {vocab_size}-entry token table and needs a dense vocabulary: pass "
-                             f"vocab= (build_vocab(texts)) or a checkpoint written by unparrot train")
+            raise ValueError(
+                f"{name} has a {vocab_size}-entry token table and needs a dense vocabulary: pass "
+                f"vocab= (build_vocab(texts)) or a checkpoint written by unparrot train"
+            )
         tokenizer = DenseTokenizer(vocab, ctx)
         if tokenizer.vocab_size > vocab_size:
             raise ValueError(f"the dense vocabulary has {tokenizer.vocab_size} ids; {name} holds {vocab_size}")

@@ -48,7 +48,7 @@ def expand_braces(pattern: str) -> list[str]:
     m = re.search(r"\{([^{}]*)\}", pattern)
     if not m:
         return [pattern]
-    head, tail, body = pattern[: m.start()], pattern[m.end():], m.group(1)
+    head, tail, body = pattern[: m.start()], pattern[m.end() :], m.group(1)
     r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
     if r:
         lo, hi = r.group(1), r.group(2)
@@ -181,8 +181,13 @@ class Pool:
     def read_columns(self, stage: str, shard: str, columns: Sequence[str] | None = None) -> pa.Table:
         return pq.read_table(self.column_path(stage, shard), columns=list(columns) if columns else None)
 
-    def load(self, stages: str | Sequence[str], columns: Sequence[str] | None = None,
-             shards: Iterable[str] | None = None, how: str = "outer"):
+    def load(
+        self,
+        stages: str | Sequence[str],
+        columns: Sequence[str] | None = None,
+        shards: Iterable[str] | None = None,
+        how: str = "outer",
+    ):
         """Load columns of one or more stages as a pandas DataFrame, joined by uid.
 
         `columns` limits what is read (uid is always included). Rows keep the first stage's order;
@@ -279,8 +284,7 @@ def write_errors(path: Path, stage: str, shard: str, errors: Sequence[dict]):
         for c in ERROR_COLUMNS:
             rows[c].append(e.get(c, stage if c == "stage" else shard if c == "shard" else None))
     schema = pa.schema([(c, pa.string()) for c in ERROR_COLUMNS])
-    atomic_write_table(path, pa.table({c: pa.array(rows[c], pa.string()) for c in ERROR_COLUMNS},
-                                      schema=schema))
+    atomic_write_table(path, pa.table({c: pa.array(rows[c], pa.string()) for c in ERROR_COLUMNS}, schema=schema))
 
 
 # ---- DataComp subsets ---------------------------------------------------------------------------

@@ -36,18 +36,23 @@ class ProfileSummary:
 
     def line(self) -> str:
         top = ", ".join(f"{w} ({c})" for w, c in self.top_co_emb[:10])
-        return "\n".join(self.stage_lines + [
-            f"profile: {self.samples} samples ({self.errors} errors)",
-            f"  images with text                   {100 * self.share_with_text:5.1f}%",
-            f"  mean CoTR (all / images with text) {self.mean_cotr:.3f} / {self.mean_cotr_text_images:.3f}",
-            f"  captions with CoTR > 0             {100 * self.share_parrot:5.1f}%",
-            f"  fully parroted captions (CoTR = 1) {100 * self.share_fully_parroted:5.1f}%",
-            f"  mean text area (images with text)  {100 * self.mean_text_area:5.1f}% of the image",
-            f"  top co-embedded words              {top}",
-        ])
+        return "\n".join(
+            self.stage_lines
+            + [
+                f"profile: {self.samples} samples ({self.errors} errors)",
+                f"  images with text                   {100 * self.share_with_text:5.1f}%",
+                f"  mean CoTR (all / images with text) {self.mean_cotr:.3f} / {self.mean_cotr_text_images:.3f}",
+                f"  captions with CoTR > 0             {100 * self.share_parrot:5.1f}%",
+                f"  fully parroted captions (CoTR = 1) {100 * self.share_fully_parroted:5.1f}%",
+                f"  mean text area (images with text)  {100 * self.mean_text_area:5.1f}% of the image",
+                f"  top co-embedded words              {top}",
+            ]
+        )
 
 
-def summarize(pool: Pool | str, spot_stage: str = "spot", parrot_stage: str = "parrot", top: int = 20) -> ProfileSummary:
+def summarize(
+    pool: Pool | str, spot_stage: str = "spot", parrot_stage: str = "parrot", top: int = 20
+) -> ProfileSummary:
     """The profile numbers from existing spot and parrot columns."""
     pool = pool if isinstance(pool, Pool) else Pool(pool)
     df = pool.load([spot_stage, parrot_stage], columns=["has_text", "text_area", "cotr", "co_emb"], how="inner")
@@ -57,7 +62,8 @@ def summarize(pool: Pool | str, spot_stage: str = "spot", parrot_stage: str = "p
     cotr = df["cotr"].astype(float).to_numpy() if n else np.zeros(0)
     co = Counter(w for ws in df["co_emb"] for w in (ws if ws is not None else ()))
     return ProfileSummary(
-        samples=n, errors=errors,
+        samples=n,
+        errors=errors,
         share_with_text=float(has.mean()) if n else 0.0,
         mean_cotr=float(cotr.mean()) if n else 0.0,
         mean_cotr_text_images=float(cotr[has].mean()) if has.any() else 0.0,
@@ -68,30 +74,57 @@ def summarize(pool: Pool | str, spot_stage: str = "spot", parrot_stage: str = "p
     )
 
 
-def profile(pool: Pool | str, backend: str = "rapidocr", workers: int = 2, batch_size: int = 32,
-            spot_params: dict | None = None, parrot_params: dict | None = None, spot_stage: str = "spot",
-            parrot_stage: str = "parrot", overwrite: bool = False, progress: bool = True) -> ProfileSummary:
+def profile(
+    pool: Pool | str,
+    backend: str = "rapidocr",
+    workers: int = 2,
+    batch_size: int = 32,
+    spot_params: dict | None = None,
+    parrot_params: dict | None = None,
+    spot_stage: str = "spot",
+    parrot_stage: str = "parrot",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ProfileSummary:
     """Run text spotting and the parrot metrics over a pool (resumable) and summarise them."""
     sp = {"backend": backend, **(spot_params or {})}
     pp = {"spot_stage": spot_stage, **(parrot_params or {})}
-    s1 = run(pool, "spot", sp, stage=spot_stage, workers=workers, batch_size=batch_size, overwrite=overwrite,
-             progress=progress)
-    s2 = run(pool, "parrot", pp, stage=parrot_stage, workers=workers, batch_size=256, overwrite=overwrite,
-             progress=progress)
+    s1 = run(
+        pool,
+        "spot",
+        sp,
+        stage=spot_stage,
+        workers=workers,
+        batch_size=batch_size,
+        overwrite=overwrite,
+        progress=progress,
+    )
+    s2 = run(
+        pool, "parrot", pp, stage=parrot_stage, workers=workers, batch_size=256, overwrite=overwrite, progress=progress
+    )
     out = summarize(pool, spot_stage, parrot_stage)
     out.stage_lines = [s1.line(), s2.line()]
     return out
 
 
-def vocab(pool: Pool | str, out: str | os.PathLike | None = None, top: int = 1000, stopwords: bool = False,
-          min_len: int = 1, parrot_stage: str = "parrot") -> dict[str, list[tuple[str, int]]]:
+def vocab(
+    pool: Pool | str,
+    out: str | os.PathLike | None = None,
+    top: int = 1000,
+    stopwords: bool = False,
+    min_len: int = 1,
+    parrot_stage: str = "parrot",
+) -> dict[str, list[tuple[str, int]]]:
     """Caption 1-gram and 2-gram counts and co-embedded 1-gram counts (top `top` of each).
 
     Written to `out/` (default POOL/vocab/) as caption_1gram.csv, caption_2gram.csv and co_emb_1gram.csv,
     each with a header `ngram,count`. Co-emb counts need the parrot stage; without it that file is skipped.
     """
     pool = pool if isinstance(pool, Pool) else Pool(pool)
-    keep = (lambda t: len(t) >= min_len and not (stopwords and t in STOPWORDS))
+
+    def keep(t: str) -> bool:
+        return len(t) >= min_len and not (stopwords and t in STOPWORDS)
+
     c1, c2 = Counter(), Counter()
     for row in iter_pool_samples(pool):
         if row["caption"] is None:
@@ -101,8 +134,9 @@ def vocab(pool: Pool | str, out: str | os.PathLike | None = None, top: int = 100
         c2.update(f"{a} {b}" for a, b in zip(toks, toks[1:]))
     result = {"caption_1gram": c1.most_common(top), "caption_2gram": c2.most_common(top)}
     if pool.done_shards(parrot_stage):
-        co = Counter(w for ws in pool.load(parrot_stage, columns=["co_emb"])["co_emb"] if ws is not None
-                     for w in ws if keep(w))
+        co = Counter(
+            w for ws in pool.load(parrot_stage, columns=["co_emb"])["co_emb"] if ws is not None for w in ws if keep(w)
+        )
         result["co_emb_1gram"] = co.most_common(top)
     out = Path(out) if out else pool.root / "vocab"
     out.mkdir(parents=True, exist_ok=True)

@@ -16,9 +16,11 @@ _LATIN = re.compile(r"[a-z0-9]+")
 _ANY = re.compile(r"[^\W_]+")
 
 # A short English stop-word list (ours): function words that match by chance and say nothing of parroting.
-STOPWORDS = frozenset("""a an the of and or to in on at by for with from as is are was were be been it its this
+STOPWORDS = frozenset(
+    """a an the of and or to in on at by for with from as is are was were be been it its this
 that these those into over under up down out off so no not but if then than too very can will just our your
-their his her my me we you they he she i us them do does did has have had""".split())
+their his her my me we you they he she i us them do does did has have had""".split()
+)
 
 
 def normalize(text: str) -> str:
@@ -43,17 +45,17 @@ def edit_distance_le1(a: str, b: str) -> bool:
     while i < la and a[i] == b[i]:
         i += 1
     if la == lb:
-        return a[i + 1:] == b[i + 1:]
-    return a[i:] == b[i + 1:]
+        return a[i + 1 :] == b[i + 1 :]
+    return a[i:] == b[i + 1 :]
 
 
 @dataclass(frozen=True)
 class CotrOptions:
     """Variants of the co-embedded-text match (all off by default = the plain definition)."""
 
-    stopwords: bool = False       # drop stop words from both sides
-    min_len: int = 1              # drop tokens shorter than this (2 is a common choice)
-    fuzzy: bool = False           # allow edit distance <= 1 for caption tokens of length >= fuzzy_min_len
+    stopwords: bool = False  # drop stop words from both sides
+    min_len: int = 1  # drop tokens shorter than this (2 is a common choice)
+    fuzzy: bool = False  # allow edit distance <= 1 for caption tokens of length >= fuzzy_min_len
     fuzzy_min_len: int = 5
     keep_non_latin: bool = False
 

@@ -34,8 +34,10 @@ class ClusterSummary:
     largest_cluster: int
 
     def line(self) -> str:
-        return (f"{self.stage}: {self.samples} samples in {self.k} clusters (largest {self.largest_cluster}); "
-                f"SemDeDup keeps {self.kept}, drops {self.duplicates} near-duplicates ({self.seconds:.1f}s)")
+        return (
+            f"{self.stage}: {self.samples} samples in {self.k} clusters (largest {self.largest_cluster}); "
+            f"SemDeDup keeps {self.kept}, drops {self.duplicates} near-duplicates ({self.seconds:.1f}s)"
+        )
 
 
 def default_k(n: int) -> int:
@@ -63,7 +65,7 @@ class Projector:
         s = np.zeros(d, np.float64)
         ss = np.zeros((d, d), np.float64)
         for i in range(0, len(x), chunk):  # float32 products per chunk, float64 sums across chunks
-            c = _normalize(x[i:i + chunk])
+            c = _normalize(x[i : i + chunk])
             s += c.sum(0, dtype=np.float64)
             ss += c.T @ c
         mean = s / len(x)
@@ -75,13 +77,16 @@ class Projector:
     def __call__(self, x: np.ndarray, chunk: int = 16384) -> np.ndarray:
         out = np.empty((len(x), x.shape[1] if self.matrix is None else self.matrix.shape[1]), np.float32)
         for i in range(0, len(x), chunk):
-            c = _normalize(x[i:i + chunk])
-            out[i:i + chunk] = c if self.matrix is None else _normalize((c - self.mean) @ self.matrix)
+            c = _normalize(x[i : i + chunk])
+            out[i : i + chunk] = c if self.matrix is None else _normalize((c - self.mean) @ self.matrix)
         return out
 
     def save(self, path: Path):
-        np.savez(path, mean=self.mean if self.mean is not None else np.zeros(0),
-                 matrix=self.matrix if self.matrix is not None else np.zeros((0, 0)))
+        np.savez(
+            path,
+            mean=self.mean if self.mean is not None else np.zeros(0),
+            matrix=self.matrix if self.matrix is not None else np.zeros((0, 0)),
+        )
 
     @classmethod
     def load(cls, path: Path) -> "Projector":
@@ -93,8 +98,17 @@ def train_kmeans(x: np.ndarray, k: int, niter: int, nredo: int, seed: int, min_p
     """Spherical faiss k-means; faiss subsamples to k * max_points training points."""
     import faiss
 
-    km = faiss.Kmeans(x.shape[1], k, niter=niter, nredo=nredo, seed=seed, spherical=True, verbose=False,
-                      min_points_per_centroid=min_points, max_points_per_centroid=max_points)
+    km = faiss.Kmeans(
+        x.shape[1],
+        k,
+        niter=niter,
+        nredo=nredo,
+        seed=seed,
+        spherical=True,
+        verbose=False,
+        min_points_per_centroid=min_points,
+        max_points_per_centroid=max_points,
+    )
     km.train(np.ascontiguousarray(x))
     return _normalize(km.centroids)
 
@@ -108,8 +122,8 @@ def assign(x: np.ndarray, centroids: np.ndarray, chunk: int = 65536) -> tuple[np
     labels = np.empty(len(x), np.int64)
     dist = np.empty(len(x), np.float32)
     for i in range(0, len(x), chunk):
-        s, l = index.search(np.ascontiguousarray(x[i:i + chunk], dtype=np.float32), 1)
-        labels[i:i + chunk], dist[i:i + chunk] = l[:, 0], 1.0 - s[:, 0]
+        s, l = index.search(np.ascontiguousarray(x[i : i + chunk], dtype=np.float32), 1)
+        labels[i : i + chunk], dist[i : i + chunk] = l[:, 0], 1.0 - s[:, 0]
     return labels, dist
 
 
@@ -126,7 +140,7 @@ def semdedup(emb: np.ndarray, order: np.ndarray, eps: float, block: int = 1024) 
     kept_rows: list[int] = []  # indices into emb
     kept_mat = np.zeros((0, emb.shape[1]), np.float32)
     for b0 in range(0, n, block):
-        idx = order[b0:b0 + block]
+        idx = order[b0 : b0 + block]
         X = _normalize(emb[idx])
         if len(kept_mat):
             S = X @ kept_mat.T
@@ -155,10 +169,23 @@ def semdedup(emb: np.ndarray, order: np.ndarray, eps: float, block: int = 1024) 
     return keep, dup
 
 
-def cluster(pool: Pool | str, embed_stage: str = "embed", embedding: str = "image", k: int | None = None,
-            pca_dim: int = 256, niter: int = 20, nredo: int = 1, seed: int = 42, min_points_per_centroid: int = 1,
-            max_points_per_centroid: int = 256, eps: float = 0.05, keep: str = "far", centroids: str | None = None,
-            stage: str = "cluster", progress: bool = True) -> ClusterSummary:
+def cluster(
+    pool: Pool | str,
+    embed_stage: str = "embed",
+    embedding: str = "image",
+    k: int | None = None,
+    pca_dim: int = 256,
+    niter: int = 20,
+    nredo: int = 1,
+    seed: int = 42,
+    min_points_per_centroid: int = 1,
+    max_points_per_centroid: int = 256,
+    eps: float = 0.05,
+    keep: str = "far",
+    centroids: str | None = None,
+    stage: str = "cluster",
+    progress: bool = True,
+) -> ClusterSummary:
     """Cluster the pool's `embedding` vectors of `embed_stage` and mark near-duplicates.
 
     Defaults are for speed (ours); the Parrot paper's LAION run used k=4000, niter=300, nredo=10, seed=42,
@@ -206,7 +233,7 @@ def cluster(pool: Pool | str, embed_stage: str = "embed", embedding: str = "imag
     order_all = np.lexsort((-dist if keep == "far" else dist, labels))  # by cluster, then distance
     bounds = np.searchsorted(labels[order_all], np.arange(len(cents) + 1))
     for c in range(len(cents)):
-        members = order_all[bounds[c]:bounds[c + 1]]
+        members = order_all[bounds[c] : bounds[c + 1]]
         if len(members) == 0:
             continue
         kmask, dups = semdedup(emb, members, eps)
@@ -218,16 +245,39 @@ def cluster(pool: Pool | str, embed_stage: str = "embed", embedding: str = "imag
     for sid, size in zip(shard_ids, sizes):
         sl = slice(start, start + size)
         keys = pool.read_columns(embed_stage, sid, ["key"]).column("key").to_pylist()
-        atomic_write_table(pool.column_path(stage, sid), to_arrow({
-            "uid": uids[sl], "key": keys, "cluster": labels[sl].astype(np.int32),
-            "dist_to_centroid": dist[sl].astype(np.float32), "dup_of": list(dup_of[sl]),
-            "keep_dedup": keep_mask[sl]}))
+        atomic_write_table(
+            pool.column_path(stage, sid),
+            to_arrow(
+                {
+                    "uid": uids[sl],
+                    "key": keys,
+                    "cluster": labels[sl].astype(np.int32),
+                    "dist_to_centroid": dist[sl].astype(np.float32),
+                    "dup_of": list(dup_of[sl]),
+                    "keep_dedup": keep_mask[sl],
+                }
+            ),
+        )
         start += size
-    params = {"embed_stage": embed_stage, "embedding": embedding, "k": int(len(cents)), "pca_dim": pca_dim,
-              "niter": niter, "nredo": nredo, "seed": seed, "min_points_per_centroid": min_points_per_centroid,
-              "max_points_per_centroid": max_points_per_centroid, "eps": eps, "keep": keep, "centroids": centroids}
-    atomic_write_bytes(pool.root / "columns" / stage / "_stage.json",
-                       json.dumps({"op": "cluster", "version": 1, "params": params}, indent=1).encode())
+    params = {
+        "embed_stage": embed_stage,
+        "embedding": embedding,
+        "k": int(len(cents)),
+        "pca_dim": pca_dim,
+        "niter": niter,
+        "nredo": nredo,
+        "seed": seed,
+        "min_points_per_centroid": min_points_per_centroid,
+        "max_points_per_centroid": max_points_per_centroid,
+        "eps": eps,
+        "keep": keep,
+        "centroids": centroids,
+    }
+    atomic_write_bytes(
+        pool.root / "columns" / stage / "_stage.json",
+        json.dumps({"op": "cluster", "version": 1, "params": params}, indent=1).encode(),
+    )
     counts = np.bincount(labels, minlength=len(cents))
-    return ClusterSummary(stage, n, len(cents), int(keep_mask.sum()), int(n - keep_mask.sum()), time.time() - t0,
-                          int(counts.max()))
+    return ClusterSummary(
+        stage, n, len(cents), int(keep_mask.sum()), int(n - keep_mask.sum()), time.time() - t0, int(counts.max())
+    )

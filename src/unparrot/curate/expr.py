@@ -22,10 +22,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-TOKEN = re.compile(r"""\s*(?:(?P<num>\d+\.\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|\d+(?:[eE][-+]?\d+)?)
+TOKEN = re.compile(
+    r"""\s*(?:(?P<num>\d+\.\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|\d+(?:[eE][-+]?\d+)?)
     |(?P<str>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')
     |(?P<op>==|!=|<=|>=|<|>|\(|\)|,|\.|\+|-|\*|/)
-    |(?P<name>[A-Za-z_][A-Za-z0-9_]*))""", re.X)
+    |(?P<name>[A-Za-z_][A-Za-z0-9_]*))""",
+    re.X,
+)
 KEYWORDS = {"and", "or", "not", "true", "false", "null", "True", "False", "None"}
 FUNCTIONS = {"top": 2, "bottom": 2, "abs": 1, "len": 1, "is_null": 1}
 
@@ -210,8 +213,10 @@ def check(node, types: dict[str, str], text: str = "") -> str:
             raise ExprError(f"unknown column {node[1]!r}{where}; available: {', '.join(avail)}")
         if types[node[1]].startswith("ambiguous:"):
             stages = types[node[1]].split(":", 1)[1].split(",")
-            raise ExprError(f"column {node[1]!r}{where} is in stages {', '.join(stages)}: write "
-                            f"{' or '.join(f'{st}.{node[1]}' for st in stages)}")
+            raise ExprError(
+                f"column {node[1]!r}{where} is in stages {', '.join(stages)}: write "
+                f"{' or '.join(f'{st}.{node[1]}' for st in stages)}"
+            )
         return types[node[1]]
     if kind in ("and", "or"):
         for side in (node[1], node[2]):

@@ -102,6 +102,7 @@ def load_recipe(spec: str | dict, overrides: dict | None = None) -> Recipe:
                 raise RecipeError(f"{origin}: unknown placeholder ${{{m.group(1)}}}")
             v = params[m.group(1)]
             return json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else repr(v)
+
         return _PLACEHOLDER.sub(sub, text)
 
     steps = []
@@ -124,7 +125,7 @@ def load_recipe(spec: str | dict, overrides: dict | None = None) -> Recipe:
     if size is not None:
         if not isinstance(size, dict) or len(size) != 1 or next(iter(size)) not in ("fraction", "count", "like"):
             raise RecipeError(f"{origin}: size must be one of {{fraction: f}}, {{count: n}}, {{like: recipe}}")
-        (kind, v), = size.items()
+        ((kind, v),) = size.items()
         if isinstance(v, str) and kind != "like":
             v = yaml.safe_load(fill(v))
         elif isinstance(v, str):
@@ -137,8 +138,15 @@ def load_recipe(spec: str | dict, overrides: dict | None = None) -> Recipe:
     rank_by = raw.get("rank_by")
     if rank_by is not None and not (isinstance(rank_by, str) and re.fullmatch(r"[A-Za-z_][\w]*(\.\w+)?", rank_by)):
         raise RecipeError(f"{origin}: rank_by must be a column name or 'random'")
-    return Recipe(name=str(raw.get("name") or Path(str(spec)).stem), steps=steps, rank_by=rank_by, size=size,
-                  seed=int(raw.get("seed", 0)), description=str(raw.get("description", "")), params=params)
+    return Recipe(
+        name=str(raw.get("name") or Path(str(spec)).stem),
+        steps=steps,
+        rank_by=rank_by,
+        size=size,
+        seed=int(raw.get("seed", 0)),
+        description=str(raw.get("description", "")),
+        params=params,
+    )
 
 
 def column_types(pool: Pool) -> tuple[dict[str, str], dict[str, str]]:
@@ -154,9 +162,17 @@ def column_types(pool: Pool) -> tuple[dict[str, str], dict[str, str]]:
         for f in pq.read_schema(pool.column_path(st, done[0])):
             if f.name in ("uid", "key"):
                 continue
-            t = ("bool" if pa.types.is_boolean(f.type) else "num" if (pa.types.is_integer(f.type) or pa.types.is_floating(f.type))
-                 else "str" if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
-                 else "list" if pa.types.is_list(f.type) or pa.types.is_large_list(f.type) else "other")
+            t = (
+                "bool"
+                if pa.types.is_boolean(f.type)
+                else "num"
+                if (pa.types.is_integer(f.type) or pa.types.is_floating(f.type))
+                else "str"
+                if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
+                else "list"
+                if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)
+                else "other"
+            )
             types[f"{st}.{f.name}"], where[f"{st}.{f.name}"] = t, st
             seen.setdefault(f.name, []).append((st, t))
     for name, hits in seen.items():
@@ -182,12 +198,20 @@ class Selection:
 
     def line(self) -> str:
         steps = "; ".join(f"{f['step']}: -{f['removed']}" for f in self.funnel)
-        return (f"select {self.name}: {len(self.uids)} of {self.pool_rows} samples "
-                f"({100 * len(self.uids) / max(1, self.pool_rows):.1f}%) -> {self.path}  [{steps}]")
+        return (
+            f"select {self.name}: {len(self.uids)} of {self.pool_rows} samples "
+            f"({100 * len(self.uids) / max(1, self.pool_rows):.1f}%) -> {self.path}  [{steps}]"
+        )
 
 
-def select(pool: Pool | str, recipe: str | dict | Recipe, out: str | os.PathLike | None = None,
-           name: str | None = None, overrides: dict | None = None, size_like: str | None = None) -> Selection:
+def select(
+    pool: Pool | str,
+    recipe: str | dict | Recipe,
+    out: str | os.PathLike | None = None,
+    name: str | None = None,
+    overrides: dict | None = None,
+    size_like: str | None = None,
+) -> Selection:
     """Apply a recipe: write POOL/subsets/<name>.npy (DataComp u8,u8 uids, sorted) and <name>.json (funnel)."""
     pool = pool if isinstance(pool, Pool) else Pool(pool)
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
@@ -216,8 +240,10 @@ def select(pool: Pool | str, recipe: str | dict | Recipe, out: str | os.PathLike
         if not other.exists():
             raise FileNotFoundError(f"size like {rec.size['like']!r}: run that recipe first ({other} missing)")
         target = int(json.loads(other.read_text())["kept"])
-    needed = sorted({c for s, t in steps if t is not None for c in columns_of(s.tree)}
-                    | ({rec.rank_by} if rec.rank_by and rec.rank_by != "random" else set()))
+    needed = sorted(
+        {c for s, t in steps if t is not None for c in columns_of(s.tree)}
+        | ({rec.rank_by} if rec.rank_by and rec.rank_by != "random" else set())
+    )
     t0 = time.time()
     cols, uids, shards = _load(pool, needed, where)
     n = len(uids)
@@ -225,15 +251,30 @@ def select(pool: Pool | str, recipe: str | dict | Recipe, out: str | os.PathLike
     funnel = []
     for s, t in steps:
         if t is None:
-            funnel.append({"step": s.name, "expr": s.expr, "before": int(mask.sum()), "after": int(mask.sum()),
-                           "removed": 0, "skipped": "column absent"})
+            funnel.append(
+                {
+                    "step": s.name,
+                    "expr": s.expr,
+                    "before": int(mask.sum()),
+                    "after": int(mask.sum()),
+                    "removed": 0,
+                    "skipped": "column absent",
+                }
+            )
             continue
         m = evaluate(s.tree, cols, n)
         m = m if isinstance(m, np.ndarray) else np.full(n, bool(m))
         before = int(mask.sum())
         mask &= m.astype(bool)
-        funnel.append({"step": s.name, "expr": s.expr, "before": before, "after": int(mask.sum()),
-                       "removed": before - int(mask.sum())})
+        funnel.append(
+            {
+                "step": s.name,
+                "expr": s.expr,
+                "before": before,
+                "after": int(mask.sum()),
+                "removed": before - int(mask.sum()),
+            }
+        )
     if rec.size:
         if "fraction" in rec.size:
             target = int(round(float(rec.size["fraction"]) * n))
@@ -250,15 +291,32 @@ def select(pool: Pool | str, recipe: str | dict | Recipe, out: str | os.PathLike
             mask = np.zeros(n, bool)
             mask[keep] = True
         how = f"top by {rec.rank_by}" if rec.rank_by and rec.rank_by != "random" else "random sample"
-        funnel.append({"step": f"size {target} ({how})", "expr": json.dumps(rec.size), "before": before,
-                       "after": int(mask.sum()), "removed": before - int(mask.sum())})
+        funnel.append(
+            {
+                "step": f"size {target} ({how})",
+                "expr": json.dumps(rec.size),
+                "before": before,
+                "after": int(mask.sum()),
+                "removed": before - int(mask.sum()),
+            }
+        )
     kept = [u for u, k in zip(uids, mask) if k]
     path = Path(out) if out else pool.subset_path(name)
     write_subset(path, kept)
-    stats = {"recipe": rec.name, "description": rec.description, "params": rec.params, "pool_rows": n,
-             "kept": len(kept), "funnel": funnel, "seconds": round(time.time() - t0, 2),
-             "kept_by_shard": {s: int(c) for s, c in zip(*np.unique(np.asarray(shards, object)[mask].astype(str),
-                                                                   return_counts=True))} if n else {}}
+    stats = {
+        "recipe": rec.name,
+        "description": rec.description,
+        "params": rec.params,
+        "pool_rows": n,
+        "kept": len(kept),
+        "funnel": funnel,
+        "seconds": round(time.time() - t0, 2),
+        "kept_by_shard": {
+            s: int(c) for s, c in zip(*np.unique(np.asarray(shards, object)[mask].astype(str), return_counts=True))
+        }
+        if n
+        else {},
+    }
     if "has_text" in types:
         ht = _load(pool, ["has_text"], where)[0]["has_text"]
         stats["share_with_text_pool"] = float(np.nanmean(_as_float(ht)))

@@ -56,8 +56,10 @@ class StageSummary:
     def line(self) -> str:
         work = self.seconds - self.setup_seconds
         rate = self.n_in / work if work > 0 else 0.0
-        s = (f"{self.stage}: {self.shards} shards ({self.skipped} already done), {self.n_in} samples: "
-             f"{self.n_ok} processed, {self.n_err} errors in {self.seconds:.1f}s ({rate:.1f} samples/s)")
+        s = (
+            f"{self.stage}: {self.shards} shards ({self.skipped} already done), {self.n_in} samples: "
+            f"{self.n_ok} processed, {self.n_err} errors in {self.seconds:.1f}s ({rate:.1f} samples/s)"
+        )
         if self.n_err:
             s += f"; errors in {self.error_dir}"
         if self.problems:
@@ -89,8 +91,9 @@ def read_inputs(pool: Pool, stage: str, shard: str, cols) -> dict:
     return out
 
 
-def process_shard(pool: Pool, shard: Shard, op, stage: str, batch_size: int = 64,
-                  on_progress: Callable[[int], None] | None = None) -> ShardResult:
+def process_shard(
+    pool: Pool, shard: Shard, op, stage: str, batch_size: int = 64, on_progress: Callable[[int], None] | None = None
+) -> ShardResult:
     """Run `op` over one shard and write its columns and errors. Returns the shard's counts."""
     res = ShardResult(shard.id)
     inputs = {st: read_inputs(pool, st, shard.id, cols) for st, cols in op.inputs.items()}
@@ -103,8 +106,9 @@ def process_shard(pool: Pool, shard: Shard, op, stage: str, batch_size: int = 64
     def flush():
         if not pending:
             return
-        batch = {k: [r.get(k) for r in pending] for k in ("uid", "key", "shard", "image", "image_ext",
-                                                         "caption", "meta")}
+        batch = {
+            k: [r.get(k) for r in pending] for k in ("uid", "key", "shard", "image", "image_ext", "caption", "meta")
+        }
         for st, cols in inputs.items():
             idx = [input_index[st][r["uid"]] for r in pending]
             for c, values in cols.items():
@@ -204,15 +208,26 @@ def _check_stage(pool: Pool, stage: str, record: dict, overwrite: bool):
         raise StageConflict(
             f"stage {stage!r} in {pool.root} was made with {json.dumps(info, sort_keys=True)}, not "
             f"{json.dumps(record, sort_keys=True)}: pass overwrite=True (--overwrite) to recompute it, or "
-            f"name the new output differently (--stage NAME)")
+            f"name the new output differently (--stage NAME)"
+        )
     p = pool.root / "columns" / stage / "_stage.json"
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(record, sort_keys=True, indent=1))
 
 
-def run_stage(pool: Pool | str, op: str, params: dict | None = None, *, stage: str | None = None,
-              workers: int = 1, batch_size: int = 64, shards: list[str] | None = None,
-              overwrite: bool = False, progress: bool = True, threads: int | None = None) -> StageSummary:
+def run_stage(
+    pool: Pool | str,
+    op: str,
+    params: dict | None = None,
+    *,
+    stage: str | None = None,
+    workers: int = 1,
+    batch_size: int = 64,
+    shards: list[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    threads: int | None = None,
+) -> StageSummary:
     """Run operator `op` (a registry name or "module:Class") with `params` over a pool's shards.
 
     Writes columns/<stage>/, errors/<stage>/ (and embeddings/<stage>/ for array outputs); `stage`
@@ -237,8 +252,10 @@ def run_stage(pool: Pool | str, op: str, params: dict | None = None, *, stage: s
     for st in op_cls.inputs_for(params):
         missing = [s.id for s in all_shards if not pool.column_path(st, s.id).exists()]
         if missing:
-            raise FileNotFoundError(f"stage {stage!r} needs stage {st!r} first; it is missing for "
-                                    f"{len(missing)} shard(s), e.g. {missing[0]}")
+            raise FileNotFoundError(
+                f"stage {stage!r} needs stage {st!r} first; it is missing for "
+                f"{len(missing)} shard(s), e.g. {missing[0]}"
+            )
     _check_stage(pool, stage, record, overwrite)
     done = set(pool.done_shards(stage))
     todo = [s for s in all_shards if s.id not in done]
@@ -262,10 +279,18 @@ def run_stage(pool: Pool | str, op: str, params: dict | None = None, *, stage: s
     if todo:
         _move_cross_shard_duplicates(pool, stage)
     counts = stage_counts(pool, stage, [s.id for s in all_shards])
-    return StageSummary(stage=stage, shards=len(all_shards), skipped=len(all_shards) - len(todo),
-                        n_in=counts["n_in"], n_ok=counts["n_ok"], n_err=counts["n_err"],
-                        seconds=time.time() - t0, problems=problems,
-                        error_dir=str(pool.root / "errors" / stage), setup_seconds=setup)
+    return StageSummary(
+        stage=stage,
+        shards=len(all_shards),
+        skipped=len(all_shards) - len(todo),
+        n_in=counts["n_in"],
+        n_ok=counts["n_ok"],
+        n_err=counts["n_err"],
+        seconds=time.time() - t0,
+        problems=problems,
+        error_dir=str(pool.root / "errors" / stage),
+        setup_seconds=setup,
+    )
 
 
 def bind_params(op_cls, params: dict) -> dict:
@@ -299,8 +324,12 @@ def _run_parallel(pool, todo, op, params, stage, workers, batch_size, bar, threa
     t.start()
     results = []
     try:
-        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
-                                 initializer=_init_worker, initargs=(op, params, threads, queue)) as ex:
+        with ProcessPoolExecutor(
+            max_workers=min(workers, len(todo)),
+            mp_context=ctx,
+            initializer=_init_worker,
+            initargs=(op, params, threads, queue),
+        ) as ex:
             futs = {ex.submit(_run_in_worker, str(pool.root), sh, stage, batch_size): sh for sh in todo}
             pending = set(futs)
             while pending:
@@ -312,7 +341,8 @@ def _run_parallel(pool, todo, op, params, stage, workers, batch_size, bar, threa
             get_op(op)(**params)
         raise RuntimeError(
             f"a worker process of stage {stage!r} died (killed, or out of memory) — finished shards are "
-            f"kept; rerun the same command to resume") from e
+            f"kept; rerun the same command to resume"
+        ) from e
     finally:
         stop.set()
         t.join(timeout=2)
@@ -371,8 +401,10 @@ def _move_cross_shard_duplicates(pool: Pool, stage: str):
         keep = np.setdiff1d(np.arange(len(uids)), dup)
         keys = table.column("key").to_pylist()
         old = pq.read_table(pool.error_path(stage, sid)).to_pylist() if pool.error_path(stage, sid).exists() else []
-        new = old + [{"uid": uids[i], "key": keys[i],
-                      "reason": f"duplicate uid {uids[i]} (first in shard {first[uids[i]]})"} for i in dup]
+        new = old + [
+            {"uid": uids[i], "key": keys[i], "reason": f"duplicate uid {uids[i]} (first in shard {first[uids[i]]})"}
+            for i in dup
+        ]
         write_errors(pool.error_path(stage, sid), stage, sid, new)
         for p in (pool.root / "embeddings" / stage).glob(f"{sid}.*.npy"):
             arr = np.load(p)
@@ -382,5 +414,12 @@ def _move_cross_shard_duplicates(pool: Pool, stage: str):
         atomic_write_table(pool.column_path(stage, sid), table.take(keep))
 
 
-__all__ = ["run_stage", "process_shard", "StageSummary", "StageConflict", "iter_pool_samples",
-           "to_arrow", "stage_counts"]
+__all__ = [
+    "run_stage",
+    "process_shard",
+    "StageSummary",
+    "StageConflict",
+    "iter_pool_samples",
+    "to_arrow",
+    "stage_counts",
+]

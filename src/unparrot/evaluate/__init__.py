@@ -19,11 +19,21 @@ from .robustness import robustness
 TASKS = ("zeroshot", "retrieval", "sync")
 
 
-def evaluate(model: str, pretrained: str | None = None, datasets: dict[str, str] | None = None,
-             tasks: tuple[str, ...] = ("zeroshot",), out: str | os.PathLike = "results", name: str | None = None,
-             retrieval_sets: dict[str, str] | None = None, sync_words: list[str] | None = None,
-             sync_font_scale: float | None = None, templates: str | None = None, batch: int = 64,
-             overwrite: bool = False, progress: bool = True) -> list[dict]:
+def evaluate(
+    model: str,
+    pretrained: str | None = None,
+    datasets: dict[str, str] | None = None,
+    tasks: tuple[str, ...] = ("zeroshot",),
+    out: str | os.PathLike = "results",
+    name: str | None = None,
+    retrieval_sets: dict[str, str] | None = None,
+    sync_words: list[str] | None = None,
+    sync_font_scale: float | None = None,
+    templates: str | None = None,
+    batch: int = 64,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[dict]:
     """Evaluate one model. `datasets` (name -> labelled set folder) feed `zeroshot`; `retrieval_sets` (or
     `datasets`) feed `retrieval`; `sync_words` (a list, or read from a vocab CSV) feed `sync`. Returns the
     result records (existing ones are read, not recomputed, unless `overwrite`)."""
@@ -31,8 +41,9 @@ def evaluate(model: str, pretrained: str | None = None, datasets: dict[str, str]
 
     bad = [t for t in tasks if t not in TASKS]
     if bad:
-        raise KeyError(f"unknown tasks {bad}; known: {', '.join(TASKS)} (robustness runs across models: "
-                       f"`unparrot robustness`)")
+        raise KeyError(
+            f"unknown tasks {bad}; known: {', '.join(TASKS)} (robustness runs across models: `unparrot robustness`)"
+        )
     name = name or (Path(pretrained).parent.parent.name if pretrained and os.path.exists(pretrained) else model)
     datasets = dict(datasets or {})
     jobs = []

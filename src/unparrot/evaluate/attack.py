@@ -34,8 +34,9 @@ def confused_classes(labels, preds, class_emb: np.ndarray) -> np.ndarray:
     return np.where(cm.max(1) > 0, cm.argmax(1), sim.argmax(1))
 
 
-def write_word(im, word: str, size_frac: float, xy=(0.04, 0.04), color=(220, 20, 20), font: str = FONTS[0],
-               angle: float = 0.0):
+def write_word(
+    im, word: str, size_frac: float, xy=(0.04, 0.04), color=(220, 20, 20), font: str = FONTS[0], angle: float = 0.0
+):
     """`word` on a copy of PIL image `im`: font = size_frac x the short side, fitted to the width."""
     im = im.copy()
     W, H = im.size
@@ -44,8 +45,16 @@ def write_word(im, word: str, size_frac: float, xy=(0.04, 0.04), color=(220, 20,
     return im
 
 
-def build_attack(src: str | os.PathLike, out: str | os.PathLike, mode: str = "attr", model: str | None = None,
-                 pretrained: str | None = None, size_frac: float = 0.25, color=(220, 20, 20), seed: int = 0) -> dict:
+def build_attack(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    mode: str = "attr",
+    model: str | None = None,
+    pretrained: str | None = None,
+    size_frac: float = 0.25,
+    color=(220, 20, 20),
+    seed: int = 0,
+) -> dict:
     """Write an attacked copy of the labelled set `src` to `out` (same layout). `attr` needs a reference
     model (`model`, `pretrained`); `random` needs none."""
     if mode not in ("attr", "random"):
@@ -85,8 +94,13 @@ def build_attack(src: str | os.PathLike, out: str | os.PathLike, mode: str = "at
                 col = tuple(int(c) for c in rng.integers(0, 256, 3))
                 font = str(rng.choice(FONTS))
                 im2 = write_word(im, ds.classnames[t], frac, xy, col, font, float(rng.uniform(-20, 20)))
-                info = {"attack_label": t, "attack_text": ds.classnames[t], "mode": "random", "font": font,
-                        "color": list(col)}
+                info = {
+                    "attack_label": t,
+                    "attack_text": ds.classnames[t],
+                    "mode": "random",
+                    "font": font,
+                    "color": list(col),
+                }
             yield {"key": r["key"], "image": im2, "label": y, "meta": {**(r["meta"] or {}), **info}}
 
     count = write_set(out, rows(), ds.classnames, ds.templates)

@@ -41,7 +41,7 @@ class LabelledSet:
     path: str
     classnames: list[str]
     templates: list[str]
-    kind: str = "wds"                       # wds or folder
+    kind: str = "wds"  # wds or folder
     tars: list[str] = field(default_factory=list)
     files: list[tuple[str, int]] = field(default_factory=list)
 
@@ -49,8 +49,13 @@ class LabelledSet:
         """Rows: key, image (bytes), label (int or None), captions (list), meta (dict)."""
         if self.kind == "folder":
             for path, label in self.files:
-                yield {"key": os.path.relpath(path, self.path), "image": Path(path).read_bytes(), "label": label,
-                       "captions": [], "meta": {}}
+                yield {
+                    "key": os.path.relpath(path, self.path),
+                    "image": Path(path).read_bytes(),
+                    "label": label,
+                    "captions": [],
+                    "meta": {},
+                }
             return
         for t in self.tars:
             for item in iter_samples(t):
@@ -61,8 +66,14 @@ class LabelledSet:
                 label = int(cls.decode().strip()) if cls else None
                 caps = [c for c in (row["caption"] or "").split("\n") if c.strip()] if "txt" in item.members else []
                 caps = row["meta"].get("captions", caps) if isinstance(row["meta"].get("captions"), list) else caps
-                yield {"key": row["key"], "image": row["image"], "label": label, "captions": caps,
-                       "meta": row["meta"], "problem": row["problems"].get("sample") or row["problems"].get("image")}
+                yield {
+                    "key": row["key"],
+                    "image": row["image"],
+                    "label": label,
+                    "captions": caps,
+                    "meta": row["meta"],
+                    "problem": row["problems"].get("sample") or row["problems"].get("image"),
+                }
 
 
 def load_set(path: str | os.PathLike, name: str | None = None, templates: str | None = None) -> LabelledSet:
@@ -72,7 +83,11 @@ def load_set(path: str | os.PathLike, name: str | None = None, templates: str | 
         raise FileNotFoundError(f"evaluation set {path} is not a folder")
     name = name or p.name
     classnames_file = p / "classnames.txt"
-    tars = sorted(str(t) for t in (p / "test").glob("*.tar")) if (p / "test").is_dir() else sorted(str(t) for t in p.glob("*.tar"))
+    tars = (
+        sorted(str(t) for t in (p / "test").glob("*.tar"))
+        if (p / "test").is_dir()
+        else sorted(str(t) for t in p.glob("*.tar"))
+    )
     if tars:
         if not classnames_file.exists():
             raise FileNotFoundError(f"{p}: no classnames.txt beside the shards")
@@ -82,12 +97,19 @@ def load_set(path: str | os.PathLike, name: str | None = None, templates: str | 
         dirs = sorted(d for d in p.iterdir() if d.is_dir())
         if not dirs:
             raise FileNotFoundError(f"{p}: neither test/*.tar shards nor class folders")
-        classnames = ([ln.strip() for ln in classnames_file.read_text().splitlines() if ln.strip()]
-                      if classnames_file.exists() else [d.name.replace("_", " ") for d in dirs])
+        classnames = (
+            [ln.strip() for ln in classnames_file.read_text().splitlines() if ln.strip()]
+            if classnames_file.exists()
+            else [d.name.replace("_", " ") for d in dirs]
+        )
         if len(classnames) != len(dirs):
             raise ValueError(f"{p}: {len(dirs)} class folders but {len(classnames)} class names")
-        files = [(str(f), i) for i, d in enumerate(dirs) for f in sorted(d.rglob("*"))
-                 if f.suffix.lower().lstrip(".") in IMAGE_EXTS]
+        files = [
+            (str(f), i)
+            for i, d in enumerate(dirs)
+            for f in sorted(d.rglob("*"))
+            if f.suffix.lower().lstrip(".") in IMAGE_EXTS
+        ]
         ds = LabelledSet(name, str(p), classnames, [], "folder", files=files)
     tfile = p / "zeroshot_classification_templates.txt"
     if templates and os.path.isfile(templates):

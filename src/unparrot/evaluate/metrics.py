@@ -33,8 +33,9 @@ def attack_success_rate(preds: np.ndarray, attack_labels: np.ndarray) -> float:
     return float((preds[valid] == attack_labels[valid]).mean()) if valid.any() else 0.0
 
 
-def retrieval_recall(img_feats: np.ndarray, txt_feats: np.ndarray, txt_to_img: np.ndarray,
-                     ks: Sequence[int] = (1, 5, 10)) -> dict:
+def retrieval_recall(
+    img_feats: np.ndarray, txt_feats: np.ndarray, txt_to_img: np.ndarray, ks: Sequence[int] = (1, 5, 10)
+) -> dict:
     """Recall@k both ways with several captions per image (CLIP_benchmark's naming):
     `image_retrieval_recall@k` = text -> image (the caption's image in the top k), and
     `text_retrieval_recall@k` = image -> text (any of the image's captions in the top k)."""

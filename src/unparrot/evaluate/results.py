@@ -15,12 +15,20 @@ def result_path(out: str | os.PathLike, model: str, task: str, dataset: str) -> 
     return Path(out) / safe(model) / f"{safe(task)}__{safe(dataset)}.json"
 
 
-def write_result(out, model: str, task: str, dataset: str, metrics: dict, pretrained: str | None = None,
-                 **extra) -> Path:
+def write_result(
+    out, model: str, task: str, dataset: str, metrics: dict, pretrained: str | None = None, **extra
+) -> Path:
     p = result_path(out, model, task, dataset)
     p.parent.mkdir(parents=True, exist_ok=True)
-    rec = {"dataset": dataset, "model": model, "pretrained": pretrained, "task": task, "metrics": metrics,
-           "language": "en", **extra}
+    rec = {
+        "dataset": dataset,
+        "model": model,
+        "pretrained": pretrained,
+        "task": task,
+        "metrics": metrics,
+        "language": "en",
+        **extra,
+    }
     tmp = p.with_suffix(".tmp")
     tmp.write_text(json.dumps(rec, indent=1))
     os.replace(tmp, p)
@@ -40,8 +48,10 @@ def _headline(r: dict) -> dict:
             out[f"{r['dataset']} attack success"] = m["attack_success_rate"]
         return out
     if t == "retrieval":
-        return {f"{r['dataset']} I2T R@1": m.get("text_retrieval_recall@1"),
-                f"{r['dataset']} T2I R@1": m.get("image_retrieval_recall@1")}
+        return {
+            f"{r['dataset']} I2T R@1": m.get("text_retrieval_recall@1"),
+            f"{r['dataset']} T2I R@1": m.get("image_retrieval_recall@1"),
+        }
     if t == "sync":
         return {"sync": m.get("sync_mean"), "sync gap": m.get("sync_gap"), "read top1": m.get("read_top1")}
     if t == "robustness":
@@ -58,7 +68,10 @@ def results_table(out: str | os.PathLike, fmt: str = "md", models: list[str] | N
         rows.setdefault(r["model"], {}).update(_headline(r))
     cols = sorted({c for v in rows.values() for c in v}, key=lambda c: (not c.startswith(("clean", "sync")), c))
     order = models or sorted(rows)
-    fmt_v = (lambda v: "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v))
+
+    def fmt_v(v):
+        return "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)

@@ -20,8 +20,15 @@ def accuracy_table(out: str | os.PathLike) -> dict[str, dict[str, float]]:
     return acc
 
 
-def robustness(out: str | os.PathLike, id_sets: list[str], ood_sets: list[str], baselines: list[str] | None = None,
-               link: str = "logit", models: list[str] | None = None, plot: str | os.PathLike | None = None) -> dict:
+def robustness(
+    out: str | os.PathLike,
+    id_sets: list[str],
+    ood_sets: list[str],
+    baselines: list[str] | None = None,
+    link: str = "logit",
+    models: list[str] | None = None,
+    plot: str | os.PathLike | None = None,
+) -> dict:
     """Fit link(acc_ood) = a link(acc_id) + b over `baselines` (default: every model) for each (ID, OOD) pair;
     ER per model and shift, averaged over shifts and ID sets. Writes a `robustness` result per model."""
     acc = accuracy_table(out)
@@ -39,8 +46,13 @@ def robustness(out: str | os.PathLike, id_sets: list[str], ood_sets: list[str], 
                 per[m][f"{i}->{o}"] = effective_robustness(acc[m][i], acc[m][o], a, b, link)
     for m in models:
         per[m]["mean"] = float(np.mean(list(per[m].values())))
-        write_result(out, m, "robustness", "+".join(id_sets) + "__" + "+".join(ood_sets),
-                     {"effective_robustness": per[m], "link": link, "baselines": baselines, "fits": fits})
+        write_result(
+            out,
+            m,
+            "robustness",
+            "+".join(id_sets) + "__" + "+".join(ood_sets),
+            {"effective_robustness": per[m], "link": link, "baselines": baselines, "fits": fits},
+        )
     if plot:
         plot_robustness(acc, id_sets, ood_sets, fits, link, models, plot)
     return {"fits": fits, "effective_robustness": per, "link": link, "baselines": baselines}

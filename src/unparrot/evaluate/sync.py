@@ -24,7 +24,9 @@ STYLES = {
 }
 
 
-def render_word(text: str, style: str, canvas: int = 224, font_px: int = 32, font: str = "DejaVuSans.ttf") -> Image.Image:
+def render_word(
+    text: str, style: str, canvas: int = 224, font_px: int = 32, font: str = "DejaVuSans.ttf"
+) -> Image.Image:
     """`text` centred on a canvas (Pillow's textbbox: the old textsize API is gone), shrunk to fit if needed."""
     from ..synth.render import fit_font_size, get_font
 
@@ -49,8 +51,15 @@ def derangement(n: int, seed: int = 0) -> np.ndarray:
             return p
 
 
-def sync_score(clip, words: list[str], styles=tuple(STYLES), font_scale: float | None = None,
-               font: str = "DejaVuSans.ttf", seed: int = 0, batch: int = 64) -> dict:
+def sync_score(
+    clip,
+    words: list[str],
+    styles=tuple(STYLES),
+    font_scale: float | None = None,
+    font: str = "DejaVuSans.ttf",
+    seed: int = 0,
+    batch: int = 64,
+) -> dict:
     """Sync score of `clip` over `words` (see the module docstring). `font_scale` = font px / canvas side
     (default 32/224)."""
     words = list(dict.fromkeys(w for w in words if w and w.strip()))
@@ -68,13 +77,25 @@ def sync_score(clip, words: list[str], styles=tuple(STYLES), font_scale: float |
         matched = (I * T).sum(1)
         mismatched = (I * T[perm]).sum(1)
         top1 = float(((I @ T.T).argmax(1) == np.arange(len(words))).mean())
-        out[style] = {"mean": float(matched.mean()), "std": float(matched.std()),
-                      "mismatched_mean": float(mismatched.mean()), "gap": float(matched.mean() - mismatched.mean()),
-                      "read_top1": top1}
+        out[style] = {
+            "mean": float(matched.mean()),
+            "std": float(matched.std()),
+            "mismatched_mean": float(mismatched.mean()),
+            "gap": float(matched.mean() - mismatched.mean()),
+            "read_top1": top1,
+        }
         pooled_m.append(matched)
         pooled_x.append(mismatched)
         read.append(top1)
     m, x = np.concatenate(pooled_m), np.concatenate(pooled_x)
-    return {"sync_mean": float(m.mean()), "sync_std": float(m.std()), "mismatched_mean": float(x.mean()),
-            "sync_gap": float(m.mean() - x.mean()), "read_top1": float(np.mean(read)), "n_words": len(words),
-            "font_px": font_px, "canvas": canvas, "per_style": out}
+    return {
+        "sync_mean": float(m.mean()),
+        "sync_std": float(m.std()),
+        "mismatched_mean": float(x.mean()),
+        "sync_gap": float(m.mean() - x.mean()),
+        "read_top1": float(np.mean(read)),
+        "n_words": len(words),
+        "font_px": font_px,
+        "canvas": canvas,
+        "per_style": out,
+    }

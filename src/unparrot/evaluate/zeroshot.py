@@ -16,7 +16,7 @@ def encode_texts(clip, texts: list[str], batch: int = 256) -> np.ndarray:
     out = []
     with torch.inference_mode():
         for i in range(0, len(texts), batch):
-            f = clip.model.encode_text(clip.tokenizer(texts[i:i + batch]))
+            f = clip.model.encode_text(clip.tokenizer(texts[i : i + batch]))
             out.append(torch.nn.functional.normalize(f.float(), dim=-1).numpy())
     return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
 
@@ -45,7 +45,7 @@ def encode_images(clip, images: list, batch: int = 64) -> tuple[np.ndarray, np.n
         return (torch.stack(xs) if xs else None), ok
 
     feats, oks = [], []
-    chunks = [images[i:i + batch] for i in range(0, len(images), batch)]
+    chunks = [images[i : i + batch] for i in range(0, len(images), batch)]
     with torch.inference_mode():
         for x, ok in prefetch(prep, chunks):
             oks.extend(ok)

@@ -37,8 +37,10 @@ class IngestSummary:
     def line(self) -> str:
         if self.in_place:
             return f"ingest: {self.shards} shards used in place (not copied) -> {self.pool}"
-        return (f"ingest ({self.format}): {self.n_in} records: {self.n_written} written in {self.shards} shards, "
-                f"{self.n_err} errors (errors/ingest) in {self.seconds:.1f}s -> {self.pool}")
+        return (
+            f"ingest ({self.format}): {self.n_in} records: {self.n_written} written in {self.shards} shards, "
+            f"{self.n_err} errors (errors/ingest) in {self.seconds:.1f}s -> {self.pool}"
+        )
 
 
 def detect_format(source: str) -> str:
@@ -61,11 +63,20 @@ def detect_format(source: str) -> str:
     raise ValueError(f"cannot tell the format of {source!r}; pass format= one of {', '.join(FORMATS[1:])}")
 
 
-def ingest(source: str, pool: str | os.PathLike, format: str = "auto", shard_size: int = 10000,
-           image_col: str | None = None, caption_col: str | None = None, path_col: str | None = None,
-           image_root: str | None = None, sep: str | None = None,
-           caption_fields: tuple[str, ...] = ("title", "tags", "description"), caption_join: str = " ",
-           progress: bool = True) -> IngestSummary:
+def ingest(
+    source: str,
+    pool: str | os.PathLike,
+    format: str = "auto",
+    shard_size: int = 10000,
+    image_col: str | None = None,
+    caption_col: str | None = None,
+    path_col: str | None = None,
+    image_root: str | None = None,
+    sep: str | None = None,
+    caption_fields: tuple[str, ...] = ("title", "tags", "description"),
+    caption_join: str = " ",
+    progress: bool = True,
+) -> IngestSummary:
     """Create (or complete) pool folder `pool` from `source`. Re-running skips shards already written.
 
     Records that cannot be read (missing image file, unreadable table line) go to errors/ingest/ with
@@ -134,8 +145,9 @@ def ingest(source: str, pool: str | os.PathLike, format: str = "auto", shard_siz
         writer.close()
     bar.close()
     write_errors(root / "errors" / "ingest" / "ingest.parquet", "ingest", "ingest", errors)
-    summary = IngestSummary(str(root), fmt, n_in, n_written, len(errors), len(list(shard_dir.glob("*.tar"))),
-                            time.time() - t0, False)
+    summary = IngestSummary(
+        str(root), fmt, n_in, n_written, len(errors), len(list(shard_dir.glob("*.tar"))), time.time() - t0, False
+    )
     atomic_write_bytes(root / "ingest.json", json.dumps({"source": str(source), **summary.__dict__}).encode())
     return summary
 

@@ -31,8 +31,9 @@ class Record:
     source: str = ""
 
 
-def _pick(names: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str, where: str,
-          required: bool = True) -> str | None:
+def _pick(
+    names: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str, where: str, required: bool = True
+) -> str | None:
     if wanted:
         if wanted not in names:
             raise KeyError(f"{where}: no column {wanted!r} for the {what} (columns: {', '.join(names)})")
@@ -75,8 +76,14 @@ def _resolve(base: Path, rel: str) -> Path:
     return p if p.is_absolute() else base / p
 
 
-def read_parquet(path: str | os.PathLike, image_col: str | None = None, caption_col: str | None = None,
-                 path_col: str | None = None, image_root: str | None = None, batch_rows: int = 256) -> Iterator[Record]:
+def read_parquet(
+    path: str | os.PathLike,
+    image_col: str | None = None,
+    caption_col: str | None = None,
+    path_col: str | None = None,
+    image_root: str | None = None,
+    batch_rows: int = 256,
+) -> Iterator[Record]:
     """Rows of a parquet file: image bytes (a binary column, or a {bytes, path} struct as Hugging Face
     datasets store it) or an image path column, plus a caption column; other scalar columns go to meta."""
     import pyarrow.parquet as pq
@@ -126,8 +133,13 @@ def _jsonable(v) -> bool:
     return v is None or isinstance(v, (str, int, float, bool, list, dict))
 
 
-def read_table(path: str | os.PathLike, path_col: str | None = None, caption_col: str | None = None,
-               image_root: str | None = None, sep: str | None = None) -> Iterator[Record]:
+def read_table(
+    path: str | os.PathLike,
+    path_col: str | None = None,
+    caption_col: str | None = None,
+    image_root: str | None = None,
+    sep: str | None = None,
+) -> Iterator[Record]:
     """A CSV/TSV (open_clip's and LaCLIP's `filepath`/`title` layout) or JSONL of image paths and
     captions; paths are relative to `image_root` (default: the table's folder)."""
     path = Path(path)
@@ -197,8 +209,12 @@ def imagenet_caption(rec: dict, fields: Sequence[str] = ("title", "tags", "descr
     return sep.join(p for p in parts if p)
 
 
-def read_imagenet_captions(path: str | os.PathLike, image_root: str | None = None,
-                           fields: Sequence[str] = ("title", "tags", "description"), sep: str = " ") -> Iterator[Record]:
+def read_imagenet_captions(
+    path: str | os.PathLike,
+    image_root: str | None = None,
+    fields: Sequence[str] = ("title", "tags", "description"),
+    sep: str = " ",
+) -> Iterator[Record]:
     """ImageNet-Captions: a JSON list (or JSONL) of {filename, wnid, title, description, tags}; images are
     found at `image_root`/<wnid>/<filename> or `image_root`/<filename>."""
     path = Path(path)
@@ -246,5 +262,6 @@ def read_image_folder(folder: str | os.PathLike) -> Iterator[Record]:
                 problem = problem or f"caption file {t.name} is not valid UTF-8"
         else:
             problem = problem or f"no caption file {t.name}"
-        yield Record(data, cap, {"path": str(p.relative_to(folder))}, _ext_of(p.name, data), problem,
-                     str(p.relative_to(folder)))
+        yield Record(
+            data, cap, {"path": str(p.relative_to(folder))}, _ext_of(p.name, data), problem, str(p.relative_to(folder))
+        )

@@ -33,8 +33,10 @@ class ReshardSummary:
     seconds: float
 
     def line(self) -> str:
-        s = (f"reshard: {self.written} of {self.subset} subset samples written in {self.shards} shards "
-             f"({self.seconds:.1f}s) -> {self.out}")
+        s = (
+            f"reshard: {self.written} of {self.subset} subset samples written in {self.shards} shards "
+            f"({self.seconds:.1f}s) -> {self.out}"
+        )
         if self.missing:
             s += f"; {self.missing} subset uids not found in the pool"
         if self.errors:
@@ -43,7 +45,7 @@ class ReshardSummary:
 
 
 def _parse_columns(columns: Sequence[str] | None, pool: Pool) -> dict[str, list[str]]:
-    """"stage.column" or a bare column name (looked up across the pool's stages) -> {stage: [columns]}."""
+    """ "stage.column" or a bare column name (looked up across the pool's stages) -> {stage: [columns]}."""
     import pyarrow.parquet as pq
 
     out: dict[str, list[str]] = {}
@@ -74,9 +76,17 @@ def _jsonable(v):
     return v
 
 
-def reshard(pool: Pool | str, subset: str | os.PathLike | np.ndarray, out: str | os.PathLike,
-            shard_size: int = 10000, columns: Sequence[str] | None = None, mask_text: bool = False,
-            mask_fill: str = "mean", spot_stage: str = "spot", progress: bool = True) -> ReshardSummary:
+def reshard(
+    pool: Pool | str,
+    subset: str | os.PathLike | np.ndarray,
+    out: str | os.PathLike,
+    shard_size: int = 10000,
+    columns: Sequence[str] | None = None,
+    mask_text: bool = False,
+    mask_fill: str = "mean",
+    spot_stage: str = "spot",
+    progress: bool = True,
+) -> ReshardSummary:
     """Write the samples of `pool` whose uid is in `subset` (a DataComp .npy or array) to `out/shards/`.
 
     `columns` ("stage.column" or column names) are added to each sample's .json. With `mask_text`, images
@@ -125,8 +135,9 @@ def reshard(pool: Pool | str, subset: str | os.PathLike | np.ndarray, out: str |
             bar.refresh()
     bar.close()
     write_errors(out / "errors" / "reshard" / "reshard.parquet", "reshard", "", errors)
-    summary = ReshardSummary(str(out), len(sub), written, len(sub) - len(found), len(errors), len(w.written),
-                             time.time() - t0)
+    summary = ReshardSummary(
+        str(out), len(sub), written, len(sub) - len(found), len(errors), len(w.written), time.time() - t0
+    )
     atomic_write_bytes(out / "reshard.json", json.dumps({"pool": str(pool.root), **summary.__dict__}).encode())
     return summary
 
@@ -140,8 +151,14 @@ def _write_batch(items, shard_id, sub, w, wanted, extra, boxes, masker, errors, 
             continue
         found.add(row["uid"])
         if "sample" in row["problems"] or "image" in row["problems"]:
-            errors.append({"uid": row["uid"], "key": row["key"], "shard": shard_id,
-                           "reason": row["problems"].get("sample") or row["problems"]["image"]})
+            errors.append(
+                {
+                    "uid": row["uid"],
+                    "key": row["key"],
+                    "shard": shard_id,
+                    "reason": row["problems"].get("sample") or row["problems"]["image"],
+                }
+            )
             continue
         meta = dict(row["meta"])
         meta["uid"] = row["uid"]
@@ -161,8 +178,9 @@ def _write_batch(items, shard_id, sub, w, wanted, extra, boxes, masker, errors, 
                 members[ext] = data
                 meta["masked"] = True
             except Exception as e:  # noqa: BLE001 - an undecodable image is an error row, not a crash
-                errors.append({"uid": row["uid"], "key": row["key"], "shard": shard_id,
-                               "reason": f"cannot mask image: {e}"})
+                errors.append(
+                    {"uid": row["uid"], "key": row["key"], "shard": shard_id, "reason": f"cannot mask image: {e}"}
+                )
                 continue
         members["json"] = json.dumps(meta, ensure_ascii=False, default=str)
         w.write(row["key"], members)

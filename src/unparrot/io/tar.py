@@ -149,7 +149,7 @@ def _parse_pax(data: bytes) -> dict[str, str]:
         if sp < 0:
             break
         length = int(data[i:sp])
-        rec = data[sp + 1: i + length - 1]
+        rec = data[sp + 1 : i + length - 1]
         k, _, v = rec.partition(b"=")
         out[k.decode()] = v.decode("utf-8", "surrogateescape")
         i += length

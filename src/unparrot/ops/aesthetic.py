@@ -21,8 +21,15 @@ def aesthetic_mlp(input_size: int = 768):
             super().__init__()
             self.input_size = input_size
             self.layers = nn.Sequential(
-                nn.Linear(input_size, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-                nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+                nn.Linear(input_size, 1024),
+                nn.Dropout(0.2),
+                nn.Linear(1024, 128),
+                nn.Dropout(0.2),
+                nn.Linear(128, 64),
+                nn.Dropout(0.1),
+                nn.Linear(64, 16),
+                nn.Linear(16, 1),
+            )
 
         def forward(self, x):
             return self.layers(x)
@@ -68,7 +75,8 @@ class Aesthetic(Operator):
             raise ValueError(
                 f"the aesthetic predictor expects {self.mlp.input_size}-d image embeddings (CLIP ViT-L/14 for "
                 f"LAION's released weights); stage {self.embed_stage!r} has {emb.shape[-1]}-d embeddings: run "
-                f"`unparrot run POOL embed --param model=ViT-L-14 ... --stage embed_l14` and pass embed_stage=embed_l14")
+                f"`unparrot run POOL embed --param model=ViT-L-14 ... --stage embed_l14` and pass embed_stage=embed_l14"
+            )
         emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
         with torch.inference_mode():
             score = self.mlp(torch.from_numpy(emb)).squeeze(-1).numpy()

@@ -22,9 +22,17 @@ class Embed(Operator):
     needs = ("image", "caption")
     version = 1
 
-    def __init__(self, model: str = "ViT-B-32", pretrained: str | None = None, masked: bool = False,
-                 spot_stage: str = "spot", mask_fill: str = "mean", chunk: int = 32, device: str = "cpu",
-                 max_pixels: int = MAX_PIXELS):
+    def __init__(
+        self,
+        model: str = "ViT-B-32",
+        pretrained: str | None = None,
+        masked: bool = False,
+        spot_stage: str = "spot",
+        mask_fill: str = "mean",
+        chunk: int = 32,
+        device: str = "cpu",
+        max_pixels: int = MAX_PIXELS,
+    ):
         from ..models import load_clip
 
         self.clip = load_clip(model, pretrained, device=device)
@@ -57,7 +65,10 @@ class Embed(Operator):
             tens.append(t)
             if m is not None:
                 masked.append(m)
-        stack = (lambda xs: torch.stack(xs).to(self.device) if xs else None)
+
+        def stack(xs):
+            return torch.stack(xs).to(self.device) if xs else None
+
         return ok, stack(tens), stack(masked) if self.masker else None, errs
 
     def __call__(self, batch):

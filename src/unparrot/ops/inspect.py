@@ -17,7 +17,11 @@ class Inspect(Operator):
 
         def row(i):
             im = open_image(images[i], max_pixels=self.max_pixels)
-            return {"width": im.width, "height": im.height, "caption_chars": len(captions[i]),
-                    "caption_words": len(captions[i].split())}
+            return {
+                "width": im.width,
+                "height": im.height,
+                "caption_chars": len(captions[i]),
+                "caption_words": len(captions[i].split()),
+            }
 
         return map_rows(row, len(images), ["width", "height", "caption_chars", "caption_words"])

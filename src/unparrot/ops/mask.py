@@ -17,16 +17,21 @@ FILLS = ("mean", "inpaint", "solid")
 
 
 class Masker:
-    def __init__(self, fill: str = "mean", color: tuple = (127, 127, 127), inpaint_radius: int = 3,
-                 dilate: int = 0):
+    def __init__(self, fill: str = "mean", color: tuple = (127, 127, 127), inpaint_radius: int = 3, dilate: int = 0):
         if fill not in FILLS:
             raise ValueError(f"unknown mask fill {fill!r}; one of {', '.join(FILLS)}")
-        self.fill, self.color, self.radius, self.dilate = fill, tuple(int(c) for c in color), int(inpaint_radius), int(dilate)
+        self.fill, self.color, self.radius, self.dilate = (
+            fill,
+            tuple(int(c) for c in color),
+            int(inpaint_radius),
+            int(dilate),
+        )
 
     def _mask(self, shape, quad) -> np.ndarray:
         m = Image.new("L", (shape[1], shape[0]), 0)
-        ImageDraw.Draw(m).polygon([(float(x), float(y)) for x, y in quad], fill=255,
-                                  outline=255, width=1 + 2 * self.dilate)
+        ImageDraw.Draw(m).polygon(
+            [(float(x), float(y)) for x, y in quad], fill=255, outline=255, width=1 + 2 * self.dilate
+        )
         return np.asarray(m) > 0
 
     def mask_array(self, img: np.ndarray, quads) -> np.ndarray:
@@ -40,8 +45,7 @@ class Masker:
             union = np.zeros(img.shape[:2], bool)
             for q in quads:
                 union |= self._mask(img.shape, q)
-            return cv2.inpaint(np.ascontiguousarray(img), union.astype(np.uint8) * 255, self.radius,
-                               cv2.INPAINT_TELEA)
+            return cv2.inpaint(np.ascontiguousarray(img), union.astype(np.uint8) * 255, self.radius, cv2.INPAINT_TELEA)
         for q in quads:
             m = self._mask(img.shape, q)
             if not m.any():

@@ -17,10 +17,22 @@ class Parrot(Operator):
     needs = ("caption",)
     version = 1
 
-    def __init__(self, spot_stage: str = "spot", stopwords: bool = False, min_len: int = 1, fuzzy: bool = False,
-                 fuzzy_min_len: int = 5, keep_non_latin: bool = False):
-        self.opt = CotrOptions(stopwords=bool(stopwords), min_len=int(min_len), fuzzy=bool(fuzzy),
-                               fuzzy_min_len=int(fuzzy_min_len), keep_non_latin=bool(keep_non_latin))
+    def __init__(
+        self,
+        spot_stage: str = "spot",
+        stopwords: bool = False,
+        min_len: int = 1,
+        fuzzy: bool = False,
+        fuzzy_min_len: int = 5,
+        keep_non_latin: bool = False,
+    ):
+        self.opt = CotrOptions(
+            stopwords=bool(stopwords),
+            min_len=int(min_len),
+            fuzzy=bool(fuzzy),
+            fuzzy_min_len=int(fuzzy_min_len),
+            keep_non_latin=bool(keep_non_latin),
+        )
         self.inputs = {spot_stage: ["texts"]}
 
     @classmethod
@@ -32,7 +44,13 @@ class Parrot(Operator):
 
         def row(i):
             m = co_embedded(captions[i], list(texts[i] or []), self.opt)
-            return {"co_emb": m["co_emb"], "n_caption_tokens": len(m["caption_tokens"]), "cotr": m["cotr"],
-                    "iou": m["iou"], "ocr_coverage": m["ocr_coverage"], "is_parrot": m["is_parrot"]}
+            return {
+                "co_emb": m["co_emb"],
+                "n_caption_tokens": len(m["caption_tokens"]),
+                "cotr": m["cotr"],
+                "iou": m["iou"],
+                "ocr_coverage": m["ocr_coverage"],
+                "is_parrot": m["is_parrot"],
+            }
 
         return map_rows(row, len(captions), PARROT_COLUMNS)

@@ -61,8 +61,15 @@ class Spot(Operator):
     needs = ("image",)
     version = 1
 
-    def __init__(self, backend: str = "rapidocr", min_score: float = 0.5, min_area: float = 0.0,
-                 min_chars: int = 2, max_pixels: int = MAX_PIXELS, **backend_params):
+    def __init__(
+        self,
+        backend: str = "rapidocr",
+        min_score: float = 0.5,
+        min_area: float = 0.0,
+        min_chars: int = 2,
+        max_pixels: int = MAX_PIXELS,
+        **backend_params,
+    ):
         if not 0.0 <= min_score <= 1.0:
             raise ValueError(f"min_score must be in [0, 1], got {min_score}")
         self.min_score, self.min_area, self.min_chars = float(min_score), float(min_area), int(min_chars)
@@ -70,8 +77,9 @@ class Spot(Operator):
         self.spotter = get_spotter(backend, **backend_params)
 
     def keep(self, quad, text: str, score: float) -> bool:
-        return (score >= self.min_score and quad_area(quad) >= self.min_area
-                and len(_ALNUM.findall(text)) >= self.min_chars)
+        return (
+            score >= self.min_score and quad_area(quad) >= self.min_area and len(_ALNUM.findall(text)) >= self.min_chars
+        )
 
     def __call__(self, batch):
         images, metas = column(batch, "image"), column(batch, "meta")

@@ -65,29 +65,39 @@ class RapidOCRSpotter:
 
     needs_image = True
 
-    def __init__(self, det_max_side: int = 960, det_min_side: int = 0, box_thresh: float = 0.5,
-                 unclip_ratio: float = 1.6, use_cls: bool = False, threads: int | None = None):
+    def __init__(
+        self,
+        det_max_side: int = 960,
+        det_min_side: int = 0,
+        box_thresh: float = 0.5,
+        unclip_ratio: float = 1.6,
+        use_cls: bool = False,
+        threads: int | None = None,
+    ):
         try:
             from rapidocr import RapidOCR
         except ImportError as e:  # pragma: no cover - depends on the install
-            raise ImportError("the rapidocr OCR backend needs `pip install unparrot[ocr]` "
-                              "(rapidocr, onnxruntime)") from e
+            raise ImportError(
+                "the rapidocr OCR backend needs `pip install unparrot[ocr]` (rapidocr, onnxruntime)"
+            ) from e
         if det_max_side < 32 or det_min_side < 0:
             raise ValueError("det_max_side must be >= 32 and det_min_side >= 0")
         threads = threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or -1
         self.det_max_side, self.det_min_side, self.use_cls = int(det_max_side), int(det_min_side), bool(use_cls)
-        self.engine = RapidOCR(params={
-            "Global.log_level": "error",
-            "Global.use_cls": self.use_cls,
-            "Global.max_side_len": self.det_max_side,
-            "Global.min_side_len": 30,
-            "Det.limit_type": "max",
-            "Det.limit_side_len": self.det_max_side,
-            "Det.box_thresh": float(box_thresh),
-            "Det.unclip_ratio": float(unclip_ratio),
-            "EngineConfig.onnxruntime.intra_op_num_threads": threads,
-            "EngineConfig.onnxruntime.inter_op_num_threads": 1,
-        })
+        self.engine = RapidOCR(
+            params={
+                "Global.log_level": "error",
+                "Global.use_cls": self.use_cls,
+                "Global.max_side_len": self.det_max_side,
+                "Global.min_side_len": 30,
+                "Det.limit_type": "max",
+                "Det.limit_side_len": self.det_max_side,
+                "Det.box_thresh": float(box_thresh),
+                "Det.unclip_ratio": float(unclip_ratio),
+                "EngineConfig.onnxruntime.intra_op_num_threads": threads,
+                "EngineConfig.onnxruntime.inter_op_num_threads": 1,
+            }
+        )
 
     def detect(self, image: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """Boxes (N x 4 x 2, image pixels) and the perspective-corrected crops to recognise."""

@@ -24,10 +24,12 @@ class Context:
 
 def _lazy(module: str, fn: str):
     """A section that imports its module (and matplotlib) only when the report is built."""
+
     def section(ctx):
         import importlib
 
         return getattr(importlib.import_module(f"{__name__}.{module}"), fn)(ctx)
+
     return section
 
 
@@ -36,6 +38,7 @@ SECTIONS: dict = {
     "clip": _lazy("curation_section", "clip_section"),
     "clusters": _lazy("curation_section", "cluster_section"),
     "funnel": _lazy("curation_section", "funnel_section"),
+    "results": _lazy("results_section", "results_section"),
 }
 
 
@@ -51,8 +54,13 @@ def register_section(name: str, fn, after: str | None = None):
     SECTIONS.update(items)
 
 
-def report(pool: Pool | str, out: str | os.PathLike | None = None, sections: list[str] | None = None,
-           title: str | None = None, **options) -> Path:
+def report(
+    pool: Pool | str,
+    out: str | os.PathLike | None = None,
+    sections: list[str] | None = None,
+    title: str | None = None,
+    **options,
+) -> Path:
     """Write the HTML report of `pool` (default POOL/report.html) and return its path."""
     pool = pool if isinstance(pool, Pool) else Pool(pool)
     names = sections or list(SECTIONS)
@@ -68,7 +76,10 @@ def report(pool: Pool | str, out: str | os.PathLike | None = None, sections: lis
     if not built:
         raise FileNotFoundError(f"nothing to report in {pool.root}: run `unparrot profile` first")
     out = Path(out) if out else pool.root / "report.html"
-    html = page(title or f"unparrot report: {pool.root.name}", built,
-                f"pool {pool.root} - generated {time.strftime('%Y-%m-%d %H:%M')}")
+    html = page(
+        title or f"unparrot report: {pool.root.name}",
+        built,
+        f"pool {pool.root} - generated {time.strftime('%Y-%m-%d %H:%M')}",
+    )
     atomic_write_bytes(out, html.encode("utf-8"))
     return out

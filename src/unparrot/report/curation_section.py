@@ -32,8 +32,10 @@ def clip_section(ctx) -> Section | None:
     has = df["has_text"].astype(bool).to_numpy() if "has_text" in df else None
     rows = [["samples scored", len(df)], ["mean CLIP score", f"{df['clip_score'].mean():.4f}"]]
     if has is not None:
-        rows += [["mean CLIP score, images with text", f"{df['clip_score'][has].mean():.4f}"],
-                 ["mean CLIP score, images without text", f"{df['clip_score'][~has].mean():.4f}"]]
+        rows += [
+            ["mean CLIP score, images with text", f"{df['clip_score'][has].mean():.4f}"],
+            ["mean CLIP score, images without text", f"{df['clip_score'][~has].mean():.4f}"],
+        ]
     if "masked_clip_score" in df:
         rows.append(["mean masked CLIP score", f"{df['masked_clip_score'].mean():.4f}"])
     body.append(table(["measure", "value"], rows))
@@ -56,8 +58,13 @@ def clip_section(ctx) -> Section | None:
         figs.append(fig_tag(fig, "masked vs unmasked"))
     if has is not None:
         fig, ax = plt.subplots(figsize=(5, 3.6))
-        ax.hist([df["clip_score"][~has], df["clip_score"][has]], bins=30, label=["no text", "text"],
-                color=["#4a7bd0", "#c0392b"], alpha=0.8)
+        ax.hist(
+            [df["clip_score"][~has], df["clip_score"][has]],
+            bins=30,
+            label=["no text", "text"],
+            color=["#4a7bd0", "#c0392b"],
+            alpha=0.8,
+        )
         ax.legend()
         ax.set_xlabel("CLIP score")
         ax.set_title("CLIP score by text presence")
@@ -80,9 +87,17 @@ def cluster_section(ctx) -> Section | None:
     df = pool.load(stage, columns=["cluster", "keep_dedup"])
     sizes = np.bincount(df["cluster"].to_numpy())
     info = (pool.stage_info(stage) or {}).get("params", {})
-    body = [table(["measure", "value"], [
-        ["samples", len(df)], ["clusters", len(sizes)], ["median / largest cluster", f"{int(np.median(sizes))} / {sizes.max()}"],
-        ["near-duplicates dropped (SemDeDup)", f"{int((~df['keep_dedup']).sum())} (eps {info.get('eps')})"]])]
+    body = [
+        table(
+            ["measure", "value"],
+            [
+                ["samples", len(df)],
+                ["clusters", len(sizes)],
+                ["median / largest cluster", f"{int(np.median(sizes))} / {sizes.max()}"],
+                ["near-duplicates dropped (SemDeDup)", f"{int((~df['keep_dedup']).sum())} (eps {info.get('eps')})"],
+            ],
+        )
+    ]
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.hist(sizes, bins=30, color="#4a7bd0", edgecolor="white")
     ax.set_xlabel("cluster size")
@@ -102,9 +117,15 @@ def funnel_section(ctx) -> Section | None:
     body = ["<p class='note'>Each row of a funnel is a condition of the recipe, applied in order.</p>"]
     summary = []
     for name, s in stats.items():
-        summary.append([name, s["kept"], f"{100 * s['kept'] / max(1, s['pool_rows']):.1f}%",
-                        f"{100 * s['share_with_text_subset']:.1f}%" if "share_with_text_subset" in s else "",
-                        f"{100 * s['share_with_text_pool']:.1f}%" if "share_with_text_pool" in s else ""])
+        summary.append(
+            [
+                name,
+                s["kept"],
+                f"{100 * s['kept'] / max(1, s['pool_rows']):.1f}%",
+                f"{100 * s['share_with_text_subset']:.1f}%" if "share_with_text_subset" in s else "",
+                f"{100 * s['share_with_text_pool']:.1f}%" if "share_with_text_pool" in s else "",
+            ]
+        )
     body.append(table(["subset", "kept", "of pool", "with text (subset)", "with text (pool)"], summary))
     for name, s in stats.items():
         rows = [[f["step"], f["before"], f["removed"], f["after"]] + ([f.get("skipped", "")]) for f in s["funnel"]]

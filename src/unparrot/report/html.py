@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1180px;color:#222;padding:0 1rem}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1180px;
+color:#222;padding:0 1rem}
 h1{font-size:1.6rem} h2{font-size:1.25rem;border-bottom:1px solid #ddd;padding-bottom:.3rem;margin-top:2.2rem}
 h3{font-size:1.05rem;margin-top:1.4rem} table{border-collapse:collapse;margin:.6rem 0;font-size:.92rem}
-td,th{border:1px solid #ddd;padding:.25rem .6rem;text-align:right} th{background:#f4f4f4} td:first-child,th:first-child{text-align:left}
+td,th{border:1px solid #ddd;padding:.25rem .6rem;text-align:right} th{background:#f4f4f4}
+td:first-child,th:first-child{text-align:left}
 .grid{display:flex;flex-wrap:wrap;gap:8px} .cell{width:176px;font-size:.78rem;line-height:1.2}
 .cell img{width:176px;height:auto;display:block;border:1px solid #ccc;image-rendering:auto}
 .figs{display:flex;flex-wrap:wrap;gap:12px} .figs img{max-width:560px;height:auto}
@@ -81,6 +83,8 @@ def grid(cells) -> str:
 def page(title: str, sections: list[Section], subtitle: str = "") -> str:
     nav = "".join(f'<a href="#{s.id}">{esc(s.title)}</a>' for s in sections)
     body = "".join(f'<section id="{s.id}"><h2>{esc(s.title)}</h2>{s.body}</section>' for s in sections)
-    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"
-            f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1><p class='note'>{esc(subtitle)}</p>"
-            f"<nav>{nav}</nav>{body}</body></html>")
+    return (
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"
+        f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1><p class='note'>{esc(subtitle)}</p>"
+        f"<nav>{nav}</nav>{body}</body></html>"
+    )

@@ -46,24 +46,36 @@ def profile_section(ctx) -> Section | None:
     import matplotlib.pyplot as plt
 
     s = summarize(pool, spot, parrot)
-    df = pool.load([spot, parrot], columns=["has_text", "text_area", "n_text", "boxes", "texts", "cotr", "co_emb"],
-                   how="inner")
+    df = pool.load(
+        [spot, parrot], columns=["has_text", "text_area", "n_text", "boxes", "texts", "cotr", "co_emb"], how="inner"
+    )
     ctx.cache["profile_df"] = df
-    body = [table(["measure", "value"], [
-        ["samples profiled", s.samples], ["errors (decode, OCR)", s.errors],
-        ["images with text", f"{100 * s.share_with_text:.1f}%"],
-        ["mean CoTR (all samples)", f"{s.mean_cotr:.3f}"],
-        ["mean CoTR (images with text)", f"{s.mean_cotr_text_images:.3f}"],
-        ["captions with CoTR > 0", f"{100 * s.share_parrot:.1f}%"],
-        ["fully parroted captions (CoTR = 1)", f"{100 * s.share_fully_parroted:.1f}%"],
-        ["mean text area of images with text", f"{100 * s.mean_text_area:.1f}%"],
-    ])]
+    body = [
+        table(
+            ["measure", "value"],
+            [
+                ["samples profiled", s.samples],
+                ["errors (decode, OCR)", s.errors],
+                ["images with text", f"{100 * s.share_with_text:.1f}%"],
+                ["mean CoTR (all samples)", f"{s.mean_cotr:.3f}"],
+                ["mean CoTR (images with text)", f"{s.mean_cotr_text_images:.3f}"],
+                ["captions with CoTR > 0", f"{100 * s.share_parrot:.1f}%"],
+                ["fully parroted captions (CoTR = 1)", f"{100 * s.share_fully_parroted:.1f}%"],
+                ["mean text area of images with text", f"{100 * s.mean_text_area:.1f}%"],
+            ],
+        )
+    ]
     has = df["has_text"].astype(bool).to_numpy()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
     _hist(axes[0], df["text_area"].to_numpy()[has], 30, "text area (images with text)", "share of the image")
     _hist(axes[1], df["cotr"].to_numpy(), 20, "CoTR", "caption tokens spelled in the image")
-    _hist(axes[2], df["n_text"].to_numpy(), np.arange(0, max(2, int(df["n_text"].max()) + 2)) - 0.5,
-          "text instances per image", "n_text")
+    _hist(
+        axes[2],
+        df["n_text"].to_numpy(),
+        np.arange(0, max(2, int(df["n_text"].max()) + 2)) - 0.5,
+        "text instances per image",
+        "n_text",
+    )
     figs = [fig_tag(fig, "histograms")]
     fig, ax = plt.subplots(figsize=(5, 3.6))
     ax.scatter(df["text_area"].to_numpy()[has], df["cotr"].to_numpy()[has], s=6, alpha=0.35, color="#c0392b")
@@ -88,8 +100,10 @@ def profile_section(ctx) -> Section | None:
             im, caption = samples.get(r["uid"], (None, ""))
             if im is None:
                 continue
-            cap = (f"<b>CoTR {r['cotr']:.2f}</b> {esc(caption)[:90]}"
-                   f"<br><span class='note'>read: {esc(', '.join([] if r['texts'] is None else r['texts']))[:60]}</span>")
+            cap = (
+                f"<b>CoTR {r['cotr']:.2f}</b> {esc(caption)[:90]}"
+                f"<br><span class='note'>read: {esc(', '.join([] if r['texts'] is None else r['texts']))[:60]}</span>"
+            )
             cells.append((draw_boxes(im, r["boxes"], r["texts"]), cap))
         body.append(f"<h3>{esc(name)} ({len(g)} shown)</h3>" + (grid(cells) if cells else "<p class='note'>none</p>"))
     return Section("profile", "Profile: embedded text and parrot captions", "".join(body))

@@ -16,8 +16,16 @@ from ..io.decode import encode_image
 from ..io.tar import ShardWriter
 from ..pool import atomic_write_bytes
 from ..progress import progress_bar
-from .world import (EVAL_SETS, ZEROSHOT_TEMPLATES, WorldConfig, config_digest, make_config, make_eval_sample,
-                    make_pool_sample, sample_uid)
+from .world import (
+    EVAL_SETS,
+    ZEROSHOT_TEMPLATES,
+    WorldConfig,
+    config_digest,
+    make_config,
+    make_eval_sample,
+    make_pool_sample,
+    sample_uid,
+)
 
 
 def _pool_shard(cfg: WorldConfig, seed: int, shard: int, start: int, count: int, out: str, ns: str) -> dict:
@@ -28,10 +36,22 @@ def _pool_shard(cfg: WorldConfig, seed: int, shard: int, start: int, count: int,
             img, caption, gt = make_pool_sample(cfg, rng)
             kinds[gt["kind"]] += 1
             uid = sample_uid(ns, i)
-            meta = {"uid": uid, "key": f"{i:09d}", "caption": caption, "width": cfg.image_size,
-                    "height": cfg.image_size, "synth": gt}
-            w.write(f"{i:09d}", {cfg.image_format: encode_image(img, cfg.image_format, cfg.jpeg_quality),
-                                 "txt": caption, "json": json.dumps(meta)})
+            meta = {
+                "uid": uid,
+                "key": f"{i:09d}",
+                "caption": caption,
+                "width": cfg.image_size,
+                "height": cfg.image_size,
+                "synth": gt,
+            }
+            w.write(
+                f"{i:09d}",
+                {
+                    cfg.image_format: encode_image(img, cfg.image_format, cfg.jpeg_quality),
+                    "txt": caption,
+                    "json": json.dumps(meta),
+                },
+            )
     return kinds
 
 
@@ -45,8 +65,15 @@ def _eval_set(cfg: WorldConfig, seed: int, name: str, per_class: int, out: str, 
                 rng = np.random.default_rng([seed, 2, label, j])
                 img, info = make_eval_sample(cfg, rng, label, name, attack_size)
                 key = f"s{label:03d}_{j:05d}"
-                w.write(key, {cfg.eval_format: encode_image(img, cfg.eval_format), "cls": str(label),
-                              "txt": f"a {info['class']}", "json": json.dumps(info)})
+                w.write(
+                    key,
+                    {
+                        cfg.eval_format: encode_image(img, cfg.eval_format),
+                        "cls": str(label),
+                        "txt": f"a {info['class']}",
+                        "json": json.dumps(info),
+                    },
+                )
                 n += 1
     (d / "test" / "nshards.txt").write_text("1\n")
     (d / "classnames.txt").write_text("\n".join(cfg.classes) + "\n")
@@ -54,9 +81,19 @@ def _eval_set(cfg: WorldConfig, seed: int, name: str, per_class: int, out: str, 
     return n
 
 
-def synth(out: str | os.PathLike, n: int = 10000, preset: str = "laion", seed: int = 0,
-          shard_size: int = 1000, eval_per_class: int = 50, eval_sets: tuple[str, ...] | None = EVAL_SETS,
-          workers: int = 2, attack_size: float = 0.3, progress: bool = True, **overrides) -> dict:
+def synth(
+    out: str | os.PathLike,
+    n: int = 10000,
+    preset: str = "laion",
+    seed: int = 0,
+    shard_size: int = 1000,
+    eval_per_class: int = 50,
+    eval_sets: tuple[str, ...] | None = EVAL_SETS,
+    workers: int = 2,
+    attack_size: float = 0.3,
+    progress: bool = True,
+    **overrides,
+) -> dict:
     """Generate a synthetic pool of `n` pairs in `out/shards/` and evaluation sets in `out/eval/<set>/`.
 
     Deterministic for (preset, overrides, seed). Returns statistics (also written to `out/synth.json`);
@@ -72,8 +109,16 @@ def synth(out: str | os.PathLike, n: int = 10000, preset: str = "laion", seed: i
     out = Path(out)
     digest = config_digest(cfg, seed)
     marker = out / "synth.json"
-    request = {"n": n, "seed": seed, "preset": preset, "shard_size": shard_size, "digest": digest,
-               "eval_per_class": eval_per_class, "eval_sets": list(eval_sets), "attack_size": attack_size}
+    request = {
+        "n": n,
+        "seed": seed,
+        "preset": preset,
+        "shard_size": shard_size,
+        "digest": digest,
+        "eval_per_class": eval_per_class,
+        "eval_sets": list(eval_sets),
+        "attack_size": attack_size,
+    }
     if marker.exists():
         old = json.loads(marker.read_text())
         if old.get("request") == request:
@@ -82,14 +127,18 @@ def synth(out: str | os.PathLike, n: int = 10000, preset: str = "laion", seed: i
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     ns = f"unparrot-synth:{digest}"
-    jobs = [(cfg, seed, s, s * shard_size, min(shard_size, n - s * shard_size), str(out), ns)
-            for s in range((n + shard_size - 1) // shard_size)]
+    jobs = [
+        (cfg, seed, s, s * shard_size, min(shard_size, n - s * shard_size), str(out), ns)
+        for s in range((n + shard_size - 1) // shard_size)
+    ]
     kinds = {"object": 0, "text": 0, "parrot": 0}
     bar = progress_bar(total=n, desc="synth pool", unit="img", disable=not progress)
     with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=mp.get_context("spawn")) as ex:
         futs = [ex.submit(_pool_shard, *j) for j in jobs]
-        evals = {name: ex.submit(_eval_set, cfg, seed + 1000, name, eval_per_class, str(out), attack_size)
-                 for name in eval_sets}
+        evals = {
+            name: ex.submit(_eval_set, cfg, seed + 1000, name, eval_per_class, str(out), attack_size)
+            for name in eval_sets
+        }
         for f, j in zip(futs, jobs):
             for k, v in f.result().items():
                 kinds[k] += v
@@ -97,9 +146,14 @@ def synth(out: str | os.PathLike, n: int = 10000, preset: str = "laion", seed: i
         n_eval = {name: f.result() for name, f in evals.items()}
     bar.close()
     stats = {
-        "request": request, "config": dataclasses.asdict(cfg), "samples": n, "shards": len(jobs),
-        "kinds": kinds, "share_with_text": (kinds["text"] + kinds["parrot"]) / n,
-        "eval_sets": n_eval, "seconds": round(time.time() - t0, 1),
+        "request": request,
+        "config": dataclasses.asdict(cfg),
+        "samples": n,
+        "shards": len(jobs),
+        "kinds": kinds,
+        "share_with_text": (kinds["text"] + kinds["parrot"]) / n,
+        "eval_sets": n_eval,
+        "seconds": round(time.time() - t0, 1),
     }
     stats = json.loads(json.dumps(stats, default=list))  # the same value a rerun reads back
     atomic_write_bytes(marker, json.dumps(stats, indent=1).encode())

@@ -12,9 +12,18 @@ from PIL import Image, ImageChops, ImageDraw, ImageFont
 SS = 4  # supersampling factor for anti-aliased shape edges
 
 COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (210, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 210), "yellow": (235, 205, 40),
-    "orange": (240, 130, 30), "purple": (130, 50, 170), "pink": (240, 120, 180), "white": (245, 245, 245),
-    "black": (25, 25, 25), "gray": (128, 128, 128), "brown": (120, 75, 35), "cyan": (40, 200, 210),
+    "red": (210, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 210),
+    "yellow": (235, 205, 40),
+    "orange": (240, 130, 30),
+    "purple": (130, 50, 170),
+    "pink": (240, 120, 180),
+    "white": (245, 245, 245),
+    "black": (25, 25, 25),
+    "gray": (128, 128, 128),
+    "brown": (120, 75, 35),
+    "cyan": (40, 200, 210),
 }
 
 
@@ -56,8 +65,20 @@ _POLYGONS = {
     "box": [(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)],
     "star": _star(),
     "heart": _heart(),
-    "cross": [(-0.3, -1), (0.3, -1), (0.3, -0.3), (1, -0.3), (1, 0.3), (0.3, 0.3), (0.3, 1), (-0.3, 1),
-              (-0.3, 0.3), (-1, 0.3), (-1, -0.3), (-0.3, -0.3)],
+    "cross": [
+        (-0.3, -1),
+        (0.3, -1),
+        (0.3, -0.3),
+        (1, -0.3),
+        (1, 0.3),
+        (0.3, 0.3),
+        (0.3, 1),
+        (-0.3, 1),
+        (-0.3, 0.3),
+        (-1, 0.3),
+        (-1, -0.3),
+        (-0.3, -0.3),
+    ],
     "arrow": [(-1, -0.28), (0.2, -0.28), (0.2, -0.7), (1, 0), (0.2, 0.7), (0.2, 0.28), (-1, 0.28)],
     "kite": [(0, -1), (0.65, 0), (0, 1), (-0.65, 0)],
     "bolt": [(0.15, -1), (-0.6, 0.1), (-0.05, 0.1), (-0.25, 1), (0.6, -0.2), (0.05, -0.2), (0.3, -1)],
@@ -65,8 +86,9 @@ _POLYGONS = {
 SHAPES = ("disk", "box", "star", "heart", "cross", "ring", "arrow", "moon", "kite", "bolt")
 
 
-def shape_mask(shape: str, size: int, cx: float, cy: float, radius: float, angle: float,
-               outline: int = 0) -> Image.Image:
+def shape_mask(
+    shape: str, size: int, cx: float, cy: float, radius: float, angle: float, outline: int = 0
+) -> Image.Image:
     """An anti-aliased L-mode mask of `shape` centred at (cx, cy) with half-extent `radius`, rotated by
     `angle` degrees. `outline` > 0 draws only the contour with that line width (sketch style)."""
     ss = SS if size <= 128 else 2  # big images need less supersampling for smooth edges
@@ -139,15 +161,17 @@ def background(size: int, kind: str, base: tuple, other: tuple, rng: np.random.G
     elif kind == "dots":
         p = rng.uniform(0.12, 0.25) * size
         fx, fy = (xx % p) / p - 0.5, (yy % p) / p - 0.5
-        t = (fx ** 2 + fy ** 2 < 0.08).astype(np.float32)
+        t = (fx**2 + fy**2 < 0.08).astype(np.float32)
     elif kind == "gradient":
         a = rng.uniform(0, 2 * math.pi)
         t = (xx * math.cos(a) + yy * math.sin(a)) / size
         t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
     elif kind == "noise":
         small = rng.random((max(2, size // 8), max(2, size // 8))).astype(np.float32)
-        t = np.asarray(Image.fromarray((small * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC),
-                       np.float32) / 255.0
+        t = (
+            np.asarray(Image.fromarray((small * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC), np.float32)
+            / 255.0
+        )
     elif kind == "waves":
         f = rng.uniform(2, 5) * 2 * math.pi / size
         t = 0.5 + 0.5 * np.sin(f * xx + 3 * np.sin(f * yy * 0.7))
@@ -162,14 +186,16 @@ def background(size: int, kind: str, base: tuple, other: tuple, rng: np.random.G
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
 
 
-def paint(img: Image.Image, mask: Image.Image, color: tuple, texture: str = "solid",
-          rng: np.random.Generator | None = None) -> Image.Image:
+def paint(
+    img: Image.Image, mask: Image.Image, color: tuple, texture: str = "solid", rng: np.random.Generator | None = None
+) -> Image.Image:
     """Composite `color` (optionally striped or dotted with a darker tone) through `mask`."""
     fill = Image.new("RGB", img.size, color)
     if texture != "solid":
         dark = tuple(int(c * 0.6) for c in color)
-        fill = background(img.size[0], "stripes" if texture == "striped" else "dots", color, dark,
-                          rng or np.random.default_rng(0))
+        fill = background(
+            img.size[0], "stripes" if texture == "striped" else "dots", color, dark, rng or np.random.default_rng(0)
+        )
     return Image.composite(fill, img, mask)
 
 
@@ -189,8 +215,17 @@ def fit_font_size(word: str, font: str, size: int, max_width: float, max_height:
     return size
 
 
-def draw_text(img: Image.Image, word: str, font: str, size: int, x: float, y: float, color: tuple,
-              angle: float = 0.0, plate: tuple | None = None) -> list[list[float]]:
+def draw_text(
+    img: Image.Image,
+    word: str,
+    font: str,
+    size: int,
+    x: float,
+    y: float,
+    color: tuple,
+    angle: float = 0.0,
+    plate: tuple | None = None,
+) -> list[list[float]]:
     """Draw `word` with its ink box's top-left at (x, y), rotated by `angle` degrees (counter-clockwise)
     about the box centre, optionally on a `plate` colour rectangle. Returns the ink quad (4 points,
     clockwise from the top-left of the text) in image coordinates."""
@@ -212,8 +247,10 @@ def draw_text(img: Image.Image, word: str, font: str, size: int, x: float, y: fl
     ca, sa = math.cos(a), math.sin(a)
     cx, cy = lw / 2, lh / 2
     # PIL rotates counter-clockwise on screen: (dx, dy) -> (dx cos + dy sin, -dx sin + dy cos)
-    quad = [[cx + (px - cx) * ca + (py - cy) * sa + (nw - lw) / 2, cy - (px - cx) * sa + (py - cy) * ca + (nh - lh) / 2]
-            for px, py in corners]
+    quad = [
+        [cx + (px - cx) * ca + (py - cy) * sa + (nw - lw) / 2, cy - (px - cx) * sa + (py - cy) * ca + (nh - lh) / 2]
+        for px, py in corners
+    ]
     ox = int(round(x - min(q[0] for q in quad)))
     oy = int(round(y - min(q[1] for q in quad)))
     img.paste(layer, (ox, oy), layer)

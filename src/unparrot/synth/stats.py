@@ -52,13 +52,16 @@ def truth_stats(pool: Pool | str, top: int = 10) -> dict:
 
 def format_truth_stats(s: dict) -> str:
     top = ", ".join(f"{w} ({c})" for w, c in s["top_co_emb_words"])
-    return "\n".join([
-        f"samples                              {s['samples']}  ({', '.join(f'{k}: {v}' for k, v in sorted(s['kinds'].items()))})",
-        f"images with text                     {100 * s['share_with_text']:.1f}%",
-        f"mean CoTR (all / text images)        {s['mean_cotr']:.3f} / {s['mean_cotr_text_images']:.3f}",
-        f"captions with CoTR > 0               {100 * s['share_parrot_captions']:.1f}% "
-        f"({100 * s['share_parrot_of_text_images']:.1f}% of text images)",
-        f"fully parroted captions (CoTR = 1)   {100 * s['share_fully_parroted']:.1f}%",
-        f"caption words spelled in the image   {100 * s['share_caption_words_in_image']:.1f}%",
-        f"top co-embedded words                {top}",
-    ])
+    return "\n".join(
+        [
+            f"samples                              {s['samples']}  "
+            f"({', '.join(f'{k}: {v}' for k, v in sorted(s['kinds'].items()))})",
+            f"images with text                     {100 * s['share_with_text']:.1f}%",
+            f"mean CoTR (all / text images)        {s['mean_cotr']:.3f} / {s['mean_cotr_text_images']:.3f}",
+            f"captions with CoTR > 0               {100 * s['share_parrot_captions']:.1f}% "
+            f"({100 * s['share_parrot_of_text_images']:.1f}% of text images)",
+            f"fully parroted captions (CoTR = 1)   {100 * s['share_fully_parroted']:.1f}%",
+            f"caption words spelled in the image   {100 * s['share_caption_words_in_image']:.1f}%",
+            f"top co-embedded words                {top}",
+        ]
+    )

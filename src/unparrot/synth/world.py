@@ -29,13 +29,28 @@ SHIFT_BACKGROUNDS = ("noise", "waves", "bricks")  # never used in the training p
 FONTS = ("DejaVuSans-Bold.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSans.ttf", "DejaVuSansMono-Bold.ttf")
 
 OBJECT_TEMPLATES = (
-    "a {color} {cls}", "a photo of a {color} {cls}", "{color} {cls} on a {bg} background",
-    "a {size} {color} {cls}", "a {tex} {color} {cls}", "{cls}", "the {cls} icon", "a {cls} drawn in {color}",
-    "{color} {cls} clip art", "a simple {cls} shape", "a {cls} on a {bg} background", "{size} {cls}",
+    "a {color} {cls}",
+    "a photo of a {color} {cls}",
+    "{color} {cls} on a {bg} background",
+    "a {size} {color} {cls}",
+    "a {tex} {color} {cls}",
+    "{cls}",
+    "the {cls} icon",
+    "a {cls} drawn in {color}",
+    "{color} {cls} clip art",
+    "a simple {cls} shape",
+    "a {cls} on a {bg} background",
+    "{size} {cls}",
 )
 PARROT_TEMPLATES = (  # object images whose caption spells the written text
-    "{text}", "{text} {cls}", "a {color} {cls} with the word {text}", "{text} - {color} {cls}",
-    "{cls} sign that says {text}", "{text} {color} {cls} logo", "{text}", "{text} sticker",
+    "{text}",
+    "{text} {cls}",
+    "a {color} {cls} with the word {text}",
+    "{text} - {color} {cls}",
+    "{cls} sign that says {text}",
+    "{text} {color} {cls} logo",
+    "{text}",
+    "{text} sticker",
 )
 PURE_TEMPLATES = ("{text}", "{text}", "{text}", "{text} logo", "{text} sign", "the word {text}")
 ZEROSHOT_TEMPLATES = ("a {c}", "a photo of a {c}", "{c}", "a {c} shape", "the {c} icon", "{c} clip art")
@@ -55,22 +70,22 @@ class WorldConfig:
     classes: tuple[str, ...] = SHAPES
     # objects
     object_scale: tuple[float, float] = (0.18, 0.40)  # shape half-extent / image side
-    rotation: float = 30.0                            # max |angle| of shapes, degrees
-    plain_background: float = 0.4                     # share of plain backgrounds
+    rotation: float = 30.0  # max |angle| of shapes, degrees
+    plain_background: float = 0.4  # share of plain backgrounds
     pattern_contrast: tuple[float, float] = (0.1, 0.5)
-    textured_objects: float = 0.2                     # share of striped / dotted fills
+    textured_objects: float = 0.2  # share of striped / dotted fills
     # text
-    p_text: float = 0.4             # object images that also carry text
-    p_pure_parrot: float = 0.1      # images with only text on a background, captioned by that text
+    p_text: float = 0.4  # object images that also carry text
+    p_pure_parrot: float = 0.1  # images with only text on a background, captioned by that text
     p_caption_parrots: float = 0.9  # of text-bearing object images, captions that spell the text
-    p_class_word: float = 0.2       # written words that are class names (the typographic-attack lever)
+    p_class_word: float = 0.2  # written words that are class names (the typographic-attack lever)
     words_per_image: tuple[int, int] = (1, 3)
-    vocab_size: int = 0             # 0 = the whole word list; else its first N words (plus class names)
+    vocab_size: int = 0  # 0 = the whole word list; else its first N words (plus class names)
     max_word_len: int = 8
     font_scale: tuple[float, float] = (0.06, 0.30)  # font size / image side, before fitting
-    max_text_width: float = 0.92                    # text is shrunk to fit this share of the width
+    max_text_width: float = 0.92  # text is shrunk to fit this share of the width
     text_rotation: float = 15.0
-    p_sign: float = 0.3             # text on a plate (sign, label)
+    p_sign: float = 0.3  # text on a plate (sign, label)
     fonts: tuple[str, ...] = FONTS[:2]
     # encoding
     image_format: str = "jpg"
@@ -83,8 +98,16 @@ class WorldConfig:
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"synth: {name} must be in [0, 1], got {v}")
 
-        for n in ("plain_background", "textured_objects", "p_text", "p_pure_parrot", "p_caption_parrots",
-                  "p_class_word", "p_sign", "max_text_width"):
+        for n in (
+            "plain_background",
+            "textured_objects",
+            "p_text",
+            "p_pure_parrot",
+            "p_caption_parrots",
+            "p_class_word",
+            "p_sign",
+            "max_text_width",
+        ):
             frac(n)
         if self.p_text + self.p_pure_parrot > 1:
             raise ValueError("synth: p_text + p_pure_parrot must be <= 1")
@@ -114,10 +137,22 @@ class WorldConfig:
 PRESETS: dict[str, dict] = {
     "laion": {},
     "learnable": dict(
-        image_size=64, object_scale=(0.24, 0.40), rotation=20.0, plain_background=0.4,
-        pattern_contrast=(0.08, 0.25), textured_objects=0.0, p_text=0.25, p_pure_parrot=0.25,
-        p_caption_parrots=0.9, p_class_word=0.5, words_per_image=(1, 1), vocab_size=120, max_word_len=5,
-        font_scale=(0.35, 0.60), text_rotation=0.0, p_sign=0.2,
+        image_size=64,
+        object_scale=(0.24, 0.40),
+        rotation=20.0,
+        plain_background=0.4,
+        pattern_contrast=(0.08, 0.25),
+        textured_objects=0.0,
+        p_text=0.25,
+        p_pure_parrot=0.25,
+        p_caption_parrots=0.9,
+        p_class_word=0.5,
+        words_per_image=(1, 1),
+        vocab_size=120,
+        max_word_len=5,
+        font_scale=(0.35, 0.60),
+        text_rotation=0.0,
+        p_sign=0.2,
     ),
 }
 
@@ -141,7 +176,7 @@ def make_config(preset: str = "laion", **overrides) -> WorldConfig:
 class Scene:
     """What a sample shows; rendering it is deterministic, so evaluation variants share one scene."""
 
-    kind: str                       # "object", "text" (object + text) or "parrot" (text only)
+    kind: str  # "object", "text" (object + text) or "parrot" (text only)
     label: int = -1
     color: str = ""
     bg_kind: str = "plain"
@@ -161,8 +196,13 @@ def _mix(c, target, t):
     return tuple(int(round(a * (1 - t) + b * t)) for a, b in zip(c, target))
 
 
-def sample_scene(cfg: WorldConfig, rng: np.random.Generator, kind: str, label: int = -1,
-                 backgrounds: tuple[str, ...] = TRAIN_BACKGROUNDS) -> Scene:
+def sample_scene(
+    cfg: WorldConfig,
+    rng: np.random.Generator,
+    kind: str,
+    label: int = -1,
+    backgrounds: tuple[str, ...] = TRAIN_BACKGROUNDS,
+) -> Scene:
     S = cfg.image_size
     bg_color = str(rng.choice(list(COLORS)))
     base = COLORS[bg_color]
@@ -172,8 +212,15 @@ def sample_scene(cfg: WorldConfig, rng: np.random.Generator, kind: str, label: i
         bg_kind = str(rng.choice([b for b in backgrounds if b != "plain"] or ["plain"]))
     t = rng.uniform(*cfg.pattern_contrast)
     other = _mix(base, (255, 255, 255) if render.luminance(base) < 128 else (0, 0, 0), t)
-    sc = Scene(kind=kind, label=label, bg_kind=bg_kind, bg_color=bg_color, bg_base=base, bg_other=other,
-               seed=int(rng.integers(2**31)))
+    sc = Scene(
+        kind=kind,
+        label=label,
+        bg_kind=bg_kind,
+        bg_color=bg_color,
+        bg_base=base,
+        bg_other=other,
+        seed=int(rng.integers(2**31)),
+    )
     if kind != "parrot":
         choices = [c for c in COLORS if _color_dist(COLORS[c], base) > 120]
         sc.color = str(rng.choice(choices))
@@ -189,15 +236,27 @@ def _color_dist(a, b):
     return math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b)))
 
 
-def place_text(cfg: WorldConfig, sc: Scene, rng: np.random.Generator, word: str, avoid: list | None = None,
-               size_frac: float | None = None, at: tuple[float, float] | None = None,
-               color: tuple | None = None, angle: float | None = None, plate: bool | None = None) -> dict:
+def place_text(
+    cfg: WorldConfig,
+    sc: Scene,
+    rng: np.random.Generator,
+    word: str,
+    avoid: list | None = None,
+    size_frac: float | None = None,
+    at: tuple[float, float] | None = None,
+    color: tuple | None = None,
+    angle: float | None = None,
+    plate: bool | None = None,
+) -> dict:
     """Choose font, size, position, colour and rotation for `word` so it fits in the image."""
     S = cfg.image_size
     font = str(rng.choice(cfg.fonts))
     frac = size_frac if size_frac is not None else rng.uniform(*cfg.font_scale)
-    ang = angle if angle is not None else (rng.uniform(-cfg.text_rotation, cfg.text_rotation)
-                                          if cfg.text_rotation else 0.0)
+    ang = (
+        angle
+        if angle is not None
+        else (rng.uniform(-cfg.text_rotation, cfg.text_rotation) if cfg.text_rotation else 0.0)
+    )
     size = render.fit_font_size(word, font, max(6, int(frac * S)), cfg.max_text_width * S, 0.9 * S)
     while size > 6:
         w, h = render.rotated_extent(word, font, size, ang)
@@ -219,8 +278,16 @@ def place_text(cfg: WorldConfig, sc: Scene, rng: np.random.Generator, word: str,
     if color is None:
         ok = [c for c in COLORS if abs(render.luminance(COLORS[c]) - render.luminance(under)) > 90]
         color = COLORS[str(rng.choice(ok))]
-    return {"text": word, "font": font, "size": int(size), "x": float(x), "y": float(y), "angle": float(ang),
-            "color": tuple(color), "plate": plate_rgb}
+    return {
+        "text": word,
+        "font": font,
+        "size": int(size),
+        "x": float(x),
+        "y": float(y),
+        "angle": float(ang),
+        "color": tuple(color),
+        "plate": plate_rgb,
+    }
 
 
 def _text_box(spec: dict) -> tuple[float, float, float, float]:
@@ -253,10 +320,12 @@ def render_scene(cfg: WorldConfig, sc: Scene, outline: bool = False, invert: boo
             img = render.paint(img, mask, COLORS[sc.color], sc.texture, rng)
     truth = []
     for t in sc.texts:
-        quad = render.draw_text(img, t["text"], t["font"], t["size"], t["x"], t["y"], t["color"], t["angle"],
-                                t["plate"])
-        truth.append({"text": t["text"], "quad": quad, "height": _quad_height(quad), "angle": t["angle"],
-                      "font": t["font"]})
+        quad = render.draw_text(
+            img, t["text"], t["font"], t["size"], t["x"], t["y"], t["color"], t["angle"], t["plate"]
+        )
+        truth.append(
+            {"text": t["text"], "quad": quad, "height": _quad_height(quad), "angle": t["angle"], "font": t["font"]}
+        )
     if invert:
         img = ImageOps.invert(img)
     return img, truth
@@ -297,9 +366,13 @@ def make_pool_sample(cfg: WorldConfig, rng: np.random.Generator) -> tuple[Image.
             sc.texts = [spec]
     img, truth = render_scene(cfg, sc)
     written = [t["text"] for t in truth]
-    attrs = {"cls": cfg.classes[label] if label >= 0 else "", "color": sc.color, "bg": sc.bg_color,
-             "size": "big" if sc.radius > 0.3 * cfg.image_size else "small",
-             "tex": {"solid": "plain", "striped": "striped", "dotted": "dotted"}[sc.texture]}
+    attrs = {
+        "cls": cfg.classes[label] if label >= 0 else "",
+        "color": sc.color,
+        "bg": sc.bg_color,
+        "size": "big" if sc.radius > 0.3 * cfg.image_size else "small",
+        "tex": {"solid": "plain", "striped": "striped", "dotted": "dotted"}[sc.texture],
+    }
     parroted: list[str] = []
     if kind == "parrot":
         k = int(rng.integers(1, len(written) + 1))
@@ -311,8 +384,15 @@ def make_pool_sample(cfg: WorldConfig, rng: np.random.Generator) -> tuple[Image.
         caption = str(rng.choice(PARROT_TEMPLATES)).format(text=" ".join(parroted), **attrs)
     else:
         caption = str(rng.choice(OBJECT_TEMPLATES)).format(**attrs)
-    gt = {"kind": kind, "label": label, "class": attrs["cls"] or None, "color": sc.color or None,
-          "background": sc.bg_kind, "texts": truth, "parroted": parroted}
+    gt = {
+        "kind": kind,
+        "label": label,
+        "class": attrs["cls"] or None,
+        "color": sc.color or None,
+        "background": sc.bg_kind,
+        "texts": truth,
+        "parroted": parroted,
+    }
     return img, caption, gt
 
 
@@ -323,12 +403,14 @@ EVAL_SETS = ("clean", "attack", "attack-control", "shift-background", "shift-ske
 def attack_word_spec(cfg: WorldConfig, sc: Scene, word: str, rng, size_frac: float = 0.3) -> dict:
     """The ImageNet-Attr style attack: `word` in red, fixed place near the top-left, size ~ the image."""
     S = cfg.image_size
-    return place_text(cfg, sc, rng, word, size_frac=size_frac, at=(0.04 * S, 0.04 * S),
-                      color=(220, 20, 20), angle=0.0, plate=False)
+    return place_text(
+        cfg, sc, rng, word, size_frac=size_frac, at=(0.04 * S, 0.04 * S), color=(220, 20, 20), angle=0.0, plate=False
+    )
 
 
-def make_eval_sample(cfg: WorldConfig, rng: np.random.Generator, label: int, variant: str,
-                     attack_size: float = 0.3) -> tuple[Image.Image, dict]:
+def make_eval_sample(
+    cfg: WorldConfig, rng: np.random.Generator, label: int, variant: str, attack_size: float = 0.3
+) -> tuple[Image.Image, dict]:
     """An evaluation image of class `label`; every variant of one rng state shows the same scene."""
     words = cfg.words()
     bgs = SHIFT_BACKGROUNDS if variant == "shift-background" else TRAIN_BACKGROUNDS

@@ -40,7 +40,9 @@ def resolve_shards(spec: str | Sequence[str]) -> list[str]:
     specs = [spec] if isinstance(spec, str) else list(spec)
     out = []
     for s in specs:
-        if os.path.isdir(s) and (os.path.isdir(os.path.join(s, "shards")) or os.path.exists(os.path.join(s, "pool.yaml"))):
+        if os.path.isdir(s) and (
+            os.path.isdir(os.path.join(s, "shards")) or os.path.exists(os.path.join(s, "pool.yaml"))
+        ):
             out.extend(sh.path for sh in Pool(s).shards())
         else:
             out.extend(p for p, _ in _list_source(s))
@@ -107,9 +109,9 @@ class SampleMaker:
     image_size: int
     tokenizer: object
     seed: int = 0
-    rrc_scale: tuple | None = (0.5, 1.0)   # None: resize + centre crop (no augmentation)
+    rrc_scale: tuple | None = (0.5, 1.0)  # None: resize + centre crop (no augmentation)
     use_rewrites: bool = False
-    original_weight: float = 1.0           # relative weight of the original caption among the rewrites
+    original_weight: float = 1.0  # relative weight of the original caption among the rewrites
     mask_text_prob: float = 0.0
     caption_key: str = "txt"
 
@@ -147,7 +149,9 @@ class SampleMaker:
             top, left, ch, cw = crop_params(rng, im.width, im.height, tuple(self.rrc_scale))
             im = im.crop((left, top, left + cw, top + ch)).resize((self.image_size, self.image_size), Image.BICUBIC)
         else:
-            im = F.center_crop(F.resize(im, self.image_size, interpolation=F.InterpolationMode.BICUBIC), self.image_size)
+            im = F.center_crop(
+                F.resize(im, self.image_size, interpolation=F.InterpolationMode.BICUBIC), self.image_size
+            )
         x = F.normalize(F.to_tensor(im), MEAN, STD)
         text = self.caption(row, rng)
         tok = self.tokenizer([text])[0]
@@ -157,8 +161,19 @@ class SampleMaker:
 class TrainStream(tud.IterableDataset):
     """An IterableDataset of per-process batches for steps [start_step, steps). See the module docstring."""
 
-    def __init__(self, shards, maker: SampleMaker, global_batch: int, steps: int, start_step: int = 0,
-                 rank: int = 0, world: int = 1, seed: int = 0, shuffle_buffer: int = 1000, order: str = "global"):
+    def __init__(
+        self,
+        shards,
+        maker: SampleMaker,
+        global_batch: int,
+        steps: int,
+        start_step: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        order: str = "global",
+    ):
         if global_batch % world:
             raise ValueError(f"the global batch ({global_batch}) must divide by the number of processes ({world})")
         if order not in ("global", "sharded"):
@@ -179,12 +194,15 @@ class TrainStream(tud.IterableDataset):
         local = self.B // self.world
         lo = self.rank * local
         owned = [s for s in range(0, self.steps) if s % K == k]
+        lane = self.rank * K + k
         if self.order == "global":  # one stream for the run; position = global sample index
-            stream, base = raw_stream(self.shards, self.seed, 0, self.buffer), (lambda s: s * self.B + lo)
+            stream = raw_stream(self.shards, self.seed, 0, self.buffer)
         else:  # one stream per (process, worker); position = index within that stream
-            lane = self.rank * K + k
             stream = raw_stream(self.shards, self.seed, 1000 + lane, self.buffer)
-            base = (lambda s: (s // K) * local)
+
+        def base(s: int) -> int:
+            return s * self.B + lo if self.order == "global" else (s // K) * local
+
         pos = 0
         for s in owned:
             if s < self.start:

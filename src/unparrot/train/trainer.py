@@ -23,44 +23,42 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 
 @dataclass
 class TrainConfig:
     """Everything that defines a run; validated before any work (`validate`)."""
 
-    train_data: str | list = ""                 # pool/reshard folder, folder of tars, glob or {a..b} pattern
-    out: str = "runs/run"                       # run folder: checkpoints/, metrics.jsonl, tensorboard/
+    train_data: str | list = ""  # pool/reshard folder, folder of tars, glob or {a..b} pattern
+    out: str = "runs/run"  # run folder: checkpoints/, metrics.jsonl, tensorboard/
     model: str = "unparrot-rn-tiny-v1k"
     pretrained: str | None = None
-    samples: int = 115_200                      # samples seen in the whole run
-    batch_size: int = 64                        # global batch (all processes)
+    samples: int = 115_200  # samples seen in the whole run
+    batch_size: int = 64  # global batch (all processes)
     lr: float = 1e-3
     weight_decay: float = 0.1
-    warmup: float = 0.05                        # < 1: share of the steps; >= 1: steps
+    warmup: float = 0.05  # < 1: share of the steps; >= 1: steps
     betas: tuple = (0.9, 0.98)
     eps: float = 1e-6
     grad_clip: float | None = 1.0
-    accum: int = 1                              # gradient accumulation micro-steps per optimizer step
-    init_logit_scale: float | None = None       # e.g. 33.3 (temperature 0.03); None keeps open_clip's 1/0.07
+    accum: int = 1  # gradient accumulation micro-steps per optimizer step
+    init_logit_scale: float | None = None  # e.g. 33.3 (temperature 0.03); None keeps open_clip's 1/0.07
     seed: int = 0
-    workers: int = 1                            # data loader processes per training process
+    workers: int = 1  # data loader processes per training process
     shuffle_buffer: int = 1000
-    data_order: str = "global"                  # global (layout-independent) or sharded (scalable)
-    rrc_scale: tuple | None = (0.5, 1.0)        # RandomResizedCrop scale (LaCLIP); None: no augmentation
-    rewrites: bool = False                      # LaCLIP: sample among the caption and its rewrites
-    original_weight: float = 1.0                # weight of the original caption among the rewrites
-    mask_text_prob: float = 0.0                 # probability of filling the text boxes (needs "boxes" in .json)
+    data_order: str = "global"  # global (layout-independent) or sharded (scalable)
+    rrc_scale: tuple | None = (0.5, 1.0)  # RandomResizedCrop scale (LaCLIP); None: no augmentation
+    rewrites: bool = False  # LaCLIP: sample among the caption and its rewrites
+    original_weight: float = 1.0  # weight of the original caption among the rewrites
+    mask_text_prob: float = 0.0  # probability of filling the text boxes (needs "boxes" in .json)
     vocab_texts: list = field(default_factory=list)  # extra texts/files for a dense vocabulary (eval prompts)
-    precision: str = "auto"                     # auto (fp32 on CPU, amp bf16 on GPU), fp32, bf16, amp
+    precision: str = "auto"  # auto (fp32 on CPU, amp bf16 on GPU), fp32, bf16, amp
     device: str = "auto"
-    threads: int | None = None                  # torch threads per process (default: cores / processes)
-    checkpoint_every: int = 0                   # steps; 0: only at the end
+    threads: int | None = None  # torch threads per process (default: cores / processes)
+    checkpoint_every: int = 0  # steps; 0: only at the end
     keep_checkpoints: int = 2
     log_every: int = 10
-    stop_at_step: int | None = None             # stop early (schedule unchanged): budgets, preemption tests
-    resume: str | None = None                   # a checkpoint path, or "latest"
+    stop_at_step: int | None = None  # stop early (schedule unchanged): budgets, preemption tests
+    resume: str | None = None  # a checkpoint path, or "latest"
     sync_bn: bool = False
     progress: bool = True
 
@@ -109,23 +107,32 @@ OPTION_HELP = {
     "pretrained": "initial weights: checkpoint file or open_clip tag",
     "samples": "samples seen in the whole run (steps = samples // batch_size)",
     "batch_size": "global batch over all processes",
-    "lr": "peak learning rate (AdamW)", "weight_decay": "AdamW weight decay (not on biases, norms, embeddings, logit scale)",
-    "warmup": "warmup: a share of the steps (< 1) or a number of steps", "betas": "AdamW betas", "eps": "AdamW eps",
-    "grad_clip": "gradient norm clipping (empty: off)", "accum": "gradient accumulation micro-batches per step (exact for the contrastive loss)",
+    "lr": "peak learning rate (AdamW)",
+    "weight_decay": "AdamW weight decay (not on biases, norms, embeddings, logit scale)",
+    "warmup": "warmup: a share of the steps (< 1) or a number of steps",
+    "betas": "AdamW betas",
+    "eps": "AdamW eps",
+    "grad_clip": "gradient norm clipping (empty: off)",
+    "accum": "gradient accumulation micro-batches per step (exact for the contrastive loss)",
     "init_logit_scale": "initial logit scale, e.g. 33.3 (temperature 0.03); default open_clip's 1/0.07",
-    "seed": "seed of the model init and the data order", "workers": "data loader processes per training process",
-    "shuffle_buffer": "samples in the shuffle buffer", "data_order": "global (same batches for any process layout) or sharded (scalable)",
+    "seed": "seed of the model init and the data order",
+    "workers": "data loader processes per training process",
+    "shuffle_buffer": "samples in the shuffle buffer",
+    "data_order": "global (same batches for any process layout) or sharded (scalable)",
     "rrc_scale": "RandomResizedCrop scale range (LaCLIP: [0.5, 1.0]); null: no augmentation",
     "rewrites": "LaCLIP: sample the caption among the original and its rewrites (.json 'rewrites')",
     "original_weight": "relative weight of the original caption among the rewrites",
     "mask_text_prob": "probability of filling the text boxes (.json 'boxes', from reshard --columns boxes)",
     "vocab_texts": "extra texts or text files for a dense vocabulary (-v1k models): evaluation prompts, class names",
-    "precision": "auto (fp32 on CPU, bf16 autocast on GPU), fp32, bf16, amp", "device": "auto, cpu, cuda",
+    "precision": "auto (fp32 on CPU, bf16 autocast on GPU), fp32, bf16, amp",
+    "device": "auto, cpu, cuda",
     "threads": "torch threads per process (default cores / processes)",
-    "checkpoint_every": "save every N steps (0: only at the end)", "keep_checkpoints": "step checkpoints kept",
+    "checkpoint_every": "save every N steps (0: only at the end)",
+    "keep_checkpoints": "step checkpoints kept",
     "log_every": "progress/TensorBoard interval in steps (metrics.jsonl has every step)",
     "stop_at_step": "stop at this step with the schedule of the full run",
-    "resume": "checkpoint path or 'latest' (exact continuation)", "sync_bn": "SyncBatchNorm across GPUs",
+    "resume": "checkpoint path or 'latest' (exact continuation)",
+    "sync_bn": "SyncBatchNorm across GPUs",
 }
 
 
@@ -142,8 +149,9 @@ def param_groups(model, weight_decay: float):
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = (p.ndim < 2 or "bn" in n or "ln" in n or "norm" in n or "bias" in n or "logit_scale" in n
-                or "embedding" in n)
+        skip = (
+            p.ndim < 2 or "bn" in n or "ln" in n or "norm" in n or "bias" in n or "logit_scale" in n or "embedding" in n
+        )
         (no_decay if skip else decay).append(p)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
@@ -248,20 +256,36 @@ def train(cfg: TrainConfig | dict) -> dict:
     warmup = int(cfg.warmup * steps) if cfg.warmup < 1 else int(cfg.warmup)
     stop = min(steps, cfg.stop_at_step) if cfg.stop_at_step else steps
     precision = cfg.precision if cfg.precision != "auto" else ("amp" if device.startswith("cuda") else "fp32")
-    autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if precision in ("amp", "bf16")
-                and device.startswith("cuda") else torch.autocast(device_type="cpu", dtype=torch.bfloat16)
-                if precision == "bf16" else None)
+    autocast = (
+        torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        if precision in ("amp", "bf16") and device.startswith("cuda")
+        else torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+        if precision == "bf16"
+        else None
+    )
 
-    maker = SampleMaker(clip.image_size, clip.tokenizer, seed=cfg.seed, rrc_scale=cfg.rrc_scale,
-                        use_rewrites=cfg.rewrites, original_weight=cfg.original_weight,
-                        mask_text_prob=cfg.mask_text_prob)
-    stream = TrainStream(shards, maker, cfg.batch_size, stop, start_step, rank, world, cfg.seed, cfg.shuffle_buffer,
-                         cfg.data_order)
+    maker = SampleMaker(
+        clip.image_size,
+        clip.tokenizer,
+        seed=cfg.seed,
+        rrc_scale=cfg.rrc_scale,
+        use_rewrites=cfg.rewrites,
+        original_weight=cfg.original_weight,
+        mask_text_prob=cfg.mask_text_prob,
+    )
+    stream = TrainStream(
+        shards, maker, cfg.batch_size, stop, start_step, rank, world, cfg.seed, cfg.shuffle_buffer, cfg.data_order
+    )
     import torch.utils.data as tud
 
-    loader = tud.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
-                            persistent_workers=False, prefetch_factor=4 if cfg.workers else None,
-                            multiprocessing_context="spawn" if cfg.workers else None)
+    loader = tud.DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=cfg.workers,
+        persistent_workers=False,
+        prefetch_factor=4 if cfg.workers else None,
+        multiprocessing_context="spawn" if cfg.workers else None,
+    )
 
     is_main = rank == 0
     writer = None
@@ -276,8 +300,9 @@ def train(cfg: TrainConfig | dict) -> dict:
             writer = None
     from ..progress import progress_bar
 
-    bar = progress_bar(total=stop, initial=start_step, desc=f"train {out.name}", unit="step",
-                       disable=not (is_main and cfg.progress))
+    bar = progress_bar(
+        total=stop, initial=start_step, desc=f"train {out.name}", unit="step", disable=not (is_main and cfg.progress)
+    )
     metrics_path = out / "metrics.jsonl"
     if is_main and metrics_path.exists():  # a resumed run rewrites what came after its checkpoint
         kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step]
@@ -314,11 +339,18 @@ def train(cfg: TrainConfig | dict) -> dict:
         step_total += t_done - t_prev
         t_prev = t_done
         done = step + 1
-        last = {"step": done, "loss": total, "lr": lr, "logit_scale": float(model.logit_scale.detach().exp()),
-                "step_seconds": t_done - (t_got - wait), "wait_seconds": wait,
-                "samples_seen": done * cfg.batch_size, "data_wait": wait_total / max(step_total, 1e-9),
-                "samples_per_s": (done - start_step) * cfg.batch_size / max(t_done - t_start, 1e-9),
-                "skipped_samples": stream.skipped}
+        last = {
+            "step": done,
+            "loss": total,
+            "lr": lr,
+            "logit_scale": float(model.logit_scale.detach().exp()),
+            "step_seconds": t_done - (t_got - wait),
+            "wait_seconds": wait,
+            "samples_seen": done * cfg.batch_size,
+            "data_wait": wait_total / max(step_total, 1e-9),
+            "samples_per_s": (done - start_step) * cfg.batch_size / max(t_done - t_start, 1e-9),
+            "skipped_samples": stream.skipped,
+        }
         if is_main:
             bar.update(1)
             if done % cfg.log_every == 0 or done == stop:
@@ -342,8 +374,15 @@ def train(cfg: TrainConfig | dict) -> dict:
         import torch.distributed as dist
 
         dist.barrier()
-    summary = {**last, "steps": stop, "planned_steps": steps, "checkpoint": str(path) if path else None,
-               "seconds": time.perf_counter() - t_start, "world_size": world, "model": cfg.model}
+    summary = {
+        **last,
+        "steps": stop,
+        "planned_steps": steps,
+        "checkpoint": str(path) if path else None,
+        "seconds": time.perf_counter() - t_start,
+        "world_size": world,
+        "model": cfg.model,
+    }
     if is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -367,15 +406,15 @@ def _accumulated(ddp_model, model, loss_fn, images, texts, micro, autocast) -> f
 
     ctx = autocast or contextlib.nullcontext()
     with torch.no_grad(), ctx:
-        feats = [ddp_model(images[i:i + micro], texts[i:i + micro])[:2] for i in range(0, len(images), micro)]
+        feats = [ddp_model(images[i : i + micro], texts[i : i + micro])[:2] for i in range(0, len(images), micro)]
     all_i = torch.cat([f[0].float() for f in feats])
     all_t = torch.cat([f[1].float() for f in feats])
     total = None
-    for c, i in enumerate(range(0, len(images), micro)):
+    for i in range(0, len(images), micro):
         with ctx:
-            fi, ft, scale = ddp_model(images[i:i + micro], texts[i:i + micro])[:3]
-        ai = torch.cat([all_i[:i], fi.float(), all_i[i + micro:]])
-        at = torch.cat([all_t[:i], ft.float(), all_t[i + micro:]])
+            fi, ft, scale = ddp_model(images[i : i + micro], texts[i : i + micro])[:3]
+        ai = torch.cat([all_i[:i], fi.float(), all_i[i + micro :]])
+        at = torch.cat([all_t[:i], ft.float(), all_t[i + micro :]])
         loss = loss_fn(ai, at, scale.float())
         loss.backward()
         total = float(loss.detach())
@@ -386,9 +425,15 @@ def save_checkpoint(out: Path, model, opt, cfg: TrainConfig, step: int, vocab, f
     """open_clip's checkpoint dict (+ unparrot's fields), written atomically; keeps the newest few."""
     import torch
 
-    ck = {"name": cfg.model, "epoch": step, "step": step, "samples_seen": step * cfg.batch_size,
-          "state_dict": model.state_dict(), "optimizer": opt.state_dict(),
-          "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))}
+    ck = {
+        "name": cfg.model,
+        "epoch": step,
+        "step": step,
+        "samples_seen": step * cfg.batch_size,
+        "state_dict": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
+    }
     if vocab is not None:
         ck["unparrot_vocab"] = list(vocab)
     d = out / "checkpoints"
@@ -403,6 +448,6 @@ def save_checkpoint(out: Path, model, opt, cfg: TrainConfig, step: int, vocab, f
     os.link(path, latest_tmp)
     os.replace(latest_tmp, d / "latest.pt")
     olds = sorted(d.glob("step_*.pt"))
-    for p in olds[:-cfg.keep_checkpoints] if cfg.keep_checkpoints else []:
+    for p in olds[: -cfg.keep_checkpoints] if cfg.keep_checkpoints else []:
         p.unlink()
     return path
