@@ -144,6 +144,7 @@ def _stage_cmd(op):
                 op,
                 params,
                 stage=a.stage,
+                engine=a.engine,
                 workers=a.workers,
                 batch_size=a.batch_size,
                 overwrite=a.overwrite,
@@ -208,6 +209,7 @@ def cmd_embed(a):
             "embed",
             params,
             stage=a.stage,
+            engine=a.engine,
             workers=a.workers,
             batch_size=a.batch_size,
             overwrite=a.overwrite,
@@ -225,6 +227,7 @@ def cmd_aesthetic(a):
             "aesthetic",
             {"weights": a.weights, "embed_stage": a.embed_stage},
             stage=a.stage,
+            engine=a.engine,
             workers=a.workers,
             batch_size=1024,
             overwrite=a.overwrite,
@@ -415,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     def common(sp, workers=2):
-        sp.add_argument("--workers", type=int, default=workers, help="worker processes")
+        sp.add_argument("--workers", type=int, default=workers, help="worker processes (Ray: operator actors)")
+        sp.add_argument("--engine", default="local", help="local (worker processes) or ray (Ray Data)")
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sp = add(
@@ -464,7 +468,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("op", help="operator name (inspect, spot, parrot, embed, aesthetic) or module:Class")
     sp.add_argument("--param", action="append", metavar="KEY=VALUE", help="operator parameter")
     sp.add_argument("--stage", help="output stage name (default: the operator name)")
-    sp.add_argument("--engine", default="local", help="local or ray")
     sp.add_argument("--batch-size", type=int, default=64)
     sp.add_argument("--overwrite", action="store_true", help="recompute a stage made with other parameters")
     common(sp)

@@ -1,10 +1,17 @@
-"""Engines run per-sample operators over a pool. `local` (default) uses worker processes on this machine."""
+"""Engines run per-sample operators over a pool: `local` (default, worker processes on this machine) and
+`ray` (Ray Data actors, for clusters)."""
 
 from __future__ import annotations
 
 from .local import StageConflict, StageSummary, run_stage
 
-ENGINES = {"local": run_stage}
+def _ray(*a, **kw):
+    from .ray import run_stage_ray
+
+    return run_stage_ray(*a, **kw)
+
+
+ENGINES = {"local": run_stage, "ray": _ray}
 
 
 def run(pool, op: str, params: dict | None = None, *, engine: str = "local", **kw) -> StageSummary:

@@ -91,29 +91,50 @@ def read_inputs(pool: Pool, stage: str, shard: str, cols) -> dict:
     return out
 
 
+def shard_rows(pool: Pool, shard: Shard, needs, input_spec: dict) -> Iterator[tuple]:
+    """Every sample of a shard as (row, reason, problem): `row` is the parsed sample with the columns of the
+    input stages merged in; `reason` says why it cannot be processed (None when it can); `problem` is set
+    for a tar broken between samples (row None) or inside this sample. Both engines use it."""
+    inputs = {st: read_inputs(pool, st, shard.id, cols) for st, cols in input_spec.items()}
+    index = {st: {u: i for i, u in enumerate(cols["uid"])} for st, cols in inputs.items()}
+    seen: dict[str, str] = {}
+    for item in iter_samples(shard.path):
+        if isinstance(item, ShardProblem):
+            yield None, item.reason, item
+            continue
+        row = parse_sample(item, shard.id)
+        probs = row["problems"]
+        reason = probs.get("sample") or next((probs[f] for f in needs if f in probs), None)
+        if reason is None and row["uid"] in seen:
+            reason = f"duplicate uid {row['uid']} (first at key {seen[row['uid']]} of this shard)"
+        missing = [st for st in inputs if row["uid"] not in index[st]]
+        if reason is None and missing:
+            reason = f"no {missing[0]!r} output for this sample (see errors/{missing[0]})"
+        if reason is None:
+            seen[row["uid"]] = row["key"]
+            for st, cols in inputs.items():
+                i = index[st][row["uid"]]
+                row.update({c: v[i] for c, v in cols.items() if c != "uid"})
+        yield row, reason, item if item.broke_shard else None
+
+
 def process_shard(
     pool: Pool, shard: Shard, op, stage: str, batch_size: int = 64, on_progress: Callable[[int], None] | None = None
 ) -> ShardResult:
     """Run `op` over one shard and write its columns and errors. Returns the shard's counts."""
     res = ShardResult(shard.id)
-    inputs = {st: read_inputs(pool, st, shard.id, cols) for st, cols in op.inputs.items()}
-    input_index = {st: {u: i for i, u in enumerate(cols["uid"])} for st, cols in inputs.items()}
+    input_cols = [c for cols in op.inputs.values() for c in cols if c != "uid"]
     errors: list[dict] = []
     out_cols: dict[str, list] = {}
-    seen: dict[str, str] = {}
     pending: list[dict] = []
 
     def flush():
         if not pending:
             return
-        batch = {
-            k: [r.get(k) for r in pending] for k in ("uid", "key", "shard", "image", "image_ext", "caption", "meta")
-        }
-        for st, cols in inputs.items():
-            idx = [input_index[st][r["uid"]] for r in pending]
-            for c, values in cols.items():
-                if c != "uid":
-                    batch[c] = values[idx] if isinstance(values, np.ndarray) else [values[i] for i in idx]
+        batch = {k: [r.get(k) for r in pending] for k in ("uid", "key", "shard", "image", "image_ext", "caption", "meta")}
+        for c in input_cols:
+            vals = [r[c] for r in pending]
+            batch[c] = np.stack(vals) if vals and isinstance(vals[0], np.ndarray) else vals
         out = op(batch)
         n = len(pending)
         bad = {k: len(v) for k, v in out.items() if len(v) != n}
@@ -139,31 +160,21 @@ def process_shard(
             on_progress(n)
         pending.clear()
 
-    for item in iter_samples(shard.path):
-        if isinstance(item, ShardProblem):
-            msg = f"shard {shard.id}: {item.reason}" + (f" (after key {item.after_key})" if item.after_key else "")
-            res.problems.append(msg)
-            errors.append({"uid": None, "key": item.after_key, "reason": item.reason})
+    for row, reason, problem in shard_rows(pool, shard, op.needs, op.inputs):
+        if problem is not None:
+            where = f" (after key {problem.after_key})" if row is None and problem.after_key else (
+                f" (in sample {problem.key})" if row is not None else "")
+            res.problems.append(f"shard {shard.id}: {reason if row is None else problem.problem}{where}")
+        if row is None:
+            errors.append({"uid": None, "key": problem.after_key, "reason": reason})
             continue
-        if item.broke_shard:
-            res.problems.append(f"shard {shard.id}: {item.problem} (in sample {item.key})")
-        row = parse_sample(item, shard.id)
         res.n_in += 1
-        probs = row["problems"]
-        reason = probs.get("sample") or next((probs[f] for f in op.needs if f in probs), None)
-        if reason is None and row["uid"] in seen:
-            reason = f"duplicate uid {row['uid']} (first at key {seen[row['uid']]} of this shard)"
-        if reason is None:
-            missing = [st for st in inputs if row["uid"] not in input_index[st]]
-            if missing:
-                reason = f"no {missing[0]!r} output for this sample (see errors/{missing[0]})"
         if reason is not None:
             errors.append({"uid": row["uid"], "key": row["key"], "reason": reason})
             res.n_err += 1
             if on_progress:
                 on_progress(1)
             continue
-        seen[row["uid"]] = row["key"]
         pending.append(row)
         if len(pending) >= batch_size:
             flush()

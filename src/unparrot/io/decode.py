@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -45,7 +46,8 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS, draft: int | None = No
     except DecodeError:
         raise
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, struct.error, ...)
-        raise DecodeError(f"cannot decode image: {type(e).__name__}: {e}") from None
+        msg = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))  # reasons must be reproducible
+        raise DecodeError(f"cannot decode image: {type(e).__name__}: {msg}") from None
     try:
         im = ImageOps.exif_transpose(im)
     except Exception:

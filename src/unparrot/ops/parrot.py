@@ -43,7 +43,7 @@ class Parrot(Operator):
         captions, texts = column(batch, "caption"), column(batch, "texts")
 
         def row(i):
-            m = co_embedded(captions[i], list(texts[i] or []), self.opt)
+            m = co_embedded(captions[i], [] if texts[i] is None else list(texts[i]), self.opt)
             return {
                 "co_emb": m["co_emb"],
                 "n_caption_tokens": len(m["caption_tokens"]),
