@@ -63,49 +63,13 @@ def ours(shards, steps, batch, warm) -> tuple[float, float]:
 
 
 def open_clip_trainer(shards, steps, batch, warm) -> tuple[float, float]:
+    from unparrot.train.openclip import open_clip_command
+
     logs = OUT / "train-openclip"
     shutil.rmtree(logs, ignore_errors=True)
-    n = len(list((shards / "shards").glob("*.tar")))
-    pattern = str(shards / "shards") + "/{00000..%05d}.tar" % (n - 1)
-    code = (
-        "import sys, unparrot.models as m; m.register_configs(); "
-        "from open_clip_train.main import main; main(sys.argv[1:])"
+    cmd = open_clip_command(
+        shards, logs, "oc", samples=steps * batch, batch_size=batch, workers=1, extra=["--save-frequency", "0"]
     )
-    cmd = [
-        sys.executable,
-        "-c",
-        code,
-        "--train-data",
-        pattern,
-        "--dataset-type",
-        "webdataset",
-        "--train-num-samples",
-        str(steps * batch),
-        "--batch-size",
-        str(batch),
-        "--epochs",
-        "1",
-        "--model",
-        "unparrot-rn-tiny",
-        "--workers",
-        "1",
-        "--device",
-        "cpu",
-        "--logs",
-        str(logs),
-        "--name",
-        "oc",
-        "--lr",
-        "1e-3",
-        "--warmup",
-        "5",
-        "--precision",
-        "fp32",
-        "--log-every-n-steps",
-        "10",
-        "--save-frequency",
-        "0",
-    ]
     subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     log = (logs / "oc" / "out.log").read_text()
     rows = re.findall(r"\[\s*(\d+)/\d+.*?Data \(t\): ([\d.]+) Batch \(t\): ([\d.]+)", log)

@@ -22,29 +22,79 @@ STEPS = 600
 
 @pytest.mark.slow
 def test_text_free_sees_and_parrot_reads(tmp_path):
-    synth(tmp_path / "obj", n=3000, preset="learnable", seed=0, eval_per_class=30, shard_size=750, progress=False,
-          p_text=0.0, p_pure_parrot=0.0, attack_size=0.45, eval_sets=("clean", "attack"))
-    synth(tmp_path / "par", n=3000, preset="learnable", seed=1, eval_sets=(), shard_size=750, progress=False,
-          p_text=0.0, p_pure_parrot=1.0, p_class_word=1.0)
+    synth(
+        tmp_path / "obj",
+        n=3000,
+        preset="learnable",
+        seed=0,
+        eval_per_class=30,
+        shard_size=750,
+        progress=False,
+        p_text=0.0,
+        p_pure_parrot=0.0,
+        attack_size=0.45,
+        eval_sets=("clean", "attack"),
+    )
+    synth(
+        tmp_path / "par",
+        n=3000,
+        preset="learnable",
+        seed=1,
+        eval_sets=(),
+        shard_size=750,
+        progress=False,
+        p_text=0.0,
+        p_pure_parrot=1.0,
+        p_class_word=1.0,
+    )
     ev = tmp_path / "obj" / "eval"
     classes = (ev / "clean" / "classnames.txt").read_text().split()
     words = tmp_path / "vocab.txt"
-    words.write_text("\n".join(classes + (ev / "clean" / "zeroshot_classification_templates.txt").read_text().splitlines()))
+    words.write_text(
+        "\n".join(classes + (ev / "clean" / "zeroshot_classification_templates.txt").read_text().splitlines())
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     procs = []
     for name in ("obj", "par"):
-        cmd = [sys.executable, "-m", "unparrot", "train", str(tmp_path / name), "--out", str(tmp_path / f"run-{name}"),
-               "--samples", str(STEPS * 64), "--batch-size", "64", "--threads", "1", "--workers", "0",
-               "--init-logit-scale", "33.3", "--vocab-texts", json.dumps([str(words)]), "--quiet"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "unparrot",
+            "train",
+            str(tmp_path / name),
+            "--out",
+            str(tmp_path / f"run-{name}"),
+            "--samples",
+            str(STEPS * 64),
+            "--batch-size",
+            "64",
+            "--threads",
+            "1",
+            "--workers",
+            "0",
+            "--init-logit-scale",
+            "33.3",
+            "--vocab-texts",
+            json.dumps([str(words)]),
+            "--quiet",
+        ]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     for p in procs:
         out, _ = p.communicate(timeout=1500)
         assert p.returncode == 0, out[-2000:]
     m = {}
     for name in ("obj", "par"):
-        recs = evaluate("unparrot-rn-tiny-v1k", str(tmp_path / f"run-{name}" / "checkpoints" / "final.pt"), name=name,
-                        datasets={"clean": str(ev / "clean"), "attack": str(ev / "attack")}, tasks=("zeroshot", "sync"),
-                        out=tmp_path / "res", sync_words=classes, sync_font_scale=0.4, progress=False)
+        recs = evaluate(
+            "unparrot-rn-tiny-v1k",
+            str(tmp_path / f"run-{name}" / "checkpoints" / "final.pt"),
+            name=name,
+            datasets={"clean": str(ev / "clean"), "attack": str(ev / "attack")},
+            tasks=("zeroshot", "sync"),
+            out=tmp_path / "res",
+            sync_words=classes,
+            sync_font_scale=0.4,
+            progress=False,
+        )
         m[name] = {(r["task"], r["dataset"]): r["metrics"] for r in recs}
     obj_clean = m["obj"][("zeroshot", "clean")]["acc1"]
     assert obj_clean >= 0.3, f"text-free model: clean zero-shot {obj_clean:.3f} (chance 0.1)"

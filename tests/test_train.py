@@ -175,45 +175,9 @@ def test_ddp_two_processes_match_one(shards, tmp_path):
 @pytest.mark.slow
 def test_open_clip_trainer_reads_reshard_output(shards, tmp_path):
     """The real client: open_clip's own trainer on our shards (our config registered, nothing else changed)."""
-    tars = sorted(str(p) for p in (shards / "shards").glob("*.tar"))
-    pattern = str(shards / "shards") + "/{00000..%05d}.tar" % (len(tars) - 1)
-    code = (
-        "import sys, unparrot.models as m; m.register_configs(); "
-        "from open_clip_train.main import main; main(sys.argv[1:])"
-    )
-    cmd = [
-        sys.executable,
-        "-c",
-        code,
-        "--train-data",
-        pattern,
-        "--dataset-type",
-        "webdataset",
-        "--train-num-samples",
-        "64",
-        "--batch-size",
-        "16",
-        "--epochs",
-        "1",
-        "--model",
-        "unparrot-rn-tiny",
-        "--workers",
-        "0",
-        "--device",
-        "cpu",
-        "--logs",
-        str(tmp_path),
-        "--name",
-        "oc",
-        "--lr",
-        "1e-3",
-        "--warmup",
-        "1",
-        "--precision",
-        "fp32",
-        "--log-every-n-steps",
-        "1",
-    ]
+    from unparrot.train.openclip import open_clip_command
+
+    cmd = open_clip_command(shards, tmp_path, "oc", samples=64, batch_size=16, workers=0, warmup=1, log_every=1)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -70,22 +70,27 @@ def cmd_ingest(a):
     )
 
 
-def cmd_run(a):
+def _run_op(a, op: str, params: dict, batch_size: int | None = None):
+    """The stage commands: an operator over the pool with the engine, workers and stage name of `a`."""
     from .engine import run
 
     _print(
         run(
             a.pool,
-            a.op,
-            _kv(a.param),
+            op,
+            params,
             stage=a.stage,
             engine=a.engine,
             workers=a.workers,
-            batch_size=a.batch_size,
+            batch_size=batch_size or a.batch_size,
             overwrite=a.overwrite,
             progress=not a.quiet,
         )
     )
+
+
+def cmd_run(a):
+    _run_op(a, a.op, _kv(a.param))
 
 
 def cmd_reshard(a):
@@ -133,24 +138,10 @@ def cmd_info(a):
 # ---- profiling ----------------------------------------------------------------------------------
 def _stage_cmd(op):
     def cmd(a):
-        from .engine import run
-
         params = _kv(a.param)
         if op == "spot" and a.backend:
             params.setdefault("backend", a.backend)
-        _print(
-            run(
-                a.pool,
-                op,
-                params,
-                stage=a.stage,
-                engine=a.engine,
-                workers=a.workers,
-                batch_size=a.batch_size,
-                overwrite=a.overwrite,
-                progress=not a.quiet,
-            )
-        )
+        _run_op(a, op, params)
 
     return cmd
 
@@ -194,46 +185,12 @@ def cmd_report(a):
 
 # ---- scoring and curation -------------------------------------------------------------------------
 def cmd_embed(a):
-    from .engine import run
-
-    params = {
-        "model": a.model,
-        "pretrained": a.pretrained,
-        "masked": a.masked,
-        "mask_fill": a.mask_fill,
-        **_kv(a.param),
-    }
-    _print(
-        run(
-            a.pool,
-            "embed",
-            params,
-            stage=a.stage,
-            engine=a.engine,
-            workers=a.workers,
-            batch_size=a.batch_size,
-            overwrite=a.overwrite,
-            progress=not a.quiet,
-        )
-    )
+    params = {"model": a.model, "pretrained": a.pretrained, "masked": a.masked, "mask_fill": a.mask_fill}
+    _run_op(a, "embed", {**params, **_kv(a.param)})
 
 
 def cmd_aesthetic(a):
-    from .engine import run
-
-    _print(
-        run(
-            a.pool,
-            "aesthetic",
-            {"weights": a.weights, "embed_stage": a.embed_stage},
-            stage=a.stage,
-            engine=a.engine,
-            workers=a.workers,
-            batch_size=1024,
-            overwrite=a.overwrite,
-            progress=not a.quiet,
-        )
-    )
+    _run_op(a, "aesthetic", {"weights": a.weights, "embed_stage": a.embed_stage}, batch_size=1024)
 
 
 def cmd_cluster(a):

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -59,40 +60,33 @@ def expand_braces(pattern: str) -> list[str]:
     return [p for it in items for p in expand_braces(head + it + tail)]
 
 
-def atomic_write_bytes(path: Path, data: bytes):
-    fd, tmp = _tmp_beside(Path(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_table(path: Path, table: pa.Table):
+@contextmanager
+def _atomic(path: Path):
+    """Yield a temporary path beside `path`; rename it into place on success, remove it on failure."""
     fd, tmp = _tmp_beside(Path(path))
     os.close(fd)
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes):
+    with _atomic(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_table(path: Path, table: pa.Table):
+    with _atomic(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
 
 
 def atomic_save_npy(path: Path, arr: np.ndarray):
-    fd, tmp = _tmp_beside(Path(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with _atomic(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, arr)
 
 
 @dataclass(frozen=True)

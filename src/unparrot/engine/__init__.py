@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from .local import StageConflict, StageSummary, run_stage
 
+
 def _ray(*a, **kw):
     from .ray import run_stage_ray
 

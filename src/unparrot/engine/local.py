@@ -131,7 +131,9 @@ def process_shard(
     def flush():
         if not pending:
             return
-        batch = {k: [r.get(k) for r in pending] for k in ("uid", "key", "shard", "image", "image_ext", "caption", "meta")}
+        batch = {
+            k: [r.get(k) for r in pending] for k in ("uid", "key", "shard", "image", "image_ext", "caption", "meta")
+        }
         for c in input_cols:
             vals = [r[c] for r in pending]
             batch[c] = np.stack(vals) if vals and isinstance(vals[0], np.ndarray) else vals
@@ -162,8 +164,11 @@ def process_shard(
 
     for row, reason, problem in shard_rows(pool, shard, op.needs, op.inputs):
         if problem is not None:
-            where = f" (after key {problem.after_key})" if row is None and problem.after_key else (
-                f" (in sample {problem.key})" if row is not None else "")
+            where = (
+                f" (after key {problem.after_key})"
+                if row is None and problem.after_key
+                else (f" (in sample {problem.key})" if row is not None else "")
+            )
             res.problems.append(f"shard {shard.id}: {reason if row is None else problem.problem}{where}")
         if row is None:
             errors.append({"uid": None, "key": problem.after_key, "reason": reason})
@@ -226,29 +231,9 @@ def _check_stage(pool: Pool, stage: str, record: dict, overwrite: bool):
     p.write_text(json.dumps(record, sort_keys=True, indent=1))
 
 
-def run_stage(
-    pool: Pool | str,
-    op: str,
-    params: dict | None = None,
-    *,
-    stage: str | None = None,
-    workers: int = 1,
-    batch_size: int = 64,
-    shards: list[str] | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    threads: int | None = None,
-) -> StageSummary:
-    """Run operator `op` (a registry name or "module:Class") with `params` over a pool's shards.
-
-    Writes columns/<stage>/, errors/<stage>/ (and embeddings/<stage>/ for array outputs); `stage`
-    defaults to the operator name. Shards already done are skipped. `workers` processes each load the
-    operator once; `threads` per worker defaults to cores // workers.
-    """
-    pool = pool if isinstance(pool, Pool) else Pool(pool)
-    params = dict(params or {})
-    stage = stage or op
-    t0 = time.time()
+def prepare_stage(pool: Pool, op: str, params: dict, stage: str, shards, overwrite: bool):
+    """Checks every engine makes before any work: the operator and its parameters, the shards, the input
+    stages, the stage record. Returns (operator class, selected shards, shards still to do)."""
     op_cls = get_op(op)
     all_shards = pool.shards()
     if shards is not None:
@@ -269,7 +254,33 @@ def run_stage(
             )
     _check_stage(pool, stage, record, overwrite)
     done = set(pool.done_shards(stage))
-    todo = [s for s in all_shards if s.id not in done]
+    return op_cls, all_shards, [s for s in all_shards if s.id not in done]
+
+
+def run_stage(
+    pool: Pool | str,
+    op: str,
+    params: dict | None = None,
+    *,
+    stage: str | None = None,
+    workers: int = 1,
+    batch_size: int = 64,
+    shards: list[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    threads: int | None = None,
+) -> StageSummary:
+    """Run operator `op` (a registry name or "module:Class") with `params` over a pool's shards.
+
+    Writes columns/<stage>/, errors/<stage>/ (and embeddings/<stage>/ for array outputs); `stage`
+    defaults to the operator name. Shards already done are skipped. `workers` processes each load the
+    operator once; `threads` per worker defaults to cores // workers.
+    """
+    t0 = time.time()
+    pool = pool if isinstance(pool, Pool) else Pool(pool)
+    params = dict(params or {})
+    stage = stage or op
+    op_cls, all_shards, todo = prepare_stage(pool, op, params, stage, shards, overwrite)
     results: list[ShardResult] = []
     bar = progress_bar(total=None, desc=stage, unit="img", disable=not progress)
     _count_in_background(todo, bar)

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..ops import get_op
 from ..pool import Pool, Shard
-from .local import StageSummary, _check_stage, _move_cross_shard_duplicates, bind_params, shard_rows, stage_counts
+from .local import StageSummary, _move_cross_shard_duplicates, prepare_stage, shard_rows, stage_counts
 
 _FIELDS = ("uid", "key", "shard", "image", "image_ext", "caption")
 
@@ -27,13 +27,30 @@ def _read_shard(item, root: str, inputs_spec: dict, needs: tuple):
     shard = Shard(item["shard"], item["path"])
     for pos, (row, reason, problem) in enumerate(shard_rows(pool, shard, needs, inputs_spec)):
         if row is None:
-            yield {"_pos": pos, "shard": shard.id, "uid": None, "key": problem.after_key, "image": b"",
-                   "image_ext": "", "caption": "", "meta": "{}", "_reason": reason, "_sample": False,
-                   "_has_caption": False}
+            yield {
+                "_pos": pos,
+                "shard": shard.id,
+                "uid": None,
+                "key": problem.after_key,
+                "image": b"",
+                "image_ext": "",
+                "caption": "",
+                "meta": "{}",
+                "_reason": reason,
+                "_sample": False,
+                "_has_caption": False,
+            }
             continue
         out = {k: row[k] if row[k] is not None else ("" if k != "image" else b"") for k in _FIELDS}
-        out.update({"_pos": pos, "meta": json.dumps(row["meta"]), "_reason": reason or "", "_sample": True,
-                    "_has_caption": row["caption"] is not None})
+        out.update(
+            {
+                "_pos": pos,
+                "meta": json.dumps(row["meta"]),
+                "_reason": reason or "",
+                "_sample": True,
+                "_has_caption": row["caption"] is not None,
+            }
+        )
         for cols in inputs_spec.values():
             for c in cols:
                 if c != "uid":
@@ -52,8 +69,13 @@ class _RunOp:
         # Arrow turns None into NaN in numpy batches: no error is "" end to end
         reasons = [r if isinstance(r, str) else "" for r in batch["_reason"]]
         ok = [i for i in range(n) if not reasons[i]]
-        result: dict = {"_pos": batch["_pos"], "shard": batch["shard"], "uid": batch["uid"], "key": batch["key"],
-                        "_sample": batch["_sample"]}
+        result: dict = {
+            "_pos": batch["_pos"],
+            "shard": batch["shard"],
+            "uid": batch["uid"],
+            "key": batch["key"],
+            "_sample": batch["_sample"],
+        }
         errors = list(reasons)
         if ok:
             sub = {k: [batch[k][i] for i in ok] for k in batch if not k.startswith("_")}
@@ -101,6 +123,7 @@ def _writer(root: str, stage: str):
                 cols[k] = [_plain(v[i]) for i in keep]
         pool.write_columns(stage, sid, cols, errors)
         return {"shard": np.array([sid]), "rows": np.array([len(keep)])}
+
     return write
 
 
@@ -115,10 +138,21 @@ def _plain(v):
     return v
 
 
-def run_stage_ray(pool: Pool | str, op: str, params: dict | None = None, *, stage: str | None = None,
-                  workers: int = 2, batch_size: int = 64, shards: list[str] | None = None, overwrite: bool = False,
-                  progress: bool = True, threads: int | None = None, address: str | None = None,
-                  num_gpus: float = 0.0) -> StageSummary:
+def run_stage_ray(
+    pool: Pool | str,
+    op: str,
+    params: dict | None = None,
+    *,
+    stage: str | None = None,
+    workers: int = 2,
+    batch_size: int = 64,
+    shards: list[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    threads: int | None = None,
+    address: str | None = None,
+    num_gpus: float = 0.0,
+) -> StageSummary:
     """`run_stage` on Ray Data: `workers` operator actors (each `num_gpus`), the same files and counts."""
     import ray
 
@@ -126,37 +160,47 @@ def run_stage_ray(pool: Pool | str, op: str, params: dict | None = None, *, stag
     params = dict(params or {})
     stage = stage or op
     t0 = time.time()
-    op_cls = get_op(op)
-    all_shards = pool.shards()
-    if shards is not None:
-        all_shards = [s for s in all_shards if s.id in set(shards)]
-    if not all_shards:
-        raise FileNotFoundError(f"no shards found in {pool.root}")
-    record = {"op": op, "version": op_cls.version, "params": bind_params(op_cls, params)}
+    op_cls, all_shards, todo = prepare_stage(pool, op, params, stage, shards, overwrite)
     inputs = op_cls.inputs_for(params)
-    for st in inputs:
-        if any(not pool.column_path(st, s.id).exists() for s in all_shards):
-            raise FileNotFoundError(f"stage {stage!r} needs stage {st!r} first")
-    _check_stage(pool, stage, record, overwrite)
-    done = set(pool.done_shards(stage))
-    todo = [s for s in all_shards if s.id not in done]
     if todo:
         # locally, logical CPUs for the operator actors plus the read and write tasks (else they starve)
-        ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False, **({} if address else {"num_cpus": max(workers, 1) + 2}))
+        ray.init(
+            address=address,
+            ignore_reinit_error=True,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            **({} if address else {"num_cpus": max(workers, 1) + 2}),
+        )
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress
         items = ray.data.from_items([{"shard": s.id, "path": s.path} for s in todo], override_num_blocks=len(todo))
-        rows = items.flat_map(_read_shard, fn_kwargs={"root": str(pool.root), "inputs_spec": inputs,
-                                                     "needs": tuple(op_cls.needs)})
-        out = rows.map_batches(_RunOp, fn_constructor_kwargs={"op": op, "params": params}, batch_size=batch_size,
-                               compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=num_gpus or None,
-                               batch_format="numpy")
+        rows = items.flat_map(
+            _read_shard, fn_kwargs={"root": str(pool.root), "inputs_spec": inputs, "needs": tuple(op_cls.needs)}
+        )
+        out = rows.map_batches(
+            _RunOp,
+            fn_constructor_kwargs={"op": op, "params": params},
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_gpus=num_gpus or None,
+            batch_format="numpy",
+        )
         out.groupby("shard").map_groups(_writer(str(pool.root), stage), batch_format="numpy").materialize()
         _move_cross_shard_duplicates(pool, stage)
     counts = stage_counts(pool, stage, [s.id for s in all_shards])
     errs = pool.errors(stage)
-    problems = [f"shard {sh}: {r}" for sh, r, u in zip(errs["shard"], errs["reason"], errs["uid"]) if u is None or u != u]
-    return StageSummary(stage=stage, shards=len(all_shards), skipped=len(all_shards) - len(todo),
-                        n_in=counts["n_in"], n_ok=counts["n_ok"], n_err=counts["n_err"], seconds=time.time() - t0,
-                        problems=problems, error_dir=str(pool.root / "errors" / stage))
+    problems = [
+        f"shard {sh}: {r}" for sh, r, u in zip(errs["shard"], errs["reason"], errs["uid"]) if u is None or u != u
+    ]
+    return StageSummary(
+        stage=stage,
+        shards=len(all_shards),
+        skipped=len(all_shards) - len(todo),
+        n_in=counts["n_in"],
+        n_ok=counts["n_ok"],
+        n_err=counts["n_err"],
+        seconds=time.time() - t0,
+        problems=problems,
+        error_dir=str(pool.root / "errors" / stage),
+    )
