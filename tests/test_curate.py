@@ -46,6 +46,20 @@ def test_semdedup_matches_brute_force(block):
     assert 0 < k1.sum() < len(emb)
 
 
+def test_max_sim_to_earlier_and_dedup_fraction(tmp_path):
+    from unparrot.curate.cluster import max_sim_to_earlier
+
+    rng = np.random.default_rng(1)
+    emb = _norm(rng.normal(size=(300, 8))).astype(np.float32)
+    order = rng.permutation(300)
+    got = max_sim_to_earlier(emb, order, block=64)
+    want = [-1.0] + [max(float(emb[order[i]] @ emb[order[j]]) for j in range(i)) for i in range(1, 300)]
+    assert np.allclose(got, want, atol=1e-5)
+    pool, _, _ = _pool_with_embeddings(tmp_path / "p", n_groups=60, copies=1)
+    s = cluster(pool, k=3, dedup_fraction=0.2, niter=5)
+    assert 0 < s.duplicates <= 0.2 * s.samples + 1
+
+
 def _pool_with_embeddings(tmp_path, n_groups=30, copies=3, d=32, seed=0):
     """A pool folder with an embed stage whose vectors contain planted near-duplicate groups."""
     rng = np.random.default_rng(seed)

@@ -210,6 +210,7 @@ def cmd_cluster(a):
             eps=a.eps,
             keep=a.keep,
             centroids=a.centroids,
+            dedup_fraction=a.dedup_fraction,
             stage=a.stage,
         )
     )
@@ -559,6 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--min-points", type=int, default=1, help="faiss min points per centroid")
     sp.add_argument("--max-points", type=int, default=256, help="faiss max points per centroid (training subsample)")
     sp.add_argument("--eps", type=float, default=0.05, help="duplicates: cosine similarity > 1 - eps")
+    sp.add_argument("--dedup-fraction", type=float, help="instead of eps: drop about this share of the pool")
     sp.add_argument("--keep", default="far", help="far (SemDeDup: least typical first) or near")
     sp.add_argument("--centroids", help="folder of a previous run (POOL/cluster/<stage>) to assign with")
     sp.add_argument("--stage", default="cluster")

@@ -260,7 +260,7 @@ def demo(
         progress=False,
     )
     _say("      " + e.line())
-    c = cluster(pool, eps=0.02, progress=False)
+    c = cluster(pool, dedup_fraction=0.1, progress=False)  # tiny-model cosines have no absolute scale
     _say("      " + c.line())
     clip_scores = pool.load("embed", columns=["clip_score"])["clip_score"].to_numpy()
     thr = float(np.quantile(clip_scores, 0.3))
@@ -302,9 +302,7 @@ def demo(
     )
 
     _say(f"[6/6] [{clock}] results")
-    from .evaluate import results_table
-
-    _say(results_table(out / "results", models=list(chosen)))
+    _say(demo_table(out, pool, chosen))
     findings = check_findings(out, pool, chosen, sel)
     for f in findings:
         _say(f"  [{'holds' if f['holds'] else 'DOES NOT HOLD'}] {f['finding']}: {f['detail']}")
@@ -331,6 +329,31 @@ def demo(
     (out / "demo.json").write_text(json.dumps(summary, indent=1))
     _say(f"done in {clock}: report {path}")
     return summary
+
+
+def demo_table(out: Path, pool, chosen) -> str:
+    """The findings' numbers, one row per model (markdown)."""
+    from .evaluate.results import read_results
+
+    by = {(r["model"], r["task"], r["dataset"]): r["metrics"] for r in read_results(out / "results")}
+    head = ["model", "train subset", "clean acc", "attacked acc", "attack success", "control acc", "Sync gap",
+            "read top-1", "shift acc (mean)", "ER (mean)"]
+    rows = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for m in chosen:
+        recipe = MODELS[m][0]
+        meta = pool.subset_path(recipe).with_suffix(".json")
+        kept = json.loads(meta.read_text())["kept"] if meta.exists() else ""
+        z = lambda d, k="acc1": by.get((m, "zeroshot", d), {}).get(k, float("nan"))  # noqa: E731
+        sync = by.get((m, "sync", "rendered-vocab"), {})
+        er = next((v["effective_robustness"]["mean"] for (mm, t, _), v in by.items() if mm == m and t == "robustness"),
+                  float("nan"))
+        shift = float(np.mean([z(d) for d in SHIFTS]))
+        vals = [m, f"{recipe} ({kept})" + (" + rewrites" if MODELS[m][1] else ""), f"{z('clean'):.3f}",
+                f"{z('attack'):.3f}", f"{z('attack', 'attack_success_rate'):.3f}", f"{z('attack-control'):.3f}",
+                f"{sync.get('sync_gap', float('nan')):.4f}", f"{sync.get('read_top1', float('nan')):.3f}",
+                f"{shift:.3f}", f"{er:+.4f}"]
+        rows.append("| " + " | ".join(vals) + " |")
+    return "\n".join(rows)
 
 
 def _top_captions(pool, budget: int) -> list[str] | None:

@@ -169,6 +169,21 @@ def semdedup(emb: np.ndarray, order: np.ndarray, eps: float, block: int = 1024) 
     return keep, dup
 
 
+def max_sim_to_earlier(emb: np.ndarray, order: np.ndarray, block: int = 2048) -> np.ndarray:
+    """For rows visited in `order`: the highest cosine to any row visited before it (-1 for the first)."""
+    out = np.full(len(order), -1.0, np.float32)
+    for b0 in range(0, len(order), block):
+        X = _normalize(emb[order[b0 : b0 + block]])
+        for p0 in range(0, b0 + len(X), block):
+            P = _normalize(emb[order[p0 : min(p0 + block, b0 + len(X))]])
+            S = X @ P.T
+            rows = np.arange(b0, b0 + len(X))[:, None]
+            cols = np.arange(p0, p0 + len(P))[None, :]
+            S[cols >= rows] = -1.0
+            out[b0 : b0 + len(X)] = np.maximum(out[b0 : b0 + len(X)], S.max(axis=1))
+    return out
+
+
 def cluster(
     pool: Pool | str,
     embed_stage: str = "embed",
@@ -184,12 +199,16 @@ def cluster(
     keep: str = "far",
     centroids: str | None = None,
     stage: str = "cluster",
+    dedup_fraction: float | None = None,
     progress: bool = True,
 ) -> ClusterSummary:
     """Cluster the pool's `embedding` vectors of `embed_stage` and mark near-duplicates.
 
     Defaults are for speed (ours); the Parrot paper's LAION run used k=4000, niter=300, nredo=10, seed=42,
-    min/max points per centroid 10k/200k. `centroids` names a folder written by an earlier run (its PCA
+    min/max points per centroid 10k/200k. `dedup_fraction` (ours) replaces `eps` by the threshold at which
+    about that share of the pool has a closer earlier neighbour in its cluster (the greedy rule then drops
+    at most that share): useful when the scale of cosines is unknown (small models trained from scratch).
+    `centroids` names a folder written by an earlier run (its PCA
     and centroids are reused to assign this pool instead of training). Re-running replaces the stage.
     """
     if keep not in ("far", "near"):
@@ -232,6 +251,13 @@ def cluster(
     dup_idx = np.full(n, -1, np.int64)
     order_all = np.lexsort((-dist if keep == "far" else dist, labels))  # by cluster, then distance
     bounds = np.searchsorted(labels[order_all], np.arange(len(cents) + 1))
+    if dedup_fraction is not None:
+        if not 0 <= dedup_fraction < 1:
+            raise ValueError("dedup_fraction must be in [0, 1)")
+        earlier = np.concatenate(
+            [max_sim_to_earlier(emb, order_all[bounds[c] : bounds[c + 1]]) for c in range(len(cents))]
+        )
+        eps = float(1.0 - np.quantile(earlier, 1.0 - dedup_fraction)) if dedup_fraction > 0 else 1.0 - 1e-9
     for c in range(len(cents)):
         members = order_all[bounds[c] : bounds[c + 1]]
         if len(members) == 0:
@@ -260,6 +286,7 @@ def cluster(
         )
         start += size
     params = {
+        "dedup_fraction": dedup_fraction,
         "embed_stage": embed_stage,
         "embedding": embedding,
         "k": int(len(cents)),
