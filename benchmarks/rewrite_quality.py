@@ -4,8 +4,8 @@ For every sample of a `learnable` pool and each of its K rewrites (after retries
 failed counts as missing every criterion): the share that differs from the source (lowercase words,
 articles ignored), that keeps the class word (of the rewrites whose source caption names the class;
 plural allowed), that has >= 2 words, and that passed the validity check (usable by training); and
-seconds per unique caption (all K rewrites, model loading excluded). Targets for the default local model (Gemma-3-270M through
-llama.cpp): >= 90% differ, >= 80% keep the class word.
+seconds per unique caption (all K rewrites, model loading excluded). Targets for the default local
+model (Gemma-3-270M through llama.cpp): >= 90% differ, >= 80% keep the class word.
 
 The `openai` backend runs against a local `llama_cpp.server` with the same Gemma model started here
 (or against --base-url). Each run starts from an empty rewrite cache, so the timings are real.
@@ -117,9 +117,12 @@ def main():
     for backend, m, pc in rows:
         print(f"{backend:<10} {100 * m['differ']:6.1f}% {100 * m['keep_class']:9.1f}% {100 * m['two_words']:9.1f}% "
               f"{100 * m['usable']:6.1f}% {pc:9.2f}")
-    (OUT / "rewrite_quality.json").write_text(json.dumps(
-        [{"backend": b, "seconds_per_caption": pc, **{k: v for k, v in m.items() if k != "examples"}}
-         for b, m, pc in rows], indent=1))
+    out = OUT / "rewrite_quality.json"  # one entry per backend; a run of some backends keeps the others
+    results = {r["backend"]: r for r in (json.loads(out.read_text()) if out.exists() else [])}
+    for b, m, pc in rows:
+        results[b] = {"backend": b, "n": a.n, "seconds_per_caption": pc,
+                      **{k: v for k, v in m.items() if k != "examples"}}
+    out.write_text(json.dumps(list(results.values()), indent=1))
     return 0 if ok else 1
 
 

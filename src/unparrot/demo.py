@@ -336,22 +336,45 @@ def demo_table(out: Path, pool, chosen) -> str:
     from .evaluate.results import read_results
 
     by = {(r["model"], r["task"], r["dataset"]): r["metrics"] for r in read_results(out / "results")}
-    head = ["model", "train subset", "clean acc", "attacked acc", "attack success", "control acc", "Sync gap",
-            "read top-1", "shift acc (mean)", "ER (mean)"]
+    head = [
+        "model",
+        "train subset",
+        "clean acc",
+        "attacked acc",
+        "attack success",
+        "control acc",
+        "Sync gap",
+        "read top-1",
+        "shift acc (mean)",
+        "ER (mean)",
+    ]
     rows = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for m in chosen:
         recipe = MODELS[m][0]
         meta = pool.subset_path(recipe).with_suffix(".json")
         kept = json.loads(meta.read_text())["kept"] if meta.exists() else ""
-        z = lambda d, k="acc1": by.get((m, "zeroshot", d), {}).get(k, float("nan"))  # noqa: E731
+
+        def z(d, k="acc1", m=m):
+            return by.get((m, "zeroshot", d), {}).get(k, float("nan"))
+
         sync = by.get((m, "sync", "rendered-vocab"), {})
-        er = next((v["effective_robustness"]["mean"] for (mm, t, _), v in by.items() if mm == m and t == "robustness"),
-                  float("nan"))
+        er = next(
+            (v["effective_robustness"]["mean"] for (mm, t, _), v in by.items() if mm == m and t == "robustness"),
+            float("nan"),
+        )
         shift = float(np.mean([z(d) for d in SHIFTS]))
-        vals = [m, f"{recipe} ({kept})" + (" + rewrites" if MODELS[m][1] else ""), f"{z('clean'):.3f}",
-                f"{z('attack'):.3f}", f"{z('attack', 'attack_success_rate'):.3f}", f"{z('attack-control'):.3f}",
-                f"{sync.get('sync_gap', float('nan')):.4f}", f"{sync.get('read_top1', float('nan')):.3f}",
-                f"{shift:.3f}", f"{er:+.4f}"]
+        vals = [
+            m,
+            f"{recipe} ({kept})" + (" + rewrites" if MODELS[m][1] else ""),
+            f"{z('clean'):.3f}",
+            f"{z('attack'):.3f}",
+            f"{z('attack', 'attack_success_rate'):.3f}",
+            f"{z('attack-control'):.3f}",
+            f"{sync.get('sync_gap', float('nan')):.4f}",
+            f"{sync.get('read_top1', float('nan')):.3f}",
+            f"{shift:.3f}",
+            f"{er:+.4f}",
+        ]
         rows.append("| " + " | ".join(vals) + " |")
     return "\n".join(rows)
 

@@ -58,7 +58,8 @@ class RewriteSummary:
              f"{self.failed} failed) in {self.seconds:.1f}s ({rate:.2f} new rewrites/s)")
         if self.failed:
             top = sorted(self.failure_reasons.items(), key=lambda kv: -kv[1])[:3]
-            s += "; failures: " + ", ".join(f"{r} ({n})" for r, n in top) + " — retry_failed=True (--retry-failed) tries them again"
+            s += ("; failures: " + ", ".join(f"{r} ({n})" for r, n in top)
+                  + " — retry_failed=True (--retry-failed) tries them again")
         if self.n_err:
             s += f"; errors in {self.error_dir}"
         return s
@@ -110,8 +111,11 @@ def run_tasks(backend: Backend, tasks: Sequence[Task], *, seed: int = 0, retries
                 if comp.error:  # the request failed as such: a model retry cannot help
                     on_final(t, {"ok": False, "reason": comp.error, "attempts": a + 1})
                     continue
-                parsed = parse_completion(comp.text, comp.finish_reason, t.caption) if backend.needs_prompt else \
-                    Parsed(clean_caption(comp.text or "") or None, None if (comp.text or "").strip() else "empty output")
+                if backend.needs_prompt:
+                    parsed = parse_completion(comp.text, comp.finish_reason, t.caption)
+                else:
+                    text = clean_caption(comp.text or "")
+                    parsed = Parsed(text or None, None if text else "empty output")
                 reason = parsed.reason or check_rewrite(t.caption, parsed.text)
                 if reason is None:
                     on_final(t, {"ok": True, "text": parsed.text, "attempts": a + 1})
@@ -150,7 +154,7 @@ def rewrite(pool: Pool | str, backend: str = "llama-cpp", k: int = 4, styles: Se
     if not all_shards:
         raise FileNotFoundError(f"no shards found in {pool.root} (expected shards/*.tar or pool.yaml)")
     cls = BACKENDS[backend]
-    styles = tuple(styles or cls.default_styles)
+    styles = tuple(dict.fromkeys(styles or cls.default_styles))
     style_ids = _style_ids(cls, styles)
     opts = dict(model=model, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                 concurrency=concurrency, timeout=timeout, base_url=base_url, api_key_env=api_key_env,
@@ -170,7 +174,7 @@ def rewrite(pool: Pool | str, backend: str = "llama-cpp", k: int = 4, styles: Se
         todo = [s for s in all_shards if retry_failed or s.id not in done]
         summary = RewriteSummary(stage=stage, backend=backend, model=be.model_id, shards=len(all_shards),
                                  skipped=len(all_shards) - len(todo), error_dir=str(pool.root / "errors" / stage))
-        rows, errors = _read_captions(pool, todo, max_caption_chars)
+        rows, errors = _read_captions(pool, todo, max_caption_chars, progress)
         slots = [(styles[i % len(styles)], i // len(styles)) for i in range(k)]
         captions = list(dict.fromkeys(r["caption"] for rs in rows.values() for r in rs))
         cache = RewriteCache(pool.root / "cache" / "rewrite" / "rewrites.jsonl")
@@ -255,12 +259,14 @@ def _style_ids(cls, styles: Sequence[str]) -> dict[str, str]:
     return {s: s for s in styles}
 
 
-def _read_captions(pool: Pool, shards, max_caption_chars: int) -> tuple[dict, dict]:
+def _read_captions(pool: Pool, shards, max_caption_chars: int, progress: bool = False) -> tuple[dict, dict]:
     """Per shard: rows (uid, key, caption) to rewrite, and error rows for samples without a usable caption."""
     rows: dict[str, list] = {}
     errors: dict[str, list] = {}
     seen: dict[str, str] = {}
+    bar = progress_bar(total=len(shards), desc="reading captions", unit="shard", disable=not progress)
     for sh in shards:
+        bar.update(1)
         rs, errs = [], []
         for item in iter_samples(sh.path):
             if isinstance(item, ShardProblem):
@@ -282,6 +288,7 @@ def _read_captions(pool: Pool, shards, max_caption_chars: int) -> tuple[dict, di
             seen[row["uid"]] = sh.id
             rs.append({"uid": row["uid"], "key": row["key"], "caption": cap})
         rows[sh.id], errors[sh.id] = rs, errs
+    bar.close()
     return rows, errors
 
 

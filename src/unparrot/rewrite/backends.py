@@ -175,7 +175,8 @@ class LlamaCppBackend(Backend):
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
         if self._llm is not None:
-            self._llm.close() if hasattr(self._llm, "close") else None
+            if hasattr(self._llm, "close"):
+                self._llm.close()
             self._llm = None
 
 
@@ -195,9 +196,9 @@ def _worker_run(reqs):
 class OpenAIBackend(Backend):
     """Any server with an OpenAI-style `/completions` endpoint (vLLM, llama.cpp's server, Ollama, TGI).
 
-    `concurrency` requests in flight; after `max_consecutive_failures` requests in a row fail at the
-    transport level (server gone), the rest fail fast with that reason instead of each waiting out its
-    retries.
+    `concurrency` requests in flight, sent in prompt order; after `max_consecutive_failures` requests
+    in a row fail at the transport level (server gone), the rest fail fast with that reason instead of
+    each waiting out its retries.
     """
 
     name = "openai"
@@ -249,8 +250,11 @@ class OpenAIBackend(Backend):
                     stop.set()
             return Completion(text, finish, err)
 
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="rewrite-http") as ex:
-            todo = iter(range(len(requests)))
+        ex = ThreadPoolExecutor(self.concurrency, thread_name_prefix="rewrite-http")
+        try:
+            # sorted by prompt, so consecutive requests share their in-context pairs: servers with a
+            # prefix cache (llama.cpp's, vLLM's) skip re-reading them
+            todo = iter(sorted(range(len(requests)), key=lambda i: requests[i].prompt or ""))
             futs = {}
             for i in todo:  # a bounded window of submitted requests, not the whole list
                 futs[ex.submit(one, requests[i])] = i
@@ -264,6 +268,9 @@ class OpenAIBackend(Backend):
                     nxt = next(todo, None)
                     if nxt is not None:
                         futs[ex.submit(one, requests[nxt])] = nxt
+        finally:  # interrupted (Ctrl-C, a closed generator): stop waiting for requests still in flight
+            stop.set()
+            ex.shutdown(wait=False, cancel_futures=True)
 
 
 # ---- EDA ----------------------------------------------------------------------------------------

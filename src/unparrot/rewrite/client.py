@@ -96,7 +96,8 @@ class CompletionClient:
             raise
 
     # ---- with retries ----------------------------------------------------------------------------
-    def request(self, method: str, path: str, body: dict | None = None, stop: threading.Event | None = None) -> HttpResult:
+    def request(self, method: str, path: str, body: dict | None = None,
+                stop: threading.Event | None = None) -> HttpResult:
         last = "no attempt"
         for attempt in range(self.retries + 1):
             if stop is not None and stop.is_set():
@@ -105,7 +106,8 @@ class CompletionClient:
             try:
                 status, hdrs, raw = self._exchange(method, path, body)
             except (socket.timeout, TimeoutError) as e:
-                last = f"timeout after {self.timeout:.0f}s" + (f" ({e})" if str(e) and "timed out" not in str(e) else "")
+                detail = str(e) if str(e) and "timed out" not in str(e) else ""
+                last = f"timeout after {self.timeout:.0f}s" + (f" ({detail})" if detail else "")
             except (ConnectionError, http.client.HTTPException, OSError) as e:
                 last = f"connection error: {type(e).__name__}: {e}"[:300]
             else:

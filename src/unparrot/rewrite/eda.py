@@ -14,7 +14,6 @@ import os
 import random
 import re
 import threading
-from functools import lru_cache
 from pathlib import Path
 
 from ..pool import atomic_write_bytes
@@ -100,6 +99,7 @@ class WordNet:
         self._exc: dict[str, dict[str, list[str]]] = {}
         self._data = {p: open(self.dir / f"data.{p}", "rb") for p in POS}
         self._lock = threading.Lock()
+        self._synonyms: dict[str, tuple[str, ...]] = {}
 
     def index(self, pos: str) -> dict[str, list[int]]:
         if pos not in self._index:
@@ -143,11 +143,16 @@ class WordNet:
         n = int(parts[3], 16)
         return [re.sub(r"\(\w+\)$", "", parts[4 + 2 * i]) for i in range(n)]
 
-    @lru_cache(maxsize=100_000)
     def synonyms(self, word: str) -> tuple[str, ...]:
         """Lemmas sharing a synset with `word` (any part of speech), in WordNet's sense order, as
         EDA's reference code makes them: lowercase, '_' and '-' as spaces, letters and spaces only."""
         word = word.lower()
+        hit = self._synonyms.get(word)
+        if hit is None:
+            hit = self._synonyms[word] = self._lookup(word)
+        return hit
+
+    def _lookup(self, word: str) -> tuple[str, ...]:
         out: dict[str, None] = {}
         for pos in POS:
             for base in self.morphy(word.replace(" ", "_"), pos):

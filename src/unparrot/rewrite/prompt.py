@@ -26,7 +26,8 @@ N_SHOTS = 3
 
 # Special tokens a base model may emit as text instead of a newline (Gemma's <start_of_image> runs,
 # <eos>, ChatML/Llama-3 markers, </s>): everything from the first one on is not part of the rewrite.
-_SPECIAL = re.compile(r"<(?:start_of_\w+|end_of_\w+|eos|bos|pad|unk|mask|image_soft_token)>|<\|[^|<>]{1,40}\|>|</s>|\[/?INST\]")
+_SPECIAL = re.compile(r"<(?:start_of_\w+|end_of_\w+|eos|bos|pad|unk|mask|image_soft_token)>"
+                      r"|<\|[^|<>]{1,40}\|>|</s>|\[/?INST\]")
 _QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "`": "`", "\u00ab": "\u00bb"}
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 _WS = re.compile(r"\s+")
