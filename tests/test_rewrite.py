@@ -237,6 +237,18 @@ def test_stage_columns_errors_and_counts(tmp_path, counting):
     assert "rewrite:" in s.line() and "retry" in s.line()
 
 
+def test_max_captions_rewrites_the_most_frequent(tmp_path, counting):
+    caps = ["a red ball"] * 3 + ["blue box"] * 2 + ["green ring", "pink star"]
+    pool = make_pool(tmp_path / "p", caps)
+    s = rewrite(pool, backend="counting", k=1, max_captions=2, progress=False)
+    assert s.captions == 2 and counting.calls == 2 and s.n_ok == len(caps)
+    df = Pool(pool).load("rewrite").set_index("key")
+    assert list(df.loc["000000"]["rewrites"]) == ["a chat view of a red ball"]
+    assert list(df.loc["000003"]["rewrites"]) == ["a chat view of blue box"]
+    assert list(df.loc["000005"]["rewrites"]) == [] and "not selected" in df.loc["000005"]["rewrite_failures"][0]
+    assert Pool(pool).stage_info("rewrite")["params"]["max_captions"] == 2
+
+
 def test_rerun_repeats_nothing_and_retry_failed_uses_new_seeds(tmp_path, counting):
     pool = make_pool(tmp_path / "p", CAPTIONS)
     rewrite(pool, backend="counting", progress=False)

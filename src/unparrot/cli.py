@@ -353,6 +353,39 @@ def cmd_robustness(a):
         )
 
 
+def cmd_rewrite(a):
+    from .rewrite import rewrite
+
+    _print(
+        rewrite(
+            a.pool,
+            backend=a.backend,
+            k=a.k,
+            styles=a.styles or None,
+            model=a.model,
+            seed=a.seed,
+            temperature=a.temperature,
+            top_p=a.top_p,
+            max_tokens=a.max_tokens,
+            retries=a.retries,
+            retry_failed=a.retry_failed,
+            concurrency=a.concurrency,
+            timeout=a.timeout,
+            base_url=a.base_url,
+            api_key_env=a.api_key_env,
+            workers=a.workers,
+            threads=a.threads,
+            draws=a.draws,
+            max_caption_chars=a.max_caption_chars,
+            max_captions=a.max_captions,
+            overwrite=a.overwrite,
+            progress=not a.quiet,
+            stage=a.stage,
+            backend_options=_kv(a.param),
+        )
+    )
+
+
 def cmd_demo(a):
     from .demo import demo
 

@@ -230,15 +230,15 @@ def demo(
     if any(MODELS[m][1] for m in chosen):
         from .rewrite import rewrite
 
-        captions = _top_captions(pool, cfg.rewrite_captions)
         r = rewrite(
             pool,
             backend="llama-cpp",
             k=cfg.rewrite_k,
             seed=seed,
             threads=workers,
+            draws=8,
+            max_captions=cfg.rewrite_captions or None,
             progress=False,
-            only_captions=captions,
         )
         _say("      " + r.line())
 
@@ -377,18 +377,6 @@ def demo_table(out: Path, pool, chosen) -> str:
         ]
         rows.append("| " + " | ".join(vals) + " |")
     return "\n".join(rows)
-
-
-def _top_captions(pool, budget: int) -> list[str] | None:
-    """The `budget` most frequent unique captions (None = all): rewriting is the slowest step per item."""
-    if not budget:
-        return None
-    from collections import Counter
-
-    from .engine.local import iter_pool_samples
-
-    counts = Counter(r["caption"] for r in iter_pool_samples(pool) if r["caption"])
-    return [c for c, _ in counts.most_common(budget)]
 
 
 def check_findings(out: Path, pool, chosen, sel) -> list[dict]:

@@ -11,7 +11,6 @@ OPS: dict[str, str] = {
     "parrot": "unparrot.ops.parrot:Parrot",
     "embed": "unparrot.ops.embed:Embed",
     "aesthetic": "unparrot.ops.aesthetic:Aesthetic",
-    "rewrite": "unparrot.ops.rewrite:Rewrite",
 }
 
 

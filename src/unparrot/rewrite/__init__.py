@@ -133,14 +133,16 @@ def rewrite(pool: Pool | str, backend: str = "llama-cpp", k: int = 4, styles: Se
             max_tokens: int = 77, retries: int = 2, retry_failed: bool = False, concurrency: int = 4,
             timeout: float = 120.0, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
             workers: int = 1, threads: int | None = None, draws: int | None = None,
-            max_caption_chars: int = 1000, overwrite: bool = False, progress: bool = True,
-            stage: str = "rewrite", backend_options: dict | None = None) -> RewriteSummary:
+            max_caption_chars: int = 1000, max_captions: int | None = None, overwrite: bool = False,
+            progress: bool = True, stage: str = "rewrite", backend_options: dict | None = None) -> RewriteSummary:
     """Add `k` rewrites per caption to a pool (resumable; unique captions only; cached).
 
     `styles` defaults to the backend's (chat, bard, human, coco for LLMs; sr, ri, rs, rd for EDA);
     rewrite i uses style i mod len(styles). `draws=N` fixes N in-context draws per style so a local
     model reuses its KV cache (faster on CPU; default: a fresh draw per caption, as in LaCLIP).
-    Captions longer than `max_caption_chars`, empty or unreadable are error rows.
+    Captions longer than `max_caption_chars`, empty or unreadable are error rows. `max_captions=N`
+    rewrites only the N most frequent unique captions (a budget for slow local models: the rest get no
+    rewrites, noted in `rewrite_failures`, and train on their original caption).
     """
     t0 = time.time()
     pool = pool if isinstance(pool, Pool) else Pool(pool)
@@ -168,7 +170,8 @@ def rewrite(pool: Pool | str, backend: str = "llama-cpp", k: int = 4, styles: Se
             params["draws"] = draws
         record = {"op": "rewrite", "version": PROMPT_VERSION,
                   "params": {"backend": backend, "model": be.model_id, "k": k, "styles": list(style_ids.values()),
-                             "seed": seed, "max_caption_chars": max_caption_chars, **params}}
+                             "seed": seed, "max_caption_chars": max_caption_chars, "max_captions": max_captions,
+                             **params}}
         _check_stage(pool, stage, record, overwrite)
         done = set(pool.done_shards(stage))
         todo = [s for s in all_shards if retry_failed or s.id not in done]
@@ -177,6 +180,12 @@ def rewrite(pool: Pool | str, backend: str = "llama-cpp", k: int = 4, styles: Se
         rows, errors = _read_captions(pool, todo, max_caption_chars, progress)
         slots = [(styles[i % len(styles)], i // len(styles)) for i in range(k)]
         captions = list(dict.fromkeys(r["caption"] for rs in rows.values() for r in rs))
+        if max_captions is not None:  # the most frequent first; ties keep their first appearance
+            freq: dict[str, int] = {}
+            for rs in rows.values():
+                for r in rs:
+                    freq[r["caption"]] = freq.get(r["caption"], 0) + 1
+            captions = sorted(captions, key=lambda c: -freq[c])[:max(0, int(max_captions))]
         cache = RewriteCache(pool.root / "cache" / "rewrite" / "rewrites.jsonl")
         try:
             tasks: dict[tuple[str, int, str], Task] = {}
@@ -212,7 +221,10 @@ def rewrite(pool: Pool | str, backend: str = "llama-cpp", k: int = 4, styles: Se
                 for r in rows[sh.id]:
                     texts, labels, fails = [], [], []
                     for style, slot in slots:
-                        t = tasks[(r["caption"], slot, style)]
+                        t = tasks.get((r["caption"], slot, style))
+                        if t is None:
+                            fails.append(f"{style}: not selected (max_captions={max_captions})")
+                            continue
                         e = cache.get(t.key)
                         if e is not None and e["ok"]:
                             texts.append(e["text"])

@@ -36,6 +36,7 @@ class LlamaServer:
         self.model, self.alias, self.threads, self.n_ctx = model, alias, threads, n_ctx
         self.port = port or free_port()
         self.ready_timeout = ready_timeout
+        self._own_log = log is None  # a temporary log is removed after a clean run
         if log is None:
             fd, log = tempfile.mkstemp(prefix="llama-server-", suffix=".log")
             os.close(fd)
@@ -85,5 +86,7 @@ class LlamaServer:
     def __enter__(self):
         return self.start()
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         self.stop()
+        if self._own_log and exc_type is None:
+            self.log_path.unlink(missing_ok=True)
