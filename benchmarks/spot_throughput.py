@@ -92,12 +92,20 @@ def main():
     t_base, has_base = baseline(pool)
     n = len(has_base)
     agree = np.mean([has_ours.get(u) == h for u, h in has_base.items()])
+    from unparrot.engine.local import iter_pool_samples
+    from unparrot.pool import Pool
+
+    truth = {r["uid"]: bool(r["meta"]["synth"]["texts"]) for r in iter_pool_samples(Pool(pool))}
+    right_o = np.mean([has_ours.get(u) == t for u, t in truth.items()])
+    right_b = np.mean([has_base.get(u) == t for u, t in truth.items()])
     print(line)
     ok = report("profile vs plain rapidocr loop", n / t_ours, n / t_base, "images/s", 3.0)
     print(
         f"same has_text decision: {100 * agree:.1f}% of {n} images (target >= 99%) "
         f"{'OK' if agree >= 0.99 else 'MISSED'}"
     )
+    print(f"has_text right against the ground truth: ours {100 * right_o:.1f}%, plain loop {100 * right_b:.1f}% "
+          f"(where the two disagree, this says which one was right)")
     return 0 if ok and agree >= 0.99 else 1
 
 
