@@ -389,7 +389,7 @@ def cmd_rewrite(a):
 def cmd_demo(a):
     from .demo import demo
 
-    demo(out=a.out, size=a.size, seed=a.seed, workers=a.workers)
+    demo(out=a.out, size=a.size, seed=a.seed, workers=a.workers, models=a.models.split(",") if a.models else None)
 
 
 # ---- parser -------------------------------------------------------------------------------------
@@ -700,7 +700,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("demo", cmd_demo, "run the whole pipeline on a synthetic world and report the findings")
     sp.add_argument("--out", default="demo-out", help="output folder (a rerun resumes)")
-    sp.add_argument("--size", default="default", help="small (CI check), default, full or large")
+    sp.add_argument(
+        "--size", default="default", choices=["small", "default", "full", "large"],
+        help="small (CI check, ~2 min), default (~30 min on 2 cores), full (every recipe) or large",
+    )
+    sp.add_argument("--models", help="comma-separated models to train instead of the size's set "
+                    "(all, clip-score, parrot-debiased, less-is-more, t-mars, cotr, random, laclip, laclip-debiased)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--workers", type=int, default=2)
     return p

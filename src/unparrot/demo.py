@@ -53,6 +53,8 @@ class DemoSize:
     extra: dict = field(default_factory=dict)
 
 
+VERDICT = {True: "holds", False: "DOES NOT HOLD", None: "not run"}
+
 SIZES = {
     "small": DemoSize(
         1500,
@@ -305,7 +307,7 @@ def demo(
     _say(demo_table(out, pool, chosen))
     findings = check_findings(out, pool, chosen, sel)
     for f in findings:
-        _say(f"  [{'holds' if f['holds'] else 'DOES NOT HOLD'}] {f['finding']}: {f['detail']}")
+        _say(f"  [{VERDICT[f['holds']]}] {f['finding']}: {f['detail']}")
     from .report import report
 
     path = report(
@@ -422,6 +424,14 @@ def check_findings(out: Path, pool, chosen, sel) -> list[dict]:
                 "finding": "T-MARS keeps more clean accuracy than dropping every text image (equal size)",
                 "holds": t > lm,
                 "detail": f"clean acc {t:.3f} vs {lm:.3f}",
+            }
+        )
+    else:
+        res.append(
+            {
+                "finding": "T-MARS keeps more clean accuracy than dropping every text image (equal size)",
+                "holds": None,
+                "detail": "not measured: this run trains no t-mars model (--size full trains every recipe)",
             }
         )
     if "laclip" in chosen:

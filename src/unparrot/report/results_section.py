@@ -8,6 +8,8 @@ import numpy as np
 
 from .html import Section, fig_tag, table
 
+VERDICT = {True: "yes", False: "NO", None: "not run"}
+
 
 def results_section(ctx) -> Section | None:
     out = ctx.options.get("results_dir") or (ctx.pool.root / "results")
@@ -72,7 +74,7 @@ def results_section(ctx) -> Section | None:
             "<h3>Findings</h3>"
             + table(
                 ["finding", "holds", "numbers"],
-                [[f["finding"], "yes" if f["holds"] else "NO", f["detail"]] for f in findings],
+                [[f["finding"], VERDICT[f["holds"]], f["detail"]] for f in findings],
             )
         )
     return Section("results", "Training and evaluation results", "".join(body))

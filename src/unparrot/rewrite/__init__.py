@@ -51,6 +51,9 @@ class RewriteSummary:
 
     def line(self) -> str:
         work = self.seconds - self.setup_seconds
+        if self.shards and self.skipped == self.shards:
+            return (f"{self.stage}: {self.shards} shards already done ({self.n_in} samples); "
+                    "nothing to rewrite (delete columns/rewrite to redo)")
         rate = self.generated / work if work > 0 and self.generated else 0.0
         s = (f"{self.stage}: {self.shards} shards ({self.skipped} already done), {self.n_in} samples: "
              f"{self.n_ok} rows, {self.n_err} errors; {self.captions} unique captions, {self.tasks} rewrites "
