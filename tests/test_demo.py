@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from unparrot.demo import MODELS, SIZES, demo
+from unparrot.demo import MODELS, SIZES, demo, model_numbers, seeds_summary
 
 
 def test_unknown_size_or_model_is_a_clear_error(tmp_path):
@@ -52,3 +52,10 @@ def test_small_demo_end_to_end_and_resume(tmp_path):
     assert mtimes == {m: (out / "runs" / m / "checkpoints" / "final.pt").stat().st_mtime_ns for m in chosen}
     assert json.loads((out / "demo.json").read_text())["findings"] == summary["findings"]
     assert set(chosen) <= set(MODELS)
+    # the seeds summary: the same run twice has zero spread, and every finding is tallied
+    nums = model_numbers(out)
+    table = seeds_summary([out, out])
+    clean = nums["all"]["clean acc"]
+    assert f"| all | {clean:.3f} ± 0.000 |" in table
+    for f in summary["findings"]:
+        assert f"| {f['finding']} | {2 * int(f['holds'])}/2 runs |" in table

@@ -29,6 +29,19 @@ def test_deterministic_for_a_seed(tmp_path):
         synth(tmp_path / "a", n=61, preset="learnable", seed=1, progress=False)
 
 
+def test_other_eval_settings_remake_only_the_eval_sets(tmp_path):
+    kw = dict(n=30, preset="learnable", seed=1, shard_size=30, eval_per_class=2, progress=False)
+    a = synth(tmp_path, eval_sets=("clean", "attack"), **kw)
+    shard = next((tmp_path / "shards").glob("*.tar"))
+    before, t_before = shard.read_bytes(), shard.stat().st_mtime_ns
+    att = (tmp_path / "eval" / "attack" / "test" / "0.tar").read_bytes()
+    b = synth(tmp_path, eval_sets=("clean", "attack"), attack_size=0.45, **kw)
+    assert shard.read_bytes() == before and shard.stat().st_mtime_ns == t_before  # the pool is kept
+    assert (tmp_path / "eval" / "attack" / "test" / "0.tar").read_bytes() != att  # bigger attack words
+    assert b["request"]["attack_size"] == 0.45 and b["kinds"] == a["kinds"]
+    assert synth(tmp_path, eval_sets=("clean", "attack"), attack_size=0.45, **kw) == b
+
+
 def test_text_quads_cover_the_ink():
     """Ground truth quads must contain what was drawn: render a word on a blank canvas and compare."""
     for angle in (0.0, 12.0, -25.0):

@@ -387,8 +387,11 @@ def cmd_rewrite(a):
 
 
 def cmd_demo(a):
-    from .demo import demo
+    from .demo import demo, seeds_summary
 
+    if a.summarize:
+        print(seeds_summary(a.summarize))
+        return
     demo(out=a.out, size=a.size, seed=a.seed, workers=a.workers, models=a.models.split(",") if a.models else None)
 
 
@@ -704,6 +707,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--size", default="default", choices=["small", "default", "full", "large"],
         help="small (CI check, ~2 min), default (~30 min on 2 cores), full (every recipe) or large",
     )
+    sp.add_argument("--summarize", nargs="+", metavar="OUT",
+                    help="print mean ± std over finished demo runs (one per seed) instead of running")
     sp.add_argument("--models", help="comma-separated models to train instead of the size's set "
                     "(all, clip-score, parrot-debiased, less-is-more, t-mars, cotr, random, laclip, laclip-debiased)")
     sp.add_argument("--seed", type=int, default=0)

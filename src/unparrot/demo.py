@@ -53,6 +53,11 @@ class DemoSize:
     extra: dict = field(default_factory=dict)
 
 
+# Attack words at the size text has in the `learnable` pool (font 0.35-0.60 of the side): at 0.3 (smaller than
+# any training text) the all-data model's attack success stayed near chance (8.4% vs 5.6% debiased, seed 0);
+# at 0.45 it was 13.6% vs 7.6% on the same models.
+ATTACK_SIZE = 0.45
+
 VERDICT = {True: "holds", False: "DOES NOT HOLD", None: "not run"}
 
 SIZES = {
@@ -148,6 +153,7 @@ def demo(
         seed=seed,
         shard_size=cfg.shard_size,
         eval_per_class=cfg.eval_per_class,
+        attack_size=ATTACK_SIZE,
         workers=workers,
         progress=False,
     )
@@ -333,52 +339,77 @@ def demo(
     return summary
 
 
-def demo_table(out: Path, pool, chosen) -> str:
-    """The findings' numbers, one row per model (markdown)."""
+COLUMNS = {  # table heading -> (task, dataset, metric); "shift" and "ER" are averaged over the shifts
+    "clean acc": ("zeroshot", "clean", "acc1"),
+    "attacked acc": ("zeroshot", "attack", "acc1"),
+    "attack success": ("zeroshot", "attack", "attack_success_rate"),
+    "control acc": ("zeroshot", "attack-control", "acc1"),
+    "Sync gap": ("sync", "rendered-vocab", "sync_gap"),
+    "read top-1": ("sync", "rendered-vocab", "read_top1"),
+    "shift acc (mean)": None,
+    "ER (mean)": None,
+}
+
+
+def model_numbers(out: Path) -> dict[str, dict[str, float]]:
+    """The findings' numbers per model of one demo run, read from its results/ (nan where missing)."""
     from .evaluate.results import read_results
 
-    by = {(r["model"], r["task"], r["dataset"]): r["metrics"] for r in read_results(out / "results")}
-    head = [
-        "model",
-        "train subset",
-        "clean acc",
-        "attacked acc",
-        "attack success",
-        "control acc",
-        "Sync gap",
-        "read top-1",
-        "shift acc (mean)",
-        "ER (mean)",
-    ]
-    rows = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    nan = float("nan")
+    by = {(r["model"], r["task"], r["dataset"]): r["metrics"] for r in read_results(Path(out) / "results")}
+    res = {}
+    for m in dict.fromkeys(mm for mm, _, _ in by):
+        row = {k: by.get((m, *v[:2]), {}).get(v[2], nan) for k, v in COLUMNS.items() if v}
+        row["shift acc (mean)"] = float(np.mean([by.get((m, "zeroshot", d), {}).get("acc1", nan) for d in SHIFTS]))
+        row["ER (mean)"] = next(
+            (v["effective_robustness"]["mean"] for (mm, t, _), v in by.items() if mm == m and t == "robustness"), nan
+        )
+        res[m] = row
+    return res
+
+
+def _fmt(k: str, v: float) -> str:
+    return f"{v:+.4f}" if k == "ER (mean)" else f"{v:.4f}" if k == "Sync gap" else f"{v:.3f}"
+
+
+def demo_table(out: Path, pool, chosen) -> str:
+    """The findings' numbers, one row per model (markdown)."""
+    nums = model_numbers(out)
+    rows = ["| model | train subset | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
     for m in chosen:
         recipe = MODELS[m][0]
         meta = pool.subset_path(recipe).with_suffix(".json")
         kept = json.loads(meta.read_text())["kept"] if meta.exists() else ""
-
-        def z(d, k="acc1", m=m):
-            return by.get((m, "zeroshot", d), {}).get(k, float("nan"))
-
-        sync = by.get((m, "sync", "rendered-vocab"), {})
-        er = next(
-            (v["effective_robustness"]["mean"] for (mm, t, _), v in by.items() if mm == m and t == "robustness"),
-            float("nan"),
-        )
-        shift = float(np.mean([z(d) for d in SHIFTS]))
-        vals = [
-            m,
-            f"{recipe} ({kept})" + (" + rewrites" if MODELS[m][1] else ""),
-            f"{z('clean'):.3f}",
-            f"{z('attack'):.3f}",
-            f"{z('attack', 'attack_success_rate'):.3f}",
-            f"{z('attack-control'):.3f}",
-            f"{sync.get('sync_gap', float('nan')):.4f}",
-            f"{sync.get('read_top1', float('nan')):.3f}",
-            f"{shift:.3f}",
-            f"{er:+.4f}",
-        ]
-        rows.append("| " + " | ".join(vals) + " |")
+        subset = f"{recipe} ({kept})" + (" + rewrites" if MODELS[m][1] else "")
+        vals = [_fmt(k, nums.get(m, {}).get(k, float("nan"))) for k in COLUMNS]
+        rows.append("| " + " | ".join([m, subset, *vals]) + " |")
     return "\n".join(rows)
+
+
+def seeds_summary(outs: list[str | os.PathLike]) -> str:
+    """Mean ± std over several demo runs (one per seed): the numbers table and how often each finding held."""
+    runs = [model_numbers(Path(o)) for o in outs]
+    models = list(dict.fromkeys(m for r in runs for m in r))
+    lines = [f"{len(outs)} runs: {', '.join(str(o) for o in outs)}", ""]
+    lines += ["| model | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for m in models:
+        cells = []
+        for k in COLUMNS:
+            v = np.array([r[m][k] for r in runs if m in r], float)
+            cells.append(f"{_fmt(k, v.mean())} ± {_fmt(k, v.std(ddof=1) if len(v) > 1 else 0.0).lstrip('+')}")
+        n = sum(m in r for r in runs)
+        lines.append(f"| {m}{'' if n == len(runs) else f' ({n} runs)'} | " + " | ".join(cells) + " |")
+    lines += ["", "| finding | holds in |", "|---|---|"]
+    tally: dict[str, list] = {}
+    for o in outs:
+        p = Path(o) / "demo.json"
+        for f in json.loads(p.read_text())["findings"] if p.exists() else []:
+            tally.setdefault(f["finding"], []).append(f["holds"])
+    for name, hs in tally.items():
+        measured = [h for h in hs if h is not None]
+        lines.append(f"| {name} | {sum(measured)}/{len(measured)} runs" + (" (not run in the others)" if
+                     len(measured) < len(hs) else "") + " |")
+    return "\n".join(lines)
 
 
 def check_findings(out: Path, pool, chosen, sel) -> list[dict]:

@@ -81,6 +81,26 @@ def _eval_set(cfg: WorldConfig, seed: int, name: str, per_class: int, out: str, 
     return n
 
 
+def _eval_sets(cfg, seed: int, out: Path, names, per_class: int, attack_size: float, workers: int) -> dict:
+    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=mp.get_context("spawn")) as ex:
+        futs = {n: ex.submit(_eval_set, cfg, seed + 1000, n, per_class, str(out), attack_size) for n in names}
+        return {n: f.result() for n, f in futs.items()}
+
+
+def _remake_eval_sets(cfg, seed: int, out: Path, old: dict, request: dict, workers: int) -> dict:
+    """Same pool, other evaluation settings: rewrite only the evaluation sets (the pool is kept)."""
+    import shutil
+
+    shutil.rmtree(out / "eval", ignore_errors=True)
+    stats = dict(old, request=request)
+    stats["eval_sets"] = _eval_sets(
+        cfg, seed, out, request["eval_sets"], request["eval_per_class"], request["attack_size"], workers
+    )
+    stats = json.loads(json.dumps(stats, default=list))
+    atomic_write_bytes(out / "synth.json", json.dumps(stats, indent=1).encode())
+    return stats
+
+
 def synth(
     out: str | os.PathLike,
     n: int = 10000,
@@ -119,11 +139,17 @@ def synth(
         "eval_sets": list(eval_sets),
         "attack_size": attack_size,
     }
+    eval_keys = ("eval_per_class", "eval_sets", "attack_size")
     if marker.exists():
         old = json.loads(marker.read_text())
         if old.get("request") == request:
             return old
-        raise FileExistsError(f"{out} already holds a different synthetic pool; choose another folder")
+        same_pool = {k: v for k, v in old.get("request", {}).items() if k not in eval_keys} == {
+            k: v for k, v in request.items() if k not in eval_keys
+        }
+        if not same_pool:
+            raise FileExistsError(f"{out} already holds a different synthetic pool; choose another folder")
+        return _remake_eval_sets(cfg, seed, out, old, request, workers)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     ns = f"unparrot-synth:{digest}"
