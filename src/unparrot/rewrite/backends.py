@@ -8,8 +8,10 @@ stage record).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import sys
 import threading
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -71,6 +73,20 @@ def default_gguf() -> Path:
     return Path(g.assemble(target))  # verifies the sha256 of an existing file
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence C-level stderr (file descriptor 2) for the duration; Python exceptions still propagate."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 def _import_llama():
     # ggml's OpenMP threads busy-wait between parallel regions by default; on a machine shared with
     # other work that spinning steals the cores the model needs (measured: 3 s instead of 0.1 s per
@@ -120,8 +136,9 @@ class LlamaCppBackend(Backend):
     def _model(self):
         if self._llm is None:
             llama_cpp = _import_llama()
-            self._llm = llama_cpp.Llama(self.path, n_ctx=self.n_ctx, n_threads=self.threads,
-                                        n_threads_batch=self.threads, seed=0, verbose=False)
+            with _quiet_stderr():  # llama.cpp prints some load-time notes even with verbose=False
+                self._llm = llama_cpp.Llama(self.path, n_ctx=self.n_ctx, n_threads=self.threads,
+                                            n_threads_batch=self.threads, seed=0, verbose=False)
         return self._llm
 
     def complete(self, r: Request) -> Completion:
