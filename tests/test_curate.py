@@ -131,6 +131,7 @@ def test_builtin_recipes_and_funnel(tmp_path):
     steps = [f["step"] for f in deb.funnel]
     assert steps[0] == "has_text == false" and any("aesthetic" in s for s in steps)
     assert next(f for f in deb.funnel if "aesthetic" in f["step"])["skipped"] == "column absent"
+    assert "aesthetic > 4.5: skipped (column absent)" in deb.line()
     rnd = select(pool, "random")
     assert len(rnd.uids) == len(deb.uids)  # same-size control
     stats = json.loads(pool.subset_path("parrot-debiased").with_suffix(".json").read_text())

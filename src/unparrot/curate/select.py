@@ -197,7 +197,10 @@ class Selection:
     stats: dict
 
     def line(self) -> str:
-        steps = "; ".join(f"{f['step']}: -{f['removed']}" for f in self.funnel)
+        steps = "; ".join(
+            f"{f['step']}: skipped ({f['skipped']})" if f.get("skipped") else f"{f['step']}: -{f['removed']}"
+            for f in self.funnel
+        )
         return (
             f"select {self.name}: {len(self.uids)} of {self.pool_rows} samples "
             f"({100 * len(self.uids) / max(1, self.pool_rows):.1f}%) -> {self.path}  [{steps}]"
