@@ -62,3 +62,33 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     assert "does not exist" in err and "Traceback" not in err
     assert main(["synth", str(tmp_path / "x"), "--param", "p_text=7"]) == 1
     assert "p_text" in capsys.readouterr().err
+
+
+def test_rewrite_reshard_train_data_through_the_cli(tmp_path):
+    """unparrot rewrite (EDA) -> reshard --columns rewrites -> the training stream samples the rewrites."""
+    import json
+
+    import numpy as np
+
+    from unparrot.io.tar import iter_samples
+    from unparrot.pool import write_subset
+    from unparrot.train.data import SampleMaker
+
+    pool = tmp_path / "p"
+    assert main(["synth", str(pool), "-n", "40", "--preset", "learnable", "--eval-per-class", "1", "--quiet"]) == 0
+    assert main(["rewrite", str(pool), "--backend", "eda", "-k", "2", "--quiet"]) == 0
+    from unparrot.pool import Pool
+
+    df = Pool(pool).load("rewrite", columns=["rewrites"])
+    assert len(df) == 40 and df["rewrites"].map(len).sum() > 40
+    write_subset(pool / "subsets" / "every.npy", df["uid"].tolist())
+    out = tmp_path / "r"
+    assert main(["reshard", str(pool), str(pool / "subsets" / "every.npy"), str(out), "--columns", "rewrites",
+                 "--quiet"]) == 0
+    metas = [json.loads(s.members["json"]) for t in sorted(out.glob("shards/*.tar")) for s in iter_samples(t)]
+    assert len(metas) == 40 and all("rewrites" in m for m in metas)
+    row = next(m for m in metas if len(m["rewrites"]) == 2)
+    maker = SampleMaker(32, None, use_rewrites=True)
+    rng = np.random.default_rng(0)
+    seen = {maker.caption({"caption": "the original caption", "meta": row}, rng) for _ in range(200)}
+    assert seen == {"the original caption", *row["rewrites"]}

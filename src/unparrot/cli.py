@@ -617,6 +617,39 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--list", action="store_true", help="list the built-in recipes")
 
     sp = add(
+        "rewrite",
+        cmd_rewrite,
+        "LaCLIP caption rewrites (local llama.cpp model, an OpenAI-compatible server, or EDA)",
+        "Rewrite every unique caption K times (cached, resumable) into POOL/columns/<stage>/; train with "
+        "`unparrot reshard ... --columns rewrites` and `unparrot train --rewrites`. See docs/rewrite.md.",
+    )
+    sp.add_argument("pool")
+    sp.add_argument("--backend", default="llama-cpp", help="llama-cpp (in-process GGUF), openai (any "
+                    "OpenAI-compatible /v1/completions server) or eda (WordNet EDA baseline)")
+    sp.add_argument("-k", type=int, default=4, help="rewrites per caption (style i mod the number of styles)")
+    sp.add_argument("--styles", nargs="*", help="styles to use (LLMs: chat bard human coco; EDA: sr ri rs rd)")
+    sp.add_argument("--model", help="GGUF path (llama-cpp; default: bundled Gemma-3-270M) or the server's model name")
+    sp.add_argument("--base-url", help="openai backend: the server, e.g. http://host:8000/v1")
+    sp.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    sp.add_argument("--concurrency", type=int, default=4, help="openai backend: requests in flight")
+    sp.add_argument("--timeout", type=float, default=120.0, help="openai backend: seconds per request")
+    sp.add_argument("--temperature", type=float, default=0.9)
+    sp.add_argument("--top-p", type=float, default=0.95)
+    sp.add_argument("--max-tokens", type=int, default=77)
+    sp.add_argument("--retries", type=int, default=2, help="extra attempts for an unusable rewrite or a failed call")
+    sp.add_argument("--retry-failed", action="store_true", help="try again the rewrites that failed in a previous run")
+    sp.add_argument("--draws", type=int, help="fixed in-context draws per style (reuses the KV cache; faster on CPU)")
+    sp.add_argument("--max-caption-chars", type=int, default=1000, help="longer captions are error rows")
+    sp.add_argument("--max-captions", type=int, help="rewrite only the N most frequent unique captions (a budget)")
+    sp.add_argument("--threads", type=int, help="llama-cpp threads per worker")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--stage", default="rewrite", help="output stage name")
+    sp.add_argument("--overwrite", action="store_true", help="redo a stage made with other parameters")
+    sp.add_argument("--param", action="append", metavar="KEY=VALUE", help="extra backend option")
+    sp.add_argument("--workers", type=int, default=1, help="llama-cpp: model copies in worker processes")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sp = add(
         "train",
         cmd_train,
         "train a CLIP model on shards (open_clip models, LaCLIP rewrites, DDP)",
