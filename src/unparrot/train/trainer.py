@@ -399,7 +399,10 @@ def _forward_backward(ddp_model, loss_fn, images, texts, autocast) -> float:
 
 
 def _accumulated(ddp_model, model, loss_fn, images, texts, micro, autocast) -> float:
-    """Gradient accumulation that is exact for the contrastive loss (GradCache-style)."""
+    """Gradient accumulation that is exact for the contrastive loss (GradCache-style).
+
+    Exact for models without batch statistics (ViT towers); BatchNorm towers (ModifiedResNet) see
+    micro-batch statistics, as in any accumulation."""
     import contextlib
 
     import torch
@@ -415,7 +418,8 @@ def _accumulated(ddp_model, model, loss_fn, images, texts, micro, autocast) -> f
             fi, ft, scale = ddp_model(images[i : i + micro], texts[i : i + micro])[:3]
         ai = torch.cat([all_i[:i], fi.float(), all_i[i + micro :]])
         at = torch.cat([all_t[:i], ft.float(), all_t[i + micro :]])
-        loss = loss_fn(ai, at, scale.float())
+        # the whole batch's loss; the logit scale's gradient is complete in the first micro-batch alone
+        loss = loss_fn(ai, at, (scale if i == 0 else scale.detach()).float())
         loss.backward()
         total = float(loss.detach())
     return total
