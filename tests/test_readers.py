@@ -101,6 +101,25 @@ def test_csv_tsv_jsonl_tables(tmp_path):
         ingest(str(tmp_path / "t.csv"), tmp_path / "p4", caption_col="nope", progress=False)
 
 
+
+def test_a_bad_table_line_costs_only_that_line(tmp_path):
+    import csv
+
+    (tmp_path / "im").mkdir()
+    for n in "abcd":
+        (tmp_path / "im" / f"{n}.jpg").write_bytes(jpeg_bytes())
+    huge = "x" * (csv.field_size_limit() + 10)
+    (tmp_path / "t.csv").write_bytes(
+        b"filepath,title\nim/a.jpg,first\nim/b.jpg,bad \xff\xfe bytes\nim/c.jpg,third\n"
+        + f"im/d.jpg,{huge}\n".encode() + b"im/a.jpg,fifth\n"
+    )
+    s = ingest(str(tmp_path / "t.csv"), tmp_path / "p", progress=False)
+    assert sorted(_captions(tmp_path / "p")) == ["fifth", "first", "third"]
+    assert (s.n_in, s.n_written, s.n_err) == (5, 3, 2)
+    reasons = " ".join(Pool(tmp_path / "p").errors("ingest")["reason"])
+    assert "not valid UTF-8" in reasons and "field larger than field limit" in reasons
+
+
 def test_imagenet_captions(tmp_path):
     (tmp_path / "train" / "n01440764").mkdir(parents=True)
     (tmp_path / "train" / "n01440764" / "n01440764_1.JPEG").write_bytes(jpeg_bytes())

@@ -170,17 +170,29 @@ def read_table(
 
 
 def _csv_rows(path: Path, sep: str):
-    with open(path, newline="", encoding="utf-8", errors="strict") as f:
+    """Rows of a CSV/TSV; a row with bad bytes or a malformed field is an error row, and reading goes on."""
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         reader = csv.DictReader(f, delimiter=sep)
         while True:
+            line = reader.line_num
             try:
                 rec = next(reader)
             except StopIteration:
                 return
-            except (UnicodeDecodeError, csv.Error) as e:
-                yield None, f"unreadable table line: {e}"
-                return
+            except csv.Error as e:
+                yield None, f"unreadable table line {line + 1}: {e}"
+                continue
+            bad = [k for k, v in rec.items() if _has_bad_bytes(k) or _has_bad_bytes(v)]
+            if bad:
+                yield None, f"table line {reader.line_num}: not valid UTF-8 in column {bad[0]!r}"
+                continue
             yield rec, None
+
+
+def _has_bad_bytes(v) -> bool:
+    if isinstance(v, list):
+        return any(_has_bad_bytes(x) for x in v)
+    return isinstance(v, str) and any("\udc80" <= ch <= "\udcff" for ch in v)
 
 
 def _jsonl_rows(path: Path):
