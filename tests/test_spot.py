@@ -104,6 +104,33 @@ def test_ocr_exception_never_stops_a_run(tmp_path):
     assert sorted(errs["key"]) == ["s2", "s4"] and all("OCR failed: RuntimeError: boom" in r for r in errs["reason"])
 
 
+class MalformedSpotter:
+    """A plug-in spotter whose answers are malformed for some images (2-point boxes, NaN, no score)."""
+
+    needs_image = True
+
+    def __init__(self, **_):
+        pass
+
+    def spot(self, images, metas):
+        good = ([[0, 0], [4, 0], [4, 4], [0, 4]], "ok text", 0.9)
+        bad = [[([[0, 0], [4, 4]], "two points", 0.9)], [([[0, 0], [4, 0], [float("nan"), 4], [0, 4]], "nan", 0.9)],
+               [("not a box",)]]
+        return [[good] if i % 2 == 0 else bad[(i // 2) % 3] for i in range(len(images))]
+
+
+def test_malformed_spotter_output_costs_only_its_image(tmp_path):
+    members = []
+    for i in range(6):
+        members += [(f"s{i}.png", _png("RGB", (20, 20), (0, 0, 255))), (f"s{i}.txt", f"caption {i}".encode())]
+    write_tar(tmp_path / "shards" / "0.tar", members)
+    s = run_stage(tmp_path, "spot", {"backend": f"{__name__}:MalformedSpotter"}, batch_size=6, progress=False)
+    assert (s.n_ok, s.n_err) == (3, 3)
+    errs = Pool(tmp_path).errors("spot")
+    assert sorted(errs["key"]) == ["s1", "s3", "s5"]
+    assert all(r.startswith("OCR failed: malformed spotter output") for r in errs["reason"])
+
+
 def test_filters():
     op = Spot(backend="oracle", min_score=0.5, min_area=10, min_chars=2)
     q = [[0, 0], [10, 0], [10, 5], [0, 5]]

@@ -99,16 +99,28 @@ class Spot(Operator):
         out = {c: [None] * n for c in SPOT_COLUMNS}
         out["error"] = errors
         for i, inst in found.items():
-            kept = [(q, t, float(s)) for q, t, s in inst if self.keep(q, t, s)]
-            w, h = sizes[i]
-            out["boxes"][i] = [[[float(x), float(y)] for x, y in q] for q, _, _ in kept]
+            try:
+                kept = [(self._quad(q), str(t), float(s)) for q, t, s in inst]
+                kept = [k for k in kept if self.keep(*k)]
+                area = polygon_union_area([q for q, _, _ in kept], *sizes[i])
+            except Exception as e:  # noqa: BLE001 - a plug-in spotter's malformed answer costs only its image
+                errors[i] = f"OCR failed: malformed spotter output: {type(e).__name__}: {e}"
+                continue
+            out["boxes"][i] = [q for q, _, _ in kept]
             out["texts"][i] = [t for _, t, _ in kept]
             out["scores"][i] = [s for _, _, s in kept]
             out["n_text"][i] = len(kept)
             out["has_text"][i] = bool(kept)
-            out["text_area"][i] = polygon_union_area(out["boxes"][i], w, h)
-            out["width"][i], out["height"][i] = w, h
+            out["text_area"][i] = area
+            out["width"][i], out["height"][i] = sizes[i]
         return out
+
+    @staticmethod
+    def _quad(q) -> list:
+        quad = [[float(x), float(y)] for x, y in q]
+        if len(quad) != 4 or not all(np.isfinite(v) for p in quad for v in p):
+            raise ValueError(f"a box must be 4 finite (x, y) points, got {len(quad)} points")
+        return quad
 
     def _spot(self, images, metas, idx, errors) -> dict[int, list]:
         """Spot a batch; if the batch fails, retry image by image so one bad image costs only itself."""
