@@ -31,7 +31,8 @@ test-fast: venv
 	$(BIN)/python -m pytest -m "not slow"
 
 bench: venv
-	@for f in benchmarks/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+	@missed=""; for f in benchmarks/[a-z]*.py; do echo "== $$f"; $(BIN)/python $$f || missed="$$missed $$f"; done; \
+	if [ -n "$$missed" ]; then echo "targets missed or failed:$$missed"; exit 1; fi
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
