@@ -157,3 +157,26 @@ def test_recipe_errors_before_any_work(tmp_path):
     with pytest.raises(RecipeError, match="not a file"):
         load_recipe("no-such-recipe")
     assert not (pool.root / "subsets" / "x.npy").exists()
+
+
+def test_t_mars_and_cotr_recipes(tmp_path):
+    pool = _curation_pool(tmp_path)
+    df = pool.load(["spot", "parrot"])
+    rng = np.random.default_rng(0)
+    masked = rng.random(len(df))
+    for sid, part in (("a", df.iloc[: len(df) // 2]), ("b", df.iloc[len(df) // 2 :])):
+        idx = part.index.to_numpy()
+        pool.write_columns("masked", sid, {"uid": part["uid"].to_numpy(), "key": part["key"].to_numpy(),
+                                           "masked_clip_score": masked[idx]})
+    (pool.root / "columns" / "masked" / "_stage.json").write_text(json.dumps({"op": "embed"}))
+    tm = select(pool, "t-mars")
+    want = set(df["uid"].to_numpy()[np.argsort(-masked)[: len(df) // 2]])
+    assert set(tm.uids) == want  # the top half by masked CLIP score, text-bearing or not
+    assert tm.funnel[-1]["step"].startswith("size 45 (top by masked_clip_score)")
+    select(pool, "less-is-more")
+    eq = select(pool, "t-mars", size_like="less-is-more", name="t-mars-eq")
+    assert len(eq.uids) == 60 and set(eq.uids) == set(df["uid"].to_numpy()[np.argsort(-masked)[:60]])
+    co = select(pool, "cotr")
+    assert set(co.uids) == set(df.loc[df["cotr"] <= 0, "uid"]) and len(co.uids) == 60
+    loose = select(pool, "cotr", overrides={"max_cotr": 0.6}, name="cotr-loose")
+    assert len(loose.uids) == 90
