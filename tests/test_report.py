@@ -80,3 +80,26 @@ def test_sections_are_pluggable(synth_pool, tmp_path):
         del SECTIONS["custom"]
     with pytest.raises(KeyError):
         report(pool, sections=["nope"])
+
+
+@pytest.mark.browser
+def test_curation_sections_render_in_chromium(synth_pool, tmp_path):
+    """CLIP score, clusters and funnels (with what each recipe removed) after a real embed/cluster/select."""
+    from unparrot.curate.cluster import cluster
+    from unparrot.curate.select import select
+    from unparrot.engine import run_stage
+
+    pool = shutil.copytree(synth_pool, tmp_path / "p")
+    profile(pool, backend="oracle", workers=1, progress=False)
+    run_stage(pool, "embed", {"model": "unparrot-rn-tiny", "masked": True}, progress=False)  # random weights
+    cluster(pool, k=4, niter=5, progress=False)
+    for r in ("less-is-more", "t-mars", "cotr"):
+        select(pool, r)
+    select(pool, "parrot-debiased", overrides={"min_clip_score": -1.0})
+    path = report(pool, sections=["clip", "clusters", "funnel"])
+    problems, images, headings = open_in_chromium(path, tmp_path / "curation.png")
+    assert problems == []
+    assert {"CLIP scores", "Clusters and near-duplicates", "Selection funnels"} <= set(headings)
+    assert {"less-is-more", "t-mars", "cotr", "parrot-debiased"} <= set(headings)
+    assert "What each recipe removed (random examples)" in headings
+    assert len(images) >= 10 and all(ok and w > 0 for ok, w in images)
