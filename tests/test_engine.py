@@ -207,3 +207,28 @@ def test_missing_input_stage_is_clear(synth_pool, tmp_path):
             run_stage(synth_pool, "_needs_spot", progress=False)
     finally:
         del ops.OPS["_needs_spot"]
+
+
+def test_cross_shard_duplicate_pass_finishes_after_a_kill(tmp_path):
+    """Killed inside the duplicate pass (before or after its error rows were written, before the table was
+    rewritten): the next run, with no shard left to process, finishes the pass, with each error row once."""
+    from unparrot.engine.local import process_shard
+    from unparrot.ops import get_op
+
+    pool = _bad_input_pool(tmp_path)
+    clean = run_stage(pool, "inspect", progress=False)
+    want_err = pool.errors("inspect").sort_values(["key", "reason"]).reset_index(drop=True)
+    want_ok = sorted(pool.load("inspect")["uid"])
+    shard = next(s for s in pool.shards() if s.id == "03-crossdup")
+    err_path = pool.error_path("inspect", "03-crossdup")
+    for errors_written in (False, True):
+        saved = err_path.read_bytes()
+        process_shard(pool, shard, get_op("inspect")(), "inspect")  # the shard as written before the pass
+        assert len(pool.read_columns("inspect", "03-crossdup")) == 2  # the duplicate is back in the table
+        if errors_written:
+            err_path.write_bytes(saved)
+        again = run_stage(pool, "inspect", progress=False)
+        assert again.skipped == again.shards
+        assert (again.n_in, again.n_ok, again.n_err) == (clean.n_in, clean.n_ok, clean.n_err)
+        assert pool.errors("inspect").sort_values(["key", "reason"]).reset_index(drop=True).equals(want_err)
+        assert sorted(pool.load("inspect")["uid"]) == want_ok

@@ -298,8 +298,7 @@ def run_stage(
     finally:
         bar.close()
     problems = [p for r in results for p in r.problems]
-    if todo:
-        _move_cross_shard_duplicates(pool, stage)
+    _move_cross_shard_duplicates(pool, stage)
     counts = stage_counts(pool, stage, [s.id for s in all_shards])
     return StageSummary(
         stage=stage,
@@ -408,31 +407,40 @@ def stage_counts(pool: Pool, stage: str, shard_ids: list[str]) -> dict:
 
 
 def _move_cross_shard_duplicates(pool: Pool, stage: str):
-    """A uid seen in an earlier shard (by shard id order) is an error row in later shards."""
+    """A uid seen in an earlier shard (by shard id order) is an error row in later shards.
+
+    Runs after every run (cheap: the uid columns only) and is idempotent, so a run killed half-way through
+    this pass is finished by the next run: error rows are added once, embeddings are trimmed only while
+    they still have the table's length, and the column table is rewritten last."""
     import pyarrow.parquet as pq
+
+    from ..pool import atomic_save_npy
 
     first: dict[str, str] = {}
     for sid in pool.done_shards(stage):
-        table = pool.read_columns(stage, sid)
-        uids = table.column("uid").to_pylist()
+        uids = pq.read_table(pool.column_path(stage, sid), columns=["uid"]).column("uid").to_pylist()
         dup = [i for i, u in enumerate(uids) if u in first]
         for u in uids:
             first.setdefault(u, sid)
         if not dup:
             continue
+        table = pool.read_columns(stage, sid)
         keep = np.setdiff1d(np.arange(len(uids)), dup)
         keys = table.column("key").to_pylist()
-        old = pq.read_table(pool.error_path(stage, sid)).to_pylist() if pool.error_path(stage, sid).exists() else []
-        new = old + [
+        err_path = pool.error_path(stage, sid)
+        old = pq.read_table(err_path).to_pylist() if err_path.exists() else []
+        seen = {(r["uid"], r["reason"]) for r in old}
+        new = [
             {"uid": uids[i], "key": keys[i], "reason": f"duplicate uid {uids[i]} (first in shard {first[uids[i]]})"}
             for i in dup
         ]
-        write_errors(pool.error_path(stage, sid), stage, sid, new)
+        new = [r for r in new if (r["uid"], r["reason"]) not in seen]
+        if new:
+            write_errors(err_path, stage, sid, old + new)
         for p in (pool.root / "embeddings" / stage).glob(f"{sid}.*.npy"):
-            arr = np.load(p)
-            from ..pool import atomic_save_npy
-
-            atomic_save_npy(p, arr[keep])
+            arr = np.load(p, mmap_mode="r")
+            if len(arr) == len(uids):  # not trimmed yet
+                atomic_save_npy(p, np.asarray(arr[keep]))
         atomic_write_table(pool.column_path(stage, sid), table.take(keep))
 
 

@@ -187,7 +187,7 @@ def run_stage_ray(
             batch_format="numpy",
         )
         out.groupby("shard").map_groups(_writer(str(pool.root), stage), batch_format="numpy").materialize()
-        _move_cross_shard_duplicates(pool, stage)
+    _move_cross_shard_duplicates(pool, stage)
     counts = stage_counts(pool, stage, [s.id for s in all_shards])
     errs = pool.errors(stage)
     problems = [
