@@ -92,3 +92,32 @@ def test_rewrite_reshard_train_data_through_the_cli(tmp_path):
     rng = np.random.default_rng(0)
     seen = {maker.caption({"caption": "the original caption", "meta": row}, rng) for _ in range(200)}
     assert seen == {"the original caption", *row["rewrites"]}
+
+
+def test_profile_vocab_report_with_cotr_variants_through_the_cli(tmp_path, capsys):
+    import pandas as pd
+
+    from unparrot.pool import Pool
+
+    pool = tmp_path / "p"
+    assert main(["synth", str(pool), "-n", "60", "--preset", "laion", "--eval-per-class", "1", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["profile", str(pool), "--backend", "oracle", "--workers", "1", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "images with text" in out and "mean CoTR" in out
+    plain = Pool(pool).load("parrot")
+    assert main(["profile", str(pool), "--backend", "oracle", "--workers", "1", "--quiet", "--overwrite",
+                 "--parrot-param", "stopwords=true", "--parrot-param", "min_len=3"]) == 0
+    strict = Pool(pool).load("parrot")
+    both = plain.merge(strict, on="uid", suffixes=("", "_strict"))
+    # dropping stop words and short tokens changes CoTR on some captions, never the co-embedded long words
+    assert (both["cotr"] != both["cotr_strict"]).any()
+    assert all(set(s) <= set(p) for p, s in zip(both["co_emb"], both["co_emb_strict"]))
+    assert all(len(w) >= 3 for ws in both["co_emb_strict"] for w in ws)
+    assert main(["vocab", str(pool), "--stopwords", "--min-len", "2"]) == 0
+    v = pd.read_csv(pool / "vocab" / "caption_1gram.csv")
+    assert list(v.columns) == ["ngram", "count"] and len(v) > 5 and "the" not in set(v["ngram"])
+    assert main(["report", str(pool)]) == 0
+    html = (pool / "report.html").read_text()
+    assert "Profile: embedded text and parrot captions" in html and "<img" in html
+
