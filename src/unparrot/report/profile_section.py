@@ -85,7 +85,7 @@ def profile_section(ctx) -> Section | None:
     figs.append(fig_tag(fig, "cotr vs text area"))
     body.append(f'<div class="figs">{"".join(figs)}</div>')
     body.append("<h3>Top co-embedded words</h3>")
-    body.append(table(["word", "captions"], s.top_co_emb[:20]))
+    body.append(table(["word", "occurrences in captions"], s.top_co_emb[:20]))
     rng = np.random.default_rng(0)
     groups = [
         ("High CoTR (caption spells the image text)", df[df["cotr"] >= 0.5]),
