@@ -172,3 +172,20 @@ def test_evaluate_end_to_end_on_a_tiny_set(tmp_path):
     assert rnd["images"] == 12
     with pytest.raises(ValueError, match="reference model"):
         build_attack(path, tmp_path / "att3", mode="attr")
+
+
+def test_retrieval_on_any_captioned_shards(synth_pool):
+    """A pool (shards/*.tar with .txt captions, no class names) is a retrieval set; zero-shot needs names."""
+    from unparrot.evaluate.zeroshot import retrieval, zeroshot
+    from unparrot.models import load_clip
+
+    ds = load_set(synth_pool)
+    assert ds.classnames == [] and len(ds.tars) == 3
+    clip = load_clip("unparrot-rn-tiny")
+    m = retrieval(clip, ds)
+    assert m["n_images"] == 300 and m["n_texts"] == 300
+    for k in (1, 5, 10):
+        assert 0.0 <= m[f"image_retrieval_recall@{k}"] <= 1.0 and 0.0 <= m[f"text_retrieval_recall@{k}"] <= 1.0
+    assert m["image_retrieval_recall@1"] <= m["image_retrieval_recall@10"]
+    with pytest.raises(ValueError, match="class names"):
+        zeroshot(clip, ds)

@@ -83,15 +83,16 @@ def load_set(path: str | os.PathLike, name: str | None = None, templates: str | 
         raise FileNotFoundError(f"evaluation set {path} is not a folder")
     name = name or p.name
     classnames_file = p / "classnames.txt"
-    tars = (
-        sorted(str(t) for t in (p / "test").glob("*.tar"))
-        if (p / "test").is_dir()
-        else sorted(str(t) for t in p.glob("*.tar"))
+    tars = next(
+        (sorted(str(t) for t in d.glob("*.tar")) for d in (p / "test", p / "shards", p) if any(d.glob("*.tar"))), []
     )
     if tars:
-        if not classnames_file.exists():
-            raise FileNotFoundError(f"{p}: no classnames.txt beside the shards")
-        classnames = [ln.strip() for ln in classnames_file.read_text().splitlines() if ln.strip()]
+        # without classnames.txt (any captioned shards, e.g. a pool or a reshard): retrieval only
+        classnames = (
+            [ln.strip() for ln in classnames_file.read_text().splitlines() if ln.strip()]
+            if classnames_file.exists()
+            else []
+        )
         ds = LabelledSet(name, str(p), classnames, [], "wds", tars=tars)
     else:
         dirs = sorted(d for d in p.iterdir() if d.is_dir())

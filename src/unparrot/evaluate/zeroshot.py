@@ -57,6 +57,8 @@ def encode_images(clip, images: list, batch: int = 64) -> tuple[np.ndarray, np.n
 def zeroshot(clip, ds: LabelledSet, batch: int = 64) -> dict:
     """acc1, acc5, mean per-class recall; on attacked sets also the attack success rate (prediction = the
     class written on the image) and, per sample, what was predicted."""
+    if not ds.classnames:
+        raise ValueError(f"{ds.name}: zero-shot needs class names (classnames.txt beside the shards)")
     rows = [r for r in ds.samples() if r["label"] is not None]
     feats, ok = encode_images(clip, [r["image"] for r in rows], batch)
     rows = [r for r, k in zip(rows, ok) if k]
