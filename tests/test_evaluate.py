@@ -189,3 +189,32 @@ def test_retrieval_on_any_captioned_shards(synth_pool):
     assert m["image_retrieval_recall@1"] <= m["image_retrieval_recall@10"]
     with pytest.raises(ValueError, match="class names"):
         zeroshot(clip, ds)
+
+
+def test_sync_score_and_class_embeddings_hand_computed(monkeypatch):
+    """The arithmetic on known embeddings (a test double stands in for the encoders)."""
+    from types import SimpleNamespace
+
+    from unparrot.evaluate import sync, zeroshot
+
+    T = np.eye(3)  # 3 words, orthogonal text embeddings
+    # the rendered word i is seen as: word 0 perfectly, word 1 half-read, word 2 read as word 0
+    s = np.sqrt(0.5)
+    I = np.array([[1.0, 0, 0], [0, s, s], [1.0, 0, 0]])
+    monkeypatch.setattr(sync, "encode_texts", lambda clip, texts: T[: len(texts)])
+    monkeypatch.setattr(sync, "encode_images", lambda clip, ims, batch=64: (I, np.ones(3, bool)))
+    clip = SimpleNamespace(image_size=64)
+    r = sync.sync_score(clip, ["a", "b", "c"], styles=("black_on_white",))
+    matched = np.array([1.0, s, 0.0])
+    perm = sync.derangement(3, 0)
+    mismatched = (I * T[perm]).sum(1)
+    assert r["sync_mean"] == pytest.approx(matched.mean()) and r["sync_std"] == pytest.approx(matched.std())
+    assert r["sync_gap"] == pytest.approx(matched.mean() - mismatched.mean())
+    assert r["read_top1"] == pytest.approx(2 / 3)  # word 2 is read as word 0
+    assert r["font_px"] == round(32 / 224 * 64)
+
+    E = {"a photo of a x": [1.0, 0], "x": [0.0, 1], "a photo of a y": [0.6, 0.8], "y": [0.6, 0.8]}
+    monkeypatch.setattr(zeroshot, "encode_texts", lambda clip, texts: np.array([E[t] for t in texts]))
+    W = zeroshot.class_embeddings(clip, ["x", "y"], ["a photo of a {c}", "{c}"])
+    np.testing.assert_allclose(W[0], np.array([1, 1]) / np.sqrt(2))  # mean of the templates, re-normalised
+    np.testing.assert_allclose(W[1], [0.6, 0.8])
