@@ -107,3 +107,41 @@ def test_text_mask_augmentation_masks_the_boxes_with_the_given_probability(tmp_p
     masked = sum(half(raw, (i, 0))[0][12:28, 12:48].reshape(-1, 3).std(0).max() < 3 for i in range(200))
     assert abs(masked / 200 - 0.5) < 0.12
     assert not math.isnan(float(masked))
+
+
+def _batches(shards, order, workers, steps=8, start=0, rank=0, world=1):
+    import torch.utils.data as tud
+
+    from unparrot.train.data import TrainStream
+
+    def tok(texts):  # a test double that keeps the caption's first bytes, so batches can be compared
+        return torch.tensor([list(t.encode()[:12].ljust(12, b" ")) for t in texts])
+
+    maker = SampleMaker(32, tok, seed=0, rrc_scale=None)
+    ds = TrainStream(shards, maker, 8, steps, start_step=start, rank=rank, world=world, seed=0, shuffle_buffer=50,
+                     order=order)
+    dl = tud.DataLoader(ds, batch_size=None, num_workers=workers)
+    return {int(s): (x.numpy(), t.numpy()) for s, x, t in dl}
+
+
+@pytest.mark.parametrize("order", ["global", "sharded"])
+def test_loader_workers_split_the_steps_exactly_and_resume(synth_pool, order):
+    from unparrot.train.data import resolve_shards
+
+    shards = resolve_shards(str(synth_pool / "shards"))
+    two = _batches(shards, order, 2)
+    assert sorted(two) == list(range(8))  # every step once, split over the two workers
+    assert all(x.shape == (8, 3, 32, 32) and t.shape == (8, 12) for x, t in two.values())
+    again = _batches(shards, order, 2)
+    assert all(np.array_equal(two[s][1], again[s][1]) for s in two)  # deterministic
+    tail = _batches(shards, order, 2, start=3)
+    assert sorted(tail) == list(range(3, 8))
+    assert all(np.array_equal(tail[s][0], two[s][0]) and np.array_equal(tail[s][1], two[s][1]) for s in tail)
+    if order == "global":  # one global order: the number of workers does not change the data
+        one = _batches(shards, order, 0)
+        assert all(np.array_equal(one[s][1], two[s][1]) for s in one)
+        # two ranks of a global batch of 8 see disjoint halves of the single-process batch
+        r0, r1 = (_batches(shards, order, 0, rank=r, world=2) for r in (0, 1))
+        assert all(np.array_equal(np.concatenate([r0[s][1], r1[s][1]]), one[s][1]) for s in one)
+    else:  # each worker reads its own stream: the workers' batches differ from each other
+        assert not np.array_equal(two[0][1], two[1][1])
