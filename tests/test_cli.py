@@ -121,3 +121,11 @@ def test_profile_vocab_report_with_cotr_variants_through_the_cli(tmp_path, capsy
     html = (pool / "report.html").read_text()
     assert "Profile: embedded text and parrot captions" in html and "<img" in html
 
+
+
+def test_strip_option_handles_both_spellings():
+    from unparrot.cli import strip_option
+
+    assert strip_option(["train", "d", "--nproc", "2", "--out", "r"], "--nproc") == ["train", "d", "--out", "r"]
+    assert strip_option(["train", "d", "--nproc=2", "--out", "r"], "--nproc") == ["train", "d", "--out", "r"]
+    assert strip_option(["train", "--nprocs-x", "1"], "--nproc") == ["train", "--nprocs-x", "1"]

@@ -246,15 +246,26 @@ def _train_fields():
     return [f for f in dataclasses.fields(TrainConfig) if f.name not in ("train_data", "progress")]
 
 
+def strip_option(argv: list[str], name: str) -> list[str]:
+    """argv without `name VALUE` / `name=VALUE` (to relaunch a command under another launcher)."""
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x == name:
+            skip = True
+        elif not x.startswith(name + "="):
+            out.append(x)
+    return out
+
+
 def cmd_train(a):
     from .train import TrainConfig, train
 
     if a.nproc and a.nproc > 1 and "WORLD_SIZE" not in os.environ:
         import subprocess
 
-        argv = [x for x in sys.argv[1:]]
-        i = argv.index("--nproc")
-        del argv[i : i + 2]
+        argv = strip_option(a.argv, "--nproc")
         cmd = [
             sys.executable,
             "-m",
@@ -759,6 +770,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
     a = parser.parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)
     if not getattr(a, "fn", None):
         parser.print_help()
         return 2
