@@ -7,10 +7,11 @@ plural allowed), that has >= 2 words, and that passed the validity check (usable
 seconds per unique caption (all K rewrites, model loading excluded). Targets for the default local
 model (Gemma-3-270M through llama.cpp): >= 90% differ, >= 80% keep the class word.
 
-The `openai` backend runs against a local `llama_cpp.server` with the same Gemma model started here
+On `--captions` (500) unique captions of a pool of `--n` samples. The `openai` backend runs against a
+local `llama_cpp.server` with the same Gemma model started here
 (or against --base-url). Each run starts from an empty rewrite cache, so the timings are real.
 
-Run: .venv/bin/python benchmarks/rewrite_quality.py [--n 500] [--backends llama-cpp,openai,eda]
+Run: .venv/bin/python benchmarks/rewrite_quality.py [--captions 500 --n 700] [--backends llama-cpp,openai,eda]
 """
 
 from __future__ import annotations
@@ -33,10 +34,14 @@ def measure(pool, stage: str, meta: dict) -> dict:
 
     p = Pool(pool)
     df = p.load(stage)
-    n = differ = two = usable = keep = keep_n = 0
+    n = differ = two = usable = keep = keep_n = samples = 0
     examples = []
     for uid, rewrites, styles, fails in zip(df["uid"], df["rewrites"], df["rewrite_styles"], df["rewrite_failures"]):
         src, cls = meta[uid]
+        fails = [f for f in fails if "not selected" not in f]  # outside the caption budget: not measured
+        if not len(rewrites) and not fails:
+            continue
+        samples += 1
         for text in list(rewrites) + [None] * len(fails):
             n += 1
             words = tokens(text or "")
@@ -48,13 +53,15 @@ def measure(pool, stage: str, meta: dict) -> dict:
         usable += len(rewrites)
         if len(examples) < 12 and len(rewrites):
             examples.append((src, list(zip(styles, rewrites))))
-    return {"rewrites": n, "differ": differ / n, "keep_class": keep / keep_n if keep_n else float("nan"),
+    return {"rewrites": n, "samples": samples, "differ": differ / n,
+            "keep_class": keep / keep_n if keep_n else float("nan"),
             "keep_n": keep_n, "two_words": two / n, "usable": usable / n, "examples": examples}
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--captions", type=int, default=500, help="unique captions to rewrite")
+    ap.add_argument("--n", type=int, default=700, help="pool size (enough samples for --captions unique ones)")
     ap.add_argument("--backends", default="llama-cpp,openai,eda")
     ap.add_argument("--model", default=None, help="GGUF path (llama-cpp) / served model (openai)")
     ap.add_argument("--base-url", default=None, help="openai backend: a running server (default: start one)")
@@ -79,7 +86,7 @@ def main():
             shutil.rmtree(pool / "cache" / "rewrite", ignore_errors=True)
         for sub in ("columns", "errors"):
             shutil.rmtree(pool / sub / stage, ignore_errors=True)
-        kw = dict(backend=backend, stage=stage, progress=False, draws=a.draws)
+        kw = dict(backend=backend, stage=stage, progress=False, draws=a.draws, max_captions=a.captions)
         server = None
         if backend == "llama-cpp":
             kw.update(model=a.model, threads=a.threads)
@@ -101,7 +108,8 @@ def main():
         m = measure(pool, stage, meta)
         per_caption = (s.seconds - s.setup_seconds) / max(1, s.captions)
         rows.append((backend, m, per_caption))
-        print(f"== {backend} ({s.model}): {m['rewrites']} rewrites of {len(meta)} samples, {wall:.0f}s")
+        print(f"== {backend} ({s.model}): {m['rewrites']} rewrites of {s.captions} unique captions "
+              f"({m['samples']} samples), {wall:.0f}s")
         print(f"  differ from the source     {100 * m['differ']:5.1f}%" + _verdict(backend, m["differ"], TARGET_DIFFER))
         print(f"  keep the class word        {100 * m['keep_class']:5.1f}% (of {m['keep_n']} rewrites whose "
               f"source names its class)" + _verdict(backend, m["keep_class"], TARGET_KEEP))
@@ -120,7 +128,7 @@ def main():
     out = OUT / "rewrite_quality.json"  # one entry per backend; a run of some backends keeps the others
     results = {r["backend"]: r for r in (json.loads(out.read_text()) if out.exists() else [])}
     for b, m, pc in rows:
-        results[b] = {"backend": b, "n": a.n, "seconds_per_caption": pc,
+        results[b] = {"backend": b, "n": a.n, "captions": a.captions, "seconds_per_caption": pc,
                       **{k: v for k, v in m.items() if k != "examples"}}
     out.write_text(json.dumps(list(results.values()), indent=1))
     return 0 if ok else 1
