@@ -155,6 +155,21 @@ def test_evaluate_end_to_end_on_a_tiny_set(tmp_path):
         "unparrot-rn-tiny", str(ck), datasets={"tiny": str(path)}, out=tmp_path / "res", name="rand", progress=False
     )
     assert again[0]["metrics"]["seconds"] == z["seconds"]  # read back, not recomputed
+    assert again[0]["inputs"] == next(r for r in recs if r["task"] == "zeroshot")["inputs"]
+    # a retrained checkpoint (another file state) is evaluated again, not read back
+    torch.manual_seed(1)
+    torch.save({"state_dict": load_clip("unparrot-rn-tiny").model.state_dict()}, ck)
+    fresh = evaluate(
+        "unparrot-rn-tiny", str(ck), datasets={"tiny": str(path)}, out=tmp_path / "res", name="rand", progress=False
+    )
+    assert fresh[0]["inputs"] != again[0]["inputs"]
+    (tmp_path / "res" / "rand" / "zeroshot__tiny.json").write_text(
+        (tmp_path / "res" / "rand" / "zeroshot__tiny.json").read_text().replace('"acc1"', '"acc1_marker"', 1)
+    )
+    same = evaluate(
+        "unparrot-rn-tiny", str(ck), datasets={"tiny": str(path)}, out=tmp_path / "res", name="rand", progress=False
+    )
+    assert "acc1_marker" in same[0]["metrics"]  # unchanged inputs: read back
     out = build_attack(path, tmp_path / "att", mode="attr", model="unparrot-rn-tiny", pretrained=str(ck))
     assert out["images"] == 12 and set(out["targets"]) == {"red", "green", "blue"}
     att = list(load_set(tmp_path / "att").samples())

@@ -1,7 +1,8 @@
 """Evaluation of any open_clip model or checkpoint: zero-shot classification (with typographic-attack
 metrics on attacked sets), retrieval, Sync score, and effective robustness across models.
 
-`evaluate(...)` writes one JSON per (model, task, dataset) in CLIP_benchmark's shape and skips what exists.
+`evaluate(...)` writes one JSON per (model, task, dataset) in CLIP_benchmark's shape and skips a result whose
+inputs (model, checkpoint, set files, words) are unchanged.
 """
 
 from __future__ import annotations
@@ -60,7 +61,13 @@ def evaluate(
     for _, d, p in jobs:  # every input checked before any model is loaded
         if p is not None:
             load_set(p, d, templates)
-    todo = [j for j in jobs if overwrite or not result_path(out, name, j[0], j[1]).exists()]
+    digest = {j: _inputs_digest(model, pretrained, j, sync_words, sync_font_scale, templates) for j in jobs}
+
+    def done(j) -> bool:
+        rp = result_path(out, name, j[0], j[1])
+        return rp.exists() and json.loads(rp.read_text()).get("inputs") == digest[j]
+
+    todo = [j for j in jobs if overwrite or not done(j)]
     records = []
     clip = load_clip(model, pretrained) if todo else None
     for task, d, p in jobs:
@@ -79,12 +86,31 @@ def evaluate(
             ds = load_set(p, d, templates)
             metrics = (zeroshot if task == "zeroshot" else retrieval)(clip, ds, batch)
         metrics["seconds"] = round(time.time() - t0, 2)
-        write_result(out, name, task, d, metrics, pretrained=pretrained, architecture=model, path=p)
+        write_result(
+            out, name, task, d, metrics, pretrained=pretrained, architecture=model, path=p, inputs=digest[(task, d, p)]
+        )
         records.append(json.loads(rp.read_text()))
         if progress:
             head = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
             print(f"evaluate {name} {task} {d}: {head}")
     return records
+
+
+def _inputs_digest(model, pretrained, job, words, font_scale, templates) -> str:
+    """What a result was computed from (model, checkpoint file, set files, words): a rerun recomputes a
+    result whose inputs changed (a retrained checkpoint, a regenerated set) and skips the others."""
+    import hashlib
+
+    def stamp(path) -> list:
+        p = Path(path)
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.exists() else []
+        return [(str(f.relative_to(p) if p.is_dir() else f.name), f.stat().st_size, f.stat().st_mtime_ns)
+                for f in files]
+
+    task, _, path = job
+    parts = [model, str(pretrained), stamp(pretrained) if pretrained else [], task, templates]
+    parts += [stamp(path)] if path else [list(words or []), font_scale]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
 __all__ = ["evaluate", "build_attack", "load_set", "read_results", "results_table", "robustness", "write_result"]
