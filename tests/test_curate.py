@@ -180,3 +180,15 @@ def test_t_mars_and_cotr_recipes(tmp_path):
     assert set(co.uids) == set(df.loc[df["cotr"] <= 0, "uid"]) and len(co.uids) == 60
     loose = select(pool, "cotr", overrides={"max_cotr": 0.6}, name="cotr-loose")
     assert len(loose.uids) == 90
+
+
+def test_kmeans_settings_by_name(tmp_path):
+    pool, _, _ = _pool_with_embeddings(tmp_path)
+    s = cluster(pool, k=5, eps=0.02, kmeans="parrot")
+    rec = json.loads((pool.root / "columns" / "cluster" / "_stage.json").read_text())
+    got = rec.get("params", rec)
+    assert (got["niter"], got["nredo"], got["seed"]) == (300, 10, 42)
+    assert (got["min_points_per_centroid"], got["max_points_per_centroid"]) == (10000, 200000)
+    assert s.k == 5
+    with pytest.raises(KeyError, match="k-means settings"):
+        cluster(pool, k=5, kmeans="slow")

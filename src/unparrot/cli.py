@@ -212,6 +212,7 @@ def cmd_cluster(a):
             centroids=a.centroids,
             dedup_fraction=a.dedup_fraction,
             stage=a.stage,
+            kmeans=a.kmeans,
         )
     )
 
@@ -610,6 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dedup-fraction", type=float, help="instead of eps: drop about this share of the pool")
     sp.add_argument("--keep", default="far", help="far (SemDeDup: least typical first) or near")
     sp.add_argument("--centroids", help="folder of a previous run (POOL/cluster/<stage>) to assign with")
+    sp.add_argument("--kmeans", choices=["fast", "parrot"],
+                    help="named k-means settings overriding --niter/--nredo/--seed/--min-points/--max-points: "
+                    "parrot = the Parrot paper's (300, 10, 42, 10000, 200000)")
     sp.add_argument("--stage", default="cluster")
 
     sp = add(

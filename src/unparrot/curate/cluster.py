@@ -184,6 +184,13 @@ def max_sim_to_earlier(emb: np.ndarray, order: np.ndarray, block: int = 2048) ->
     return out
 
 
+# faiss k-means settings by name: `fast` (ours, the defaults) or the Parrot paper's LAION run (METHODS.md §1)
+KMEANS = {
+    "fast": dict(niter=20, nredo=1, seed=42, min_points_per_centroid=1, max_points_per_centroid=256),
+    "parrot": dict(niter=300, nredo=10, seed=42, min_points_per_centroid=10000, max_points_per_centroid=200000),
+}
+
+
 def cluster(
     pool: Pool | str,
     embed_stage: str = "embed",
@@ -201,16 +208,24 @@ def cluster(
     stage: str = "cluster",
     dedup_fraction: float | None = None,
     progress: bool = True,
+    kmeans: str | None = None,
 ) -> ClusterSummary:
     """Cluster the pool's `embedding` vectors of `embed_stage` and mark near-duplicates.
 
-    Defaults are for speed (ours); the Parrot paper's LAION run used k=4000, niter=300, nredo=10, seed=42,
-    min/max points per centroid 10k/200k. `dedup_fraction` (ours) replaces `eps` by the threshold at which
+    Defaults are for speed (ours); `kmeans="parrot"` sets the Parrot paper's LAION run (niter=300, nredo=10,
+    seed=42, min/max points per centroid 10k/200k; k stays scaled to the pool unless given: 4000 there).
+    `dedup_fraction` (ours) replaces `eps` by the threshold at which
     about that share of the pool has a closer earlier neighbour in its cluster (the greedy rule then drops
     at most that share): useful when the scale of cosines is unknown (small models trained from scratch).
     `centroids` names a folder written by an earlier run (its PCA
     and centroids are reused to assign this pool instead of training). Re-running replaces the stage.
     """
+    if kmeans is not None:
+        if kmeans not in KMEANS:
+            raise KeyError(f"unknown k-means settings {kmeans!r}; known: {', '.join(KMEANS)}")
+        km = KMEANS[kmeans]
+        niter, nredo, seed = km["niter"], km["nredo"], km["seed"]
+        min_points_per_centroid, max_points_per_centroid = km["min_points_per_centroid"], km["max_points_per_centroid"]
     if keep not in ("far", "near"):
         raise ValueError("keep must be 'far' (SemDeDup: keep the least typical first) or 'near'")
     if not 0 <= eps < 1:
