@@ -389,7 +389,8 @@ def demo_table(out: Path, pool, chosen) -> str:
 def seeds_summary(outs: list[str | os.PathLike]) -> str:
     """Mean ± std over several demo runs (one per seed): the numbers table and how often each finding held."""
     runs = [model_numbers(Path(o)) for o in outs]
-    models = list(dict.fromkeys(m for r in runs for m in r))
+    order = list(MODELS)
+    models = sorted(dict.fromkeys(m for r in runs for m in r), key=lambda m: (order.index(m) if m in order else 99, m))
     lines = [f"{len(outs)} runs: {', '.join(str(o) for o in outs)}", ""]
     lines += ["| model | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for m in models:
@@ -407,6 +408,9 @@ def seeds_summary(outs: list[str | os.PathLike]) -> str:
             tally.setdefault(f["finding"], []).append(f["holds"])
     for name, hs in tally.items():
         measured = [h for h in hs if h is not None]
+        if not measured:
+            lines.append(f"| {name} | not run |")
+            continue
         lines.append(f"| {name} | {sum(measured)}/{len(measured)} runs" + (" (not run in the others)" if
                      len(measured) < len(hs) else "") + " |")
     return "\n".join(lines)
