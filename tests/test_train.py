@@ -113,6 +113,11 @@ def test_laclip_text_sampling():
     heavy = SampleMaker(32, None, use_rewrites=True, original_weight=3.0)
     p = [heavy.caption(row, np.random.default_rng(i)) for i in range(3000)].count("a red star") / 3000
     assert abs(p - 4 / 6) < 0.03  # weights 3:1:1:1, plus the one-word fallback
+    styled = SampleMaker(32, None, use_rewrites=True, original_weight=0.0, rewrite_weights=(3.0, 0.0, 1.0))
+    picks = [styled.caption(row, np.random.default_rng(i)) for i in range(3000)]
+    assert "star" not in picks and abs(picks.count("a crimson star shape") / 3000 - 0.75) < 0.03
+    with pytest.raises(ValueError, match="non-negative"):
+        TrainConfig(train_data="x", rewrite_weights=[1, -1]).validate()
     assert isinstance(RawSample("k"), RawSample)
 
 

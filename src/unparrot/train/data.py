@@ -113,6 +113,7 @@ class SampleMaker:
     rrc_scale: tuple | None = (0.5, 1.0)  # None: resize + centre crop (no augmentation)
     use_rewrites: bool = False
     original_weight: float = 1.0  # relative weight of the original caption among the rewrites
+    rewrite_weights: tuple = ()  # weights of rewrite 1, 2, ... (missing: 1.0)
     mask_text_prob: float = 0.0
     caption_key: str = "txt"
 
@@ -123,7 +124,10 @@ class SampleMaker:
         if not rewrites:
             return cap
         options = [cap] + [r for r in rewrites if isinstance(r, str)]
-        w = np.array([self.original_weight] + [1.0] * (len(options) - 1))
+        rw = self.rewrite_weights
+        w = np.array([self.original_weight] + [rw[i] if i < len(rw) else 1.0 for i in range(len(options) - 1)], float)
+        if w.sum() <= 0:
+            return cap
         pick = options[int(rng.choice(len(options), p=w / w.sum()))]
         return pick if len(pick.split()) >= 2 else cap
 

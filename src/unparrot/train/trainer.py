@@ -49,6 +49,7 @@ class TrainConfig:
     rrc_scale: tuple | None = (0.5, 1.0)  # RandomResizedCrop scale (LaCLIP); None: no augmentation
     rewrites: bool = False  # LaCLIP: sample among the caption and its rewrites
     original_weight: float = 1.0  # weight of the original caption among the rewrites
+    rewrite_weights: list | None = None  # weights of rewrites 1, 2, ... (default 1 each; missing ones 1)
     mask_text_prob: float = 0.0  # probability of filling the text boxes (needs "boxes" in .json)
     vocab_texts: list = field(default_factory=list)  # extra texts/files for a dense vocabulary (eval prompts)
     precision: str = "auto"  # auto (fp32 on CPU, amp bf16 on GPU), fp32, bf16, amp
@@ -73,6 +74,9 @@ class TrainConfig:
                 errs.append(f"{name} must be >= 1")
         if self.batch_size % self.accum:
             errs.append(f"batch_size ({self.batch_size}) must divide by accum ({self.accum})")
+        weights = [self.original_weight, *(self.rewrite_weights or [])]
+        if any(not isinstance(w, (int, float)) or w < 0 for w in weights):
+            errs.append("original_weight and rewrite_weights must be non-negative numbers")
         if self.lr <= 0 or self.weight_decay < 0:
             errs.append("lr must be > 0 and weight_decay >= 0")
         if not 0 <= self.mask_text_prob <= 1:
@@ -122,6 +126,7 @@ OPTION_HELP = {
     "rrc_scale": "RandomResizedCrop scale range (LaCLIP: [0.5, 1.0]); null: no augmentation",
     "rewrites": "LaCLIP: sample the caption among the original and its rewrites (.json 'rewrites')",
     "original_weight": "relative weight of the original caption among the rewrites",
+    "rewrite_weights": "weights of rewrite 1, 2, ... (YAML list, e.g. [1, 1, 0.5, 0.5]; default 1 each)",
     "mask_text_prob": "probability of filling the text boxes (.json 'boxes', from reshard --columns boxes)",
     "vocab_texts": "extra texts or text files for a dense vocabulary (-v1k models): evaluation prompts, class names",
     "precision": "auto (fp32 on CPU, bf16 autocast on GPU), fp32, bf16, amp",
@@ -271,6 +276,7 @@ def train(cfg: TrainConfig | dict) -> dict:
         rrc_scale=cfg.rrc_scale,
         use_rewrites=cfg.rewrites,
         original_weight=cfg.original_weight,
+        rewrite_weights=tuple(cfg.rewrite_weights or ()),
         mask_text_prob=cfg.mask_text_prob,
     )
     stream = TrainStream(
