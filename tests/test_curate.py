@@ -190,5 +190,8 @@ def test_kmeans_settings_by_name(tmp_path):
     assert (got["niter"], got["nredo"], got["seed"]) == (300, 10, 42)
     assert (got["min_points_per_centroid"], got["max_points_per_centroid"]) == (10000, 200000)
     assert s.k == 5
+    s2 = cluster(pool, k=5, eps=0.02, kmeans="parrot", niter=7)  # an explicit setting overrides the named set
+    rec = json.loads((pool.root / "columns" / "cluster" / "_stage.json").read_text())
+    assert (rec.get("params", rec)["niter"], rec.get("params", rec)["nredo"]) == (7, 10) and s2.k == 5
     with pytest.raises(KeyError, match="k-means settings"):
         cluster(pool, k=5, kmeans="slow")

@@ -219,12 +219,15 @@ def test_cross_shard_duplicate_pass_finishes_after_a_kill(tmp_path):
     clean = run_stage(pool, "inspect", progress=False)
     want_err = pool.errors("inspect").sort_values(["key", "reason"]).reset_index(drop=True)
     want_ok = sorted(pool.load("inspect")["uid"])
+    stamp = pool.root / "columns" / "inspect" / "_cross_shard_dups.done"
+    assert stamp.exists()  # a rerun with nothing new skips the check
     shard = next(s for s in pool.shards() if s.id == "03-crossdup")
     err_path = pool.error_path("inspect", "03-crossdup")
     for errors_written in (False, True):
         saved = err_path.read_bytes()
         process_shard(pool, shard, get_op("inspect")(), "inspect")  # the shard as written before the pass
         assert len(pool.read_columns("inspect", "03-crossdup")) == 2  # the duplicate is back in the table
+        assert not stamp.exists()  # new output makes the check due again
         if errors_written:
             err_path.write_bytes(saved)
         again = run_stage(pool, "inspect", progress=False)

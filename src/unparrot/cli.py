@@ -596,24 +596,24 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_cluster,
         "PCA + k-means over image embeddings, then SemDeDup near-duplicates",
         "Writes cluster, dist_to_centroid, dup_of, keep_dedup. Defaults favour speed; the Parrot paper "
-        "used k=4000 --niter 300 --nredo 10 --seed 42 --min-points 10000 --max-points 200000 on 107M pairs.",
+        "used k=4000 and --kmeans parrot on 107M pairs.",
     )
     sp.add_argument("pool")
     sp.add_argument("--embed-stage", default="embed")
     sp.add_argument("-k", type=int, help="clusters (default: about sqrt(n), at most 4000)")
     sp.add_argument("--pca-dim", type=int, default=256)
-    sp.add_argument("--niter", type=int, default=20)
-    sp.add_argument("--nredo", type=int, default=1)
-    sp.add_argument("--seed", type=int, default=42)
-    sp.add_argument("--min-points", type=int, default=1, help="faiss min points per centroid")
-    sp.add_argument("--max-points", type=int, default=256, help="faiss max points per centroid (training subsample)")
+    sp.add_argument("--kmeans", default="fast", choices=["fast", "parrot"],
+                    help="named k-means settings: fast (ours: niter 20, nredo 1, seed 42, 1/256 points per "
+                    "centroid) or parrot (the Parrot paper's: 300, 10, 42, 10000/200000); the flags below override")
+    sp.add_argument("--niter", type=int)
+    sp.add_argument("--nredo", type=int)
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--min-points", type=int, help="faiss min points per centroid")
+    sp.add_argument("--max-points", type=int, help="faiss max points per centroid (training subsample)")
     sp.add_argument("--eps", type=float, default=0.05, help="duplicates: cosine similarity > 1 - eps")
     sp.add_argument("--dedup-fraction", type=float, help="instead of eps: drop about this share of the pool")
     sp.add_argument("--keep", default="far", help="far (SemDeDup: least typical first) or near")
     sp.add_argument("--centroids", help="folder of a previous run (POOL/cluster/<stage>) to assign with")
-    sp.add_argument("--kmeans", choices=["fast", "parrot"],
-                    help="named k-means settings overriding --niter/--nredo/--seed/--min-points/--max-points: "
-                    "parrot = the Parrot paper's (300, 10, 42, 10000, 200000)")
     sp.add_argument("--stage", default="cluster")
 
     sp = add(

@@ -89,6 +89,10 @@ def atomic_save_npy(path: Path, arr: np.ndarray):
         np.save(f, arr)
 
 
+# in columns/<stage>/: the engines' cross-shard duplicate check has gone over every shard written so far
+CROSS_SHARD_STAMP = "_cross_shard_dups.done"
+
+
 @dataclass(frozen=True)
 class Shard:
     """A shard: its id (used to name its column files) and the tar path."""
@@ -162,7 +166,9 @@ class Pool:
         """Write one shard's output: errors, then embeddings, then the column file (the 'done' marker).
 
         2-D float arrays among `columns` are embeddings: saved as float16 .npy aligned with the rows.
+        New output makes the stage's cross-shard duplicate check due again (its stamp is removed first).
         """
+        (self.root / "columns" / stage / CROSS_SHARD_STAMP).unlink(missing_ok=True)
         write_errors(self.error_path(stage, shard), stage, shard, errors)
         table_cols = {}
         for name, values in columns.items():

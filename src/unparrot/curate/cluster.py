@@ -197,35 +197,35 @@ def cluster(
     embedding: str = "image",
     k: int | None = None,
     pca_dim: int = 256,
-    niter: int = 20,
-    nredo: int = 1,
-    seed: int = 42,
-    min_points_per_centroid: int = 1,
-    max_points_per_centroid: int = 256,
+    niter: int | None = None,
+    nredo: int | None = None,
+    seed: int | None = None,
+    min_points_per_centroid: int | None = None,
+    max_points_per_centroid: int | None = None,
     eps: float = 0.05,
     keep: str = "far",
     centroids: str | None = None,
     stage: str = "cluster",
     dedup_fraction: float | None = None,
     progress: bool = True,
-    kmeans: str | None = None,
+    kmeans: str = "fast",
 ) -> ClusterSummary:
     """Cluster the pool's `embedding` vectors of `embed_stage` and mark near-duplicates.
 
-    Defaults are for speed (ours); `kmeans="parrot"` sets the Parrot paper's LAION run (niter=300, nredo=10,
-    seed=42, min/max points per centroid 10k/200k; k stays scaled to the pool unless given: 4000 there).
+    The k-means settings come from `KMEANS[kmeans]` ("fast", ours, for speed; "parrot", the Parrot paper's
+    LAION run: niter 300, nredo 10, seed 42, min/max points per centroid 10k/200k; k stays scaled to the
+    pool unless given: 4000 there); an explicit `niter`, `nredo`, ... overrides its entry.
     `dedup_fraction` (ours) replaces `eps` by the threshold at which
     about that share of the pool has a closer earlier neighbour in its cluster (the greedy rule then drops
     at most that share): useful when the scale of cosines is unknown (small models trained from scratch).
     `centroids` names a folder written by an earlier run (its PCA
     and centroids are reused to assign this pool instead of training). Re-running replaces the stage.
     """
-    if kmeans is not None:
-        if kmeans not in KMEANS:
-            raise KeyError(f"unknown k-means settings {kmeans!r}; known: {', '.join(KMEANS)}")
-        km = KMEANS[kmeans]
-        niter, nredo, seed = km["niter"], km["nredo"], km["seed"]
-        min_points_per_centroid, max_points_per_centroid = km["min_points_per_centroid"], km["max_points_per_centroid"]
+    if kmeans not in KMEANS:
+        raise KeyError(f"unknown k-means settings {kmeans!r}; known: {', '.join(KMEANS)}")
+    given = dict(niter=niter, nredo=nredo, seed=seed, min_points_per_centroid=min_points_per_centroid,
+                 max_points_per_centroid=max_points_per_centroid)
+    km = {**KMEANS[kmeans], **{key: v for key, v in given.items() if v is not None}}
     if keep not in ("far", "near"):
         raise ValueError("keep must be 'far' (SemDeDup: keep the least typical first) or 'near'")
     if not 0 <= eps < 1:
@@ -257,7 +257,8 @@ def cluster(
         if k > n:
             raise ValueError(f"k={k} clusters for {n} samples")
         x = proj(emb)
-        cents = train_kmeans(x, k, niter, nredo, seed, min_points_per_centroid, max_points_per_centroid)
+        cents = train_kmeans(x, k, km["niter"], km["nredo"], km["seed"], km["min_points_per_centroid"],
+                             km["max_points_per_centroid"])
         proj.save(out_dir / "pca.npz")
         atomic_save_npy(out_dir / "centroids.npy", cents)
     labels, dist = assign(x, cents)
@@ -306,11 +307,8 @@ def cluster(
         "embedding": embedding,
         "k": int(len(cents)),
         "pca_dim": pca_dim,
-        "niter": niter,
-        "nredo": nredo,
-        "seed": seed,
-        "min_points_per_centroid": min_points_per_centroid,
-        "max_points_per_centroid": max_points_per_centroid,
+        "kmeans": kmeans,
+        **km,
         "eps": eps,
         "keep": keep,
         "centroids": centroids,

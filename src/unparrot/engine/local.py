@@ -409,13 +409,16 @@ def stage_counts(pool: Pool, stage: str, shard_ids: list[str]) -> dict:
 def _move_cross_shard_duplicates(pool: Pool, stage: str):
     """A uid seen in an earlier shard (by shard id order) is an error row in later shards.
 
-    Runs after every run (cheap: the uid columns only) and is idempotent, so a run killed half-way through
-    this pass is finished by the next run: error rows are added once, embeddings are trimmed only while
-    they still have the table's length, and the column table is rewritten last."""
+    Its stamp (removed whenever a shard's output is written) lets a rerun with nothing new skip it; a run
+    killed inside it leaves no stamp and the next run finishes it. Each step is idempotent: error rows are
+    added once, embeddings are trimmed only while they still have the table's length, the table last."""
     import pyarrow.parquet as pq
 
-    from ..pool import atomic_save_npy
+    from ..pool import CROSS_SHARD_STAMP, atomic_save_npy, atomic_write_bytes
 
+    stamp = pool.root / "columns" / stage / CROSS_SHARD_STAMP
+    if stamp.exists() or not stamp.parent.exists():
+        return
     first: dict[str, str] = {}
     for sid in pool.done_shards(stage):
         uids = pq.read_table(pool.column_path(stage, sid), columns=["uid"]).column("uid").to_pylist()
@@ -442,6 +445,7 @@ def _move_cross_shard_duplicates(pool: Pool, stage: str):
             if len(arr) == len(uids):  # not trimmed yet
                 atomic_save_npy(p, np.asarray(arr[keep]))
         atomic_write_table(pool.column_path(stage, sid), table.take(keep))
+    atomic_write_bytes(stamp, b"")
 
 
 __all__ = [

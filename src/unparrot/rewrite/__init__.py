@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -184,10 +185,7 @@ def rewrite(pool: Pool | str, backend: str = "llama-cpp", k: int = 4, styles: Se
         slots = [(styles[i % len(styles)], i // len(styles)) for i in range(k)]
         captions = list(dict.fromkeys(r["caption"] for rs in rows.values() for r in rs))
         if max_captions is not None:  # the most frequent first; ties keep their first appearance
-            freq: dict[str, int] = {}
-            for rs in rows.values():
-                for r in rs:
-                    freq[r["caption"]] = freq.get(r["caption"], 0) + 1
+            freq = Counter(r["caption"] for rs in rows.values() for r in rs)
             captions = sorted(captions, key=lambda c: -freq[c])[:max(0, int(max_captions))]
         cache = RewriteCache(pool.root / "cache" / "rewrite" / "rewrites.jsonl")
         try:

@@ -202,7 +202,6 @@ class TrainStream(tud.IterableDataset):
         return (info.id, info.num_workers) if info else (0, 1)
 
     def __iter__(self):
-
         k, K = self._worker()
         local = self.B // self.world
         lo = self.rank * local
