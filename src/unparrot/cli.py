@@ -106,6 +106,7 @@ def cmd_reshard(a):
             mask_text=a.mask_text,
             mask_fill=a.mask_fill,
             progress=not a.quiet,
+            caption_column=a.caption_column,
         )
     )
 
@@ -394,8 +395,52 @@ def cmd_rewrite(a):
             progress=not a.quiet,
             stage=a.stage,
             backend_options=_kv(a.param),
+            caption_column=a.caption_column,
         )
     )
+
+
+# ---- de-parroting ---------------------------------------------------------------------------------
+def add_config_flags(sp, cls, helps: dict, skip=()):
+    """One flag per field of a config dataclass (flag name = field name), typed by the field; the
+    default stays in the dataclass (flags default to None = not given)."""
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        t = f.type if isinstance(f.type, str) else str(f.type)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        h = f"{helps.get(f.name, '')} [{default}]"
+        if "bool" in t and "|" not in t:
+            sp.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=h)
+        elif "dict" in t or "tuple" in t or "list" in t:
+            sp.add_argument(flag, type=yaml.safe_load, default=None, metavar="YAML", help=h)
+        elif "int" in t and "float" not in t:
+            sp.add_argument(flag, type=int, default=None, help=h)
+        elif "float" in t:
+            sp.add_argument(flag, type=float, default=None, help=h)
+        else:
+            sp.add_argument(flag, default=None, help=h)
+
+
+def config_from_flags(a, cls):
+    """The config dataclass with every flag that was given."""
+    import dataclasses
+
+    return cls(**{f.name: getattr(a, f.name) for f in dataclasses.fields(cls) if getattr(a, f.name, None) is not None})
+
+
+def cmd_deparrot(a):
+    from .deparrot import DeparrotConfig, deparrot, deparrot_counts
+
+    s = deparrot(a.pool, config_from_flags(a, DeparrotConfig), progress=not a.quiet)
+    _print(s)
+    c = deparrot_counts(a.pool, s.stage)
+    modes = ", ".join(f"{k} {v}" for k, v in sorted(c["modes"].items()))
+    print(f"{s.stage}: {c['kept']} captions kept, {c['null']} null (nothing describable left); modes: {modes}; "
+          f"{c['removed_words']} spelled words removed; max residual CoTR {c['max_residual_cotr']:.3f}")
 
 
 def cmd_demo(a):
@@ -491,6 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--columns", nargs="*", help="columns (stage.column or column) to add to each .json")
     sp.add_argument("--mask-text", action="store_true", help="write images with text boxes masked (needs spot)")
     sp.add_argument("--mask-fill", default="mean", help="mean, inpaint or solid")
+    sp.add_argument("--caption-column", help="column (stage.column or column) written as each .txt instead of "
+                    "the caption, e.g. deparrot_caption; the original goes to .json original_caption")
     sp.add_argument("--quiet", action="store_true")
 
     sp = add("info", cmd_info, "show a pool's shards, stages, counts and subsets")
@@ -662,7 +709,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite", action="store_true", help="redo a stage made with other parameters")
     sp.add_argument("--param", action="append", metavar="KEY=VALUE", help="extra backend option")
     sp.add_argument("--workers", type=int, default=1, help="llama-cpp: model copies in worker processes")
+    sp.add_argument("--caption-column", help="rewrite this column's captions instead of the shards' (e.g. "
+                    "deparrot_caption: LaCLIP rewrites of de-parroted captions)")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sp = add(
+        "deparrot",
+        cmd_deparrot,
+        "take the words an image spells out of its caption (strip) or rewrite it without them (LLM)",
+        "Keeps the images with text: writes deparrot_caption (null when nothing describable is left), "
+        "deparrot_mode, removed_words and residual_cotr into POOL/columns/<stage>/ (needs spot and parrot). "
+        "Select with the deparrot recipe, reshard with --caption-column deparrot_caption. See docs/deparrot.md.",
+    )
+    sp.formatter_class = argparse.HelpFormatter  # defaults are shown in [brackets]
+    sp.add_argument("pool")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    from .deparrot import OPTION_HELP as DEPARROT_HELP, DeparrotConfig
+
+    add_config_flags(sp, DeparrotConfig, DEPARROT_HELP)
 
     sp = add(
         "train",

@@ -1,8 +1,10 @@
 """`unparrot reshard`: write a subset of a pool as new webdataset shards (DataComp's resharder, in miniature).
 
 Every member of a kept sample is copied unchanged (image, .txt, extra members), except `.json`, which gains
-the requested columns (e.g. rewrites for LaCLIP training, has_text, clip_score). The output folder is a
-pool in its own right.
+the requested columns (e.g. rewrites for LaCLIP training, has_text, clip_score). With `caption_column`
+(e.g. `deparrot_caption`), `.txt` is that column's value instead and `.json` keeps the original caption
+as `original_caption`, so `train` and open_clip's trainer use the new caption unchanged. The output
+folder is a pool in its own right.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class ReshardSummary:
         return s
 
 
-def _parse_columns(columns: Sequence[str] | None, pool: Pool) -> dict[str, list[str]]:
+def parse_columns(columns: Sequence[str] | None, pool: Pool) -> dict[str, list[str]]:
     """ "stage.column" or a bare column name (looked up across the pool's stages) -> {stage: [columns]}."""
     import pyarrow.parquet as pq
 
@@ -86,15 +88,24 @@ def reshard(
     mask_fill: str = "mean",
     spot_stage: str = "spot",
     progress: bool = True,
+    caption_column: str | None = None,
 ) -> ReshardSummary:
     """Write the samples of `pool` whose uid is in `subset` (a DataComp .npy or array) to `out/shards/`.
 
     `columns` ("stage.column" or column names) are added to each sample's .json. With `mask_text`, images
     are written with their text boxes (from `spot_stage`) filled (T-MARS style, see ops/mask.py).
+    `caption_column` ("stage.column" or a column name) becomes each sample's .txt; a sample whose value
+    is null or missing is an error row, not written.
     """
     pool = pool if isinstance(pool, Pool) else Pool(pool)
     sub = subset if isinstance(subset, np.ndarray) else read_subset(subset)
-    wanted = _parse_columns(columns, pool)
+    wanted = parse_columns(columns, pool)
+    caption_src = None
+    if caption_column:
+        ((cst, (ccol,)),) = parse_columns([caption_column], pool).items()
+        caption_src = (cst, ccol)
+        if ccol not in wanted.get(cst, []):
+            wanted.setdefault(cst, []).append(ccol)
     masker = None
     if mask_text:
         from ..ops.mask import Masker
@@ -126,11 +137,13 @@ def reshard(
                     continue
                 batch.append(item)
                 if len(batch) >= 512:
-                    written += _write_batch(batch, sh.id, sub, w, wanted, extra, boxes, masker, errors, found)
+                    written += _write_batch(batch, sh.id, sub, w, wanted, extra, boxes, masker, errors, found,
+                                            caption_src, columns)
                     bar.n = written
                     bar.refresh()
                     batch = []
-            written += _write_batch(batch, sh.id, sub, w, wanted, extra, boxes, masker, errors, found)
+            written += _write_batch(batch, sh.id, sub, w, wanted, extra, boxes, masker, errors, found,
+                                    caption_src, columns)
             bar.n = written
             bar.refresh()
     bar.close()
@@ -142,7 +155,8 @@ def reshard(
     return summary
 
 
-def _write_batch(items, shard_id, sub, w, wanted, extra, boxes, masker, errors, found) -> int:
+def _write_batch(items, shard_id, sub, w, wanted, extra, boxes, masker, errors, found, caption_src=None,
+                 columns=None) -> int:
     rows = [parse_sample(it, shard_id) for it in items]
     keep = subset_contains(sub, [r["uid"] for r in rows]) if rows else []
     n = 0
@@ -170,6 +184,17 @@ def _write_batch(items, shard_id, sub, w, wanted, extra, boxes, masker, errors, 
             for c in cols:
                 meta[c] = None if i is None else _jsonable(table[c][i])
         members = {ext: data for ext, data in it.members.items() if ext != "json"}
+        if caption_src is not None:
+            st, col = caption_src
+            cap = meta.get(col) if st in extra else None
+            if col not in (columns or ()) and not any(c.endswith("." + col) for c in columns or ()):
+                meta.pop(col, None)  # asked for as the caption only: not repeated in .json
+            if not isinstance(cap, str) or not cap:
+                errors.append({"uid": row["uid"], "key": row["key"], "shard": shard_id,
+                               "reason": f"no caption in {st}.{col} (null, or the stage has no row for it)"})
+                continue
+            meta["original_caption"] = row["caption"]
+            members["txt"] = cap.encode("utf-8")
         if masker is not None and boxes and boxes.get(row["uid"]):
             try:
                 ext = row["image_ext"] if row["image_ext"] in ("jpg", "jpeg", "png", "webp") else "png"

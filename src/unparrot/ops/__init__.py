@@ -11,6 +11,7 @@ OPS: dict[str, str] = {
     "parrot": "unparrot.ops.parrot:Parrot",
     "embed": "unparrot.ops.embed:Embed",
     "aesthetic": "unparrot.ops.aesthetic:Aesthetic",
+    "deparrot": "unparrot.ops.deparrot:Deparrot",
 }
 
 

@@ -38,6 +38,7 @@ SECTIONS: dict = {
     "clip": _lazy("curation_section", "clip_section"),
     "clusters": _lazy("curation_section", "cluster_section"),
     "funnel": _lazy("curation_section", "funnel_section"),
+    "deparrot": _lazy("deparrot_section", "deparrot_section"),
     "results": _lazy("results_section", "results_section"),
 }
 

@@ -5,7 +5,9 @@ style (chat, bard, human, coco by default); the results go to `columns/<stage>/<
 (`rewrites`, `rewrite_styles`, `rewrite_failures` per sample), and training samples among the original
 and its rewrites. All generation goes through a cache under `POOL/cache/rewrite/`, so a rerun or a
 resumed run repeats no finished rewrite; failed rewrites are kept with their reason and tried again only
-with `retry_failed=True`.
+with `retry_failed=True`. With `caption_column` (e.g. `deparrot_caption`) the captions rewritten are that
+column's values instead of the shards' (LaCLIP rewrites of de-parroted captions); a null value gets no
+rewrites, noted in `rewrite_failures`.
 """
 
 from __future__ import annotations
@@ -138,7 +140,8 @@ def rewrite(pool: Pool | str, backend: str = "llama-cpp", k: int = 4, styles: Se
             timeout: float = 120.0, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
             workers: int = 1, threads: int | None = None, draws: int | None = None,
             max_caption_chars: int = 1000, max_captions: int | None = None, overwrite: bool = False,
-            progress: bool = True, stage: str = "rewrite", backend_options: dict | None = None) -> RewriteSummary:
+            progress: bool = True, stage: str = "rewrite", backend_options: dict | None = None,
+            caption_column: str | None = None) -> RewriteSummary:
     """Add `k` rewrites per caption to a pool (resumable; unique captions only; cached).
 
     `styles` defaults to the backend's (chat, bard, human, coco for LLMs; sr, ri, rs, rd for EDA);
@@ -159,6 +162,12 @@ def rewrite(pool: Pool | str, backend: str = "llama-cpp", k: int = 4, styles: Se
     all_shards = pool.shards()
     if not all_shards:
         raise FileNotFoundError(f"no shards found in {pool.root} (expected shards/*.tar or pool.yaml)")
+    source = None
+    if caption_column:
+        from ..io.reshard import parse_columns
+
+        ((cst, (ccol,)),) = parse_columns([caption_column], pool).items()
+        source = (cst, ccol)
     cls = BACKENDS[backend]
     styles = tuple(dict.fromkeys(styles or cls.default_styles))
     style_ids = _style_ids(cls, styles)
@@ -176,16 +185,18 @@ def rewrite(pool: Pool | str, backend: str = "llama-cpp", k: int = 4, styles: Se
                   "params": {"backend": backend, "model": be.model_id, "k": k, "styles": list(style_ids.values()),
                              "seed": seed, "max_caption_chars": max_caption_chars, "max_captions": max_captions,
                              **params}}
+        if source is not None:  # recorded only when used, so existing stages keep their record
+            record["params"]["caption_column"] = ".".join(source)
         _check_stage(pool, stage, record, overwrite)
         done = set(pool.done_shards(stage))
         todo = [s for s in all_shards if retry_failed or s.id not in done]
         summary = RewriteSummary(stage=stage, backend=backend, model=be.model_id, shards=len(all_shards),
                                  skipped=len(all_shards) - len(todo), error_dir=str(pool.root / "errors" / stage))
-        rows, errors = _read_captions(pool, todo, max_caption_chars, progress)
+        rows, errors = _read_captions(pool, todo, max_caption_chars, progress, source)
         slots = [(styles[i % len(styles)], i // len(styles)) for i in range(k)]
-        captions = list(dict.fromkeys(r["caption"] for rs in rows.values() for r in rs))
+        captions = list(dict.fromkeys(r["caption"] for rs in rows.values() for r in rs if r["caption"] is not None))
         if max_captions is not None:  # the most frequent first; ties keep their first appearance
-            freq = Counter(r["caption"] for rs in rows.values() for r in rs)
+            freq = Counter(r["caption"] for rs in rows.values() for r in rs if r["caption"] is not None)
             captions = sorted(captions, key=lambda c: -freq[c])[:max(0, int(max_captions))]
         cache = RewriteCache(pool.root / "cache" / "rewrite" / "rewrites.jsonl")
         try:
@@ -221,7 +232,9 @@ def rewrite(pool: Pool | str, backend: str = "llama-cpp", k: int = 4, styles: Se
                 cols = {"uid": [], "key": [], "rewrites": [], "rewrite_styles": [], "rewrite_failures": []}
                 for r in rows[sh.id]:
                     texts, labels, fails = [], [], []
-                    for style, slot in slots:
+                    if r["caption"] is None:
+                        fails.append(f"no caption to rewrite: {'.'.join(source)} is null")
+                    for style, slot in slots if r["caption"] is not None else ():
                         t = tasks.get((r["caption"], slot, style))
                         if t is None:
                             fails.append(f"{style}: not selected (max_captions={max_captions})")
@@ -272,8 +285,10 @@ def _style_ids(cls, styles: Sequence[str]) -> dict[str, str]:
     return {s: s for s in styles}
 
 
-def _read_captions(pool: Pool, shards, max_caption_chars: int, progress: bool = False) -> tuple[dict, dict]:
-    """Per shard: rows (uid, key, caption) to rewrite, and error rows for samples without a usable caption."""
+def _read_captions(pool: Pool, shards, max_caption_chars: int, progress: bool = False,
+                   source: tuple[str, str] | None = None) -> tuple[dict, dict]:
+    """Per shard: rows (uid, key, caption) to rewrite, and error rows for samples without a usable caption.
+    With `source` (stage, column), the caption is that column's value (None when it is null)."""
     rows: dict[str, list] = {}
     errors: dict[str, list] = {}
     seen: dict[str, str] = {}
@@ -281,6 +296,11 @@ def _read_captions(pool: Pool, shards, max_caption_chars: int, progress: bool = 
     for sh in shards:
         bar.update(1)
         rs, errs = [], []
+        alt = None
+        if source is not None:
+            cpath = pool.column_path(source[0], sh.id)
+            t = pool.read_columns(source[0], sh.id, ["uid", source[1]]).to_pydict() if cpath.exists() else {}
+            alt = dict(zip(t.get("uid", []), t.get(source[1], [])))
         for item in iter_samples(sh.path):
             if isinstance(item, ShardProblem):
                 errs.append({"uid": None, "key": item.after_key, "reason": item.reason})
@@ -289,6 +309,16 @@ def _read_captions(pool: Pool, shards, max_caption_chars: int, progress: bool = 
             p = row["problems"]
             cap = clean_caption(row["caption"]) if row["caption"] is not None else None
             reason = p.get("sample") or p.get("caption")
+            if reason is None and alt is not None:
+                if row["uid"] not in alt:
+                    reason = f"no {source[0]!r} output for this sample (see errors/{source[0]})"
+                elif alt[row["uid"]] is None:
+                    if row["uid"] not in seen:
+                        seen[row["uid"]] = sh.id
+                        rs.append({"uid": row["uid"], "key": row["key"], "caption": None})
+                        continue
+                else:
+                    cap = clean_caption(alt[row["uid"]])
             if reason is None and not cap:
                 reason = "empty caption"
             if reason is None and len(cap) > max_caption_chars:
