@@ -169,6 +169,8 @@ def main(argv=None) -> int:
               f"max residual CoTR {max(res['residual_cotr']):.4f}; invented text {100 * invented / max(1, len(rewritten)):.1f}% "
               f"of {len(rewritten)} rewrites; class word kept {100 * keep_rw / max(1, keep_rw_n):.1f}% of {keep_rw_n}")
         ok &= max(res["residual_cotr"]) == 0.0
+        print("  last rejection of the captions that fell back: "
+              + ", ".join(f"{r} ({c})" for r, c in rw.stats["reasons"].most_common()))
         for (u, _), c, m in list(zip(picked, res["deparrot_caption"], modes))[:6]:
             print(f"  {truth[u][0]!r} -> {c!r} ({m})")
     return 0 if ok else 1

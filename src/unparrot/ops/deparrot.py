@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 from ..text import STOPWORDS, CotrOptions, co_embedded, normalize, tokens
@@ -298,7 +299,9 @@ class Deparrot(Operator):
                 from ..rewrite.cache import RewriteCache
 
                 self.cache = RewriteCache(cache)
-        self.stats = {"calls": 0, "cached": 0, "rewritten": 0, "fallback": 0}
+        # what this operator instance did (the benchmark reads it): model calls, cache hits, outcomes and
+        # why the rewrites that fell back to strip were rejected
+        self.stats = {"calls": 0, "cached": 0, "rewritten": 0, "fallback": 0, "reasons": Counter()}
 
     @classmethod
     def inputs_for(cls, params: dict) -> dict[str, list[str]]:
@@ -375,6 +378,7 @@ class Deparrot(Operator):
                 k, a = pending[i]
                 cap, words, texts = words_of[k]
                 if comp.error:  # the request itself failed (server down, prompt too long): no model retry
+                    self.stats["reasons"]["request failed"] += 1
                     yield k, {"ok": False, "reason": comp.error, "attempts": a + 1}
                     continue
                 parsed = parse_completion(comp.text, comp.finish_reason, cap)
@@ -384,6 +388,7 @@ class Deparrot(Operator):
                 elif a < self.retries:
                     again.append((k, a + 1))
                 else:
+                    self.stats["reasons"][reason.split(":")[0]] += 1
                     yield k, {"ok": False, "reason": f"{reason} (after {a + 1} attempts)", "attempts": a + 1,
                               "last": parsed.text}
             pending = again
