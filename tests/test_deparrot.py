@@ -296,12 +296,12 @@ class FakeHandler(BaseHTTPRequestHandler):
             self._send(200, {"choices": [{"text": " " + answer + "\n", "finish_reason": "stop"}]})
 
 
-PLAN = {
-    "a red circle with the word hello": ["a red circle"],
-    "blue square that says world": ["a blue square with world on it", "a blue square on a plain background"],
-    "green star sign sale": ["sale sale", "green sale star", "a star => sale"],  # never usable
-    "a yellow ring with the word boom": ["500"],
-    "a pink heart with the text echo": ["describe each image again without any of the words written in it,"],
+PLAN = {  # keyed by what the prompt shows: the caption with the spelled words already taken out
+    "a red circle": ["a red circle"],
+    "blue square": ["a blue square with world on it", "a blue square on a plain background"],
+    "green star sign": ["sale sale", "green sale star", "a star => sale"],  # never usable
+    "a yellow ring": ["500"],
+    "a pink heart": ["describe each image again without any of the words written in it,"],
 }
 
 
@@ -323,8 +323,8 @@ def test_rewrite_mode_checks_retries_falls_back_and_caches(tmp_path):
         assert got[3] == ("a yellow ring", "strip-fallback")  # the server failed: strip, no crash
         assert got[4] == ("a pink heart", "strip-fallback")  # prompt echo rejected
         assert got[5] == (None, "strip") and got[6] == ("a plain box", "none")
-        assert "hello" not in srv.seen and "a plain box" not in srv.seen  # pure text: never sent to the model
-        assert len(srv.seen["green star sign sale"]) == 3 and len(set(srv.seen["green star sign sale"])) == 3
+        assert set(srv.seen) == set(PLAN)  # the pure-text and the unchanged samples are never sent
+        assert len(srv.seen["green star sign"]) == 3 and len(set(srv.seen["green star sign"])) == 3
         assert (df["residual_cotr"] == 0).all()
         calls = sum(len(v) for v in srv.seen.values())
         s2 = deparrot(pool, mode="rewrite", backend="openai", base_url=srv.url, api_key_env="", retries=2,
