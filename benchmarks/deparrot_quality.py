@@ -11,8 +11,9 @@ de-parroting itself, not OCR errors. Printed:
 - pure-text images left with nothing that describes anything but the text (null, or only words such as
   "sign", "logo"): target >= 95%;
 - invented-text rate of rewrite (outputs that claim something is written: quotes, "that says", "the word");
-- throughput: strip captions/s on one core (target >= 20,000), as a ratio against the parrot operator's
-  CoTR on the same captions (the work every pool already pays); rewrite captions/s with the real Gemma
+- throughput: strip captions per CPU-second of one core (target >= 20,000; CPU time, so other work on a
+  shared machine does not count against it; wall clock printed beside it), and as a ratio against the
+  parrot operator's CoTR on the same captions (the work every pool already pays); rewrite captions/s with the real Gemma
   model through llama.cpp on `--rewrite-captions` unique captions (model loading excluded).
 
 Run: .venv/bin/python benchmarks/deparrot_quality.py [--n 3000] [--rewrite-captions 40] [--no-rewrite]
@@ -112,25 +113,25 @@ def main(argv=None) -> int:
     rows = rows * reps
     op, base = Deparrot(), Parrot()
     bs = list(batches(rows))
-    t0 = time.perf_counter()
-    for b in bs:
-        op(b)
-    strip_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for b in bs:
-        base(b)
-    base_s = time.perf_counter() - t0
-    rate, base_rate = len(rows) / strip_s, len(rows) / base_s
-    print(f"strip throughput: {rate:,.0f} captions/s on one core over {len(rows):,} captions (target >= "
-          f"{TARGET_RATE:,.0f}) {'OK' if rate >= TARGET_RATE else 'MISSED'}; parrot CoTR on the same rows "
-          f"{base_rate:,.0f}/s: ratio {rate / base_rate:.2f}")
+
+    def cpu_rate(fn, bs, n):
+        """(captions per CPU second of this process, per wall second): CPU time is what one core costs
+        on a machine shared with other work; wall time is printed beside it."""
+        c0, w0 = time.process_time(), time.perf_counter()
+        for b in bs:
+            fn(b)
+        return n / (time.process_time() - c0), n / (time.perf_counter() - w0)
+
+    rate, wall = cpu_rate(op, bs, len(rows))
+    base_rate, _ = cpu_rate(base, bs, len(rows))
+    print(f"strip throughput: {rate:,.0f} captions per CPU-second on one core over {len(rows):,} captions "
+          f"({wall:,.0f}/s wall clock) (target >= {TARGET_RATE:,.0f}) {'OK' if rate >= TARGET_RATE else 'MISSED'}; "
+          f"the parrot operator's CoTR on the same rows {base_rate:,.0f}/s: ratio {rate / base_rate:.2f}")
     ok &= rate >= TARGET_RATE
     parroted = [r for r in rows[:len(out)] if r["co_emb"]] * reps
-    t0 = time.perf_counter()
-    for b in batches(parroted):
-        op(b)
-    print(f"strip throughput on the parroted captions alone (every one stripped): "
-          f"{len(parroted) / (time.perf_counter() - t0):,.0f} captions/s over {len(parroted):,}")
+    prate, _ = cpu_rate(op, list(batches(parroted)), len(parroted))
+    print(f"strip throughput on the parroted captions alone (every one stripped): {prate:,.0f} captions per "
+          f"CPU-second over {len(parroted):,}")
 
     # ---- rewrite mode with the real model ----------------------------------------------------------------
     if not a.no_rewrite:

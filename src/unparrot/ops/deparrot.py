@@ -102,23 +102,31 @@ def strip_caption(caption: str, spelled, opt: CotrOptions = CotrOptions(), min_w
     units = list(_UNIT.finditer(caption))
     if not spelled or not units:
         return Stripped(caption, [], False)
-    drop = [False] * len(units)
+    n = len(units)
+    drop = [False] * n
     removed: list[str] = []
-    norm = [normalize(m.group()) for m in units]
-    for i, m in enumerate(units):
-        toks = _unit_tokens(m.group(), opt)
-        hit = [t for t in toks if t in spelled]
+    words = [m.group() for m in units]
+    # ASCII words (most) are one token each, their lowercase; others go through NFKC (may split them)
+    norm = [w.lower() if w.isascii() else normalize(w) for w in words]
+    for i, w in enumerate(words):
+        if w.isascii():
+            hit = [norm[i]] if norm[i] in spelled and len(w) >= opt.min_len else ()
+        else:
+            hit = [t for t in _unit_tokens(w, opt) if t in spelled]
         if hit:
             drop[i] = True
             removed.extend(hit)
     if not removed:
         return Stripped(caption, [], False)
+    # punctuation between word j and word j + 1 ends a dangling walk
+    brk = [bool(_BREAK.search(caption, units[j].end(), units[j + 1].start() if j + 1 < n else len(caption)))
+           for j in range(n)]
     # function words left dangling on the left of each removed run, up to a content word or punctuation
-    for i in range(len(units)):
-        if not drop[i] or (i + 1 < len(units) and drop[i + 1] and not _BREAK.search(_gap(caption, units, i))):
+    for i in range(n):
+        if not drop[i] or (i + 1 < n and drop[i + 1] and not brk[i]):
             continue
         j = i - 1
-        while j >= 0 and not _BREAK.search(_gap(caption, units, j)):
+        while j >= 0 and not brk[j]:
             if drop[j]:
                 j -= 1
                 continue
@@ -144,12 +152,6 @@ def strip_caption(caption: str, spelled, opt: CotrOptions = CotrOptions(), min_w
     if len(content_words(out)) < max(1, min_words) or not out:
         return Stripped(None, removed, True)
     return Stripped(out, removed, True)
-
-
-def _gap(caption: str, units, j: int) -> str:
-    """The text between word j and word j + 1 (punctuation there ends a dangling walk)."""
-    end = units[j + 1].start() if j + 1 < len(units) else len(caption)
-    return caption[units[j].end():end]
 
 
 def deparrot_strip(caption: str, texts, co_emb, opt: CotrOptions = CotrOptions(), min_words: int = 1) -> dict:
