@@ -5,12 +5,11 @@ de-parroted captions, the CLI."""
 import json
 import shutil
 import tarfile
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from conftest import jpeg_bytes, write_tar
+from test_rewrite_server import FaultHandler, FaultServer
 from unparrot.deparrot import DeparrotConfig, deparrot, deparrot_counts
 from unparrot.ops.deparrot import Deparrot, check_deparrot, claims_text, deparrot_strip, strip_caption
 from unparrot.pool import Pool
@@ -240,46 +239,9 @@ def test_needs_profile_first(tmp_path):
 
 
 # ---- rewrite mode against a fake OpenAI-compatible server ---------------------------------------------------
-class FakeLLM(ThreadingHTTPServer):
-    """/v1/completions answering per caption from a plan: a list of texts (or "500") for its successive
+class FakeHandler(FaultHandler):
+    """Answers per caption from the server's plan: a list of texts (or "500") for its successive
     requests, the last repeated."""
-
-    daemon_threads = True
-
-    def __init__(self, plan):
-        super().__init__(("127.0.0.1", 0), FakeHandler)
-        self.plan, self.seen, self.lock = plan, {}, threading.Lock()
-        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.shutdown()
-        self.server_close()
-
-
-class FakeHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, status, obj):
-        body = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self):
-        self._send(200, {"data": [{"id": "fake"}]})
 
     def do_POST(self):
         s = self.server
@@ -291,9 +253,18 @@ class FakeHandler(BaseHTTPRequestHandler):
         plan = s.plan.get(cap, ["a fine new caption"])
         answer = plan[min(n, len(plan) - 1)]
         if answer == "500":
-            self._send(500, {"error": "boom"})
+            self._send(500, b'{"error": "boom"}')
         else:
-            self._send(200, {"choices": [{"text": " " + answer + "\n", "finish_reason": "stop"}]})
+            out = {"choices": [{"text": " " + answer + "\n", "finish_reason": "stop"}]}
+            self._send(200, json.dumps(out).encode())
+
+
+class FakeLLM(FaultServer):
+    """The rewrite tests' local /v1 server with the handler above (`seen`: caption -> request seeds)."""
+
+    def __init__(self, plan):
+        super().__init__(plan)
+        self.RequestHandlerClass = FakeHandler
 
 
 PLAN = {  # keyed by what the prompt shows: the caption with the spelled words already taken out

@@ -741,22 +741,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", help="YAML file of training options (flags override it)")
     sp.add_argument("--nproc", type=int, default=0, help="launch N processes with torch.distributed.run")
     sp.add_argument("--quiet", action="store_true")
-    from .train.trainer import OPTION_HELP
+    from .train.trainer import OPTION_HELP, TrainConfig
 
-    for f in _train_fields():
-        flag = "--" + f.name.replace("_", "-")
-        t = f.type if isinstance(f.type, str) else str(f.type)
-        h = f"{OPTION_HELP.get(f.name, '')} [{f.default if not callable(f.default_factory) else '[]'}]"
-        if "bool" in t and "|" not in t:
-            sp.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=h)
-        elif "tuple" in t or "list" in t:
-            sp.add_argument(flag, type=yaml.safe_load, default=None, metavar="YAML", help=h)
-        elif "int" in t and "float" not in t:
-            sp.add_argument(flag, type=int, default=None, help=h)
-        elif "float" in t:
-            sp.add_argument(flag, type=float, default=None, help=h)
-        else:
-            sp.add_argument(flag, default=None, help=h)
+    add_config_flags(sp, TrainConfig, OPTION_HELP, skip=("train_data", "progress"))
 
     sp = add(
         "evaluate",
