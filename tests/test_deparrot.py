@@ -375,3 +375,20 @@ def test_deparrot_report_section_renders_in_chromium(synth_pool, tmp_path):
     assert "Most removed words" in headings
     assert len(images) >= 12 and all(ok and w > 0 for ok, w in images)
     assert html.count("<b>before</b>") >= 12 and "<i>null</i>" in html
+
+
+def test_a_backend_that_raises_costs_the_batch_its_rewrites_not_the_run():
+    class Broken:
+        model_id, needs_prompt = "broken", True
+
+        def generate(self, requests):
+            yield 0, None  # a completion the loop cannot read, then nothing
+            raise RuntimeError("worker died")
+
+    op = Deparrot()
+    op.mode, op.backend, op.backend_name, op.params, op.cache = "rewrite", Broken(), "broken", {}, None
+    out = op({"caption": ["a red circle with the word hello", "hello"], "texts": [["hello"], ["hello"]],
+              "co_emb": [["hello"], ["hello"]]})
+    assert out["deparrot_caption"] == ["a red circle", None]
+    assert out["deparrot_mode"] == ["strip-fallback", "strip"] and out["error"] == [None, None]
+    assert sum(op.stats["reasons"].values()) == 1

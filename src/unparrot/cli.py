@@ -516,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("run", cmd_run, "run any per-sample operator over a pool (generic stage runner)")
     sp.add_argument("pool")
-    sp.add_argument("op", help="operator name (inspect, spot, parrot, embed, aesthetic) or module:Class")
+    sp.add_argument("op", help="operator name (inspect, spot, parrot, embed, aesthetic, deparrot) or module:Class")
     sp.add_argument("--param", action="append", metavar="KEY=VALUE", help="operator parameter")
     sp.add_argument("--stage", help="output stage name (default: the operator name)")
     sp.add_argument("--batch-size", type=int, default=64)

@@ -352,12 +352,15 @@ class Deparrot(Operator):
                 results[key] = {"ok": False, "reason": f"caption longer than max_rewrite_chars={self.max_rewrite_chars}"}
             else:
                 pending.append(key)
-        for key, entry in self._generate(pending, words_of):
-            results[key] = entry
-            if self.cache is not None:
-                self.cache.put(key, {**entry, "backend": self.backend_name, "model": self.backend.model_id})
+        try:
+            for key, entry in self._generate(pending, words_of):
+                results[key] = entry
+                if self.cache is not None:
+                    self.cache.put(key, {**entry, "backend": self.backend_name, "model": self.backend.model_id})
+        except Exception as e:  # noqa: BLE001 - a backend that breaks costs this batch its rewrites, not the run
+            self.stats["reasons"][f"backend failed: {type(e).__name__}"] += 1
         for key, rows in todo.items():
-            e = results[key]
+            e = results.get(key, {"ok": False})  # not cached: the next run asks again
             for i in rows:
                 if e.get("ok"):
                     out["deparrot_caption"][i] = e["text"]
