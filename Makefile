@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[all,test]"
+	# peer tools for tests/test_peer_tools.py, without their conflicting or unused pins (constraints.txt)
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt img2dataset clip_benchmark
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -12,6 +12,9 @@ from .io.ingest import ingest  # noqa: E402
 from .io.reshard import reshard  # noqa: E402
 from .pool import Pool, read_subset, u8_to_uids, uids_to_u8, write_subset  # noqa: E402
 from .synth.generate import synth  # noqa: E402
+from .models import register_on_import  # noqa: E402
+
+register_on_import()  # open_clip knows unparrot's model configs once both are imported, in either order
 
 __all__ = ["Pool", "ingest", "read_subset", "reshard", "run", "run_stage", "synth", "u8_to_uids",
            "uids_to_u8", "write_subset", "__version__"]

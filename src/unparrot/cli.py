@@ -115,9 +115,11 @@ def cmd_info(a):
     from .pool import Pool
     from .engine.local import stage_counts
 
+    from .io.sizes import shard_samples
+
     pool = Pool(a.pool)
     shards = pool.shards()
-    print(f"pool {pool.root}: {len(shards)} shards")
+    print(f"pool {pool.root}: {len(shards)} shards, {sum(shard_samples(s.path) for s in shards)} samples")
     for st in pool.stages():
         c = stage_counts(pool, st, [s.id for s in shards])
         info = pool.stage_info(st) or {}
@@ -171,7 +173,8 @@ def cmd_profile(a):
 def cmd_vocab(a):
     from .profile import vocab
 
-    v = vocab(a.pool, out=a.out, top=a.top, stopwords=a.stopwords, min_len=a.min_len)
+    fmt = {"format": a.format} if a.format else {}  # the default lives in vocab()
+    v = vocab(a.pool, out=a.out, top=a.top, stopwords=a.stopwords, min_len=a.min_len, **fmt)
     for name, rows in v.items():
         print(f"{name}: {len(rows)} n-grams; top: " + ", ".join(f"{w} ({c})" for w, c in rows[:8]))
     print(f"written to {a.out or str(a.pool) + '/vocab'}/")
@@ -599,6 +602,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top", type=int, default=1000)
     sp.add_argument("--stopwords", action="store_true", help="drop stop words")
     sp.add_argument("--min-len", type=int, default=1, help="drop tokens shorter than this")
+    from .profile import VOCAB_HEADERS
+
+    sp.add_argument("--format", choices=list(VOCAB_HEADERS), help="CSV layout: unparrot (header ngram,count; the "
+                    "default) or parrot (the Parrot paper's pandas layout, header ,count)")
 
     sp = add("report", cmd_report, "write one self-contained HTML report of a pool")
     sp.add_argument("pool")

@@ -32,6 +32,42 @@ def register_configs():
         _REGISTERED = True
 
 
+class _RegisterOnImport:
+    """A one-shot import hook: when open_clip is imported after unparrot, register unparrot's configs
+    right after open_clip's own module has run, so `import unparrot` is enough (and stays as cheap as
+    before: torch and open_clip are not imported until someone imports them)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "open_clip":
+            return None
+        import importlib.util
+        import sys
+
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            register_configs()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def register_on_import():
+    """Register unparrot's configs with open_clip now if it is imported, else as soon as it is."""
+    import sys
+
+    if "open_clip" in sys.modules:
+        register_configs()
+    elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnImport())
+
+
 def is_unparrot_model(name: str) -> bool:
     return (CONFIG_DIR / f"{name}.json").exists()
 
@@ -48,6 +84,23 @@ def model_config(name: str) -> dict:
             f"{', '.join(p.stem for p in sorted(CONFIG_DIR.glob('*.json')))}"
         )
     return cfg
+
+
+def embed_dim(name: str) -> int:
+    """The width of a model's embeddings from its config alone (no weights), for the embed stage's
+    declared outputs: a named architecture, a `local-dir:` folder or an `hf-hub:` repository."""
+    import json
+
+    if name.startswith("local-dir:"):
+        cfg = json.loads((Path(name[len("local-dir:") :]) / "open_clip_config.json").read_text())["model_cfg"]
+    elif name.startswith("hf-hub:"):
+        from huggingface_hub import hf_hub_download
+
+        cfg = json.loads(Path(hf_hub_download(name[len("hf-hub:") :], "open_clip_config.json")).read_text())
+        cfg = cfg["model_cfg"]
+    else:
+        cfg = model_config(name)
+    return int(cfg["embed_dim"])
 
 
 class DenseTokenizer:
@@ -119,7 +172,8 @@ def load_clip(
     """Create an open_clip model (random init when `pretrained` is None) with its transform and tokenizer.
 
     `pretrained` is an open_clip tag (needs the hub, unreachable offline), a local checkpoint file, or
-    omitted for `hf-hub:`/`local-dir:` names. A checkpoint that does not fit the architecture is a
+    omitted for `hf-hub:`/`local-dir:` names (a checkpoint file given with them, e.g. open_clip_train's
+    `epoch_N.pt` after fine-tuning an exported folder, is loaded over the folder's weights). A checkpoint that does not fit the architecture is a
     ValueError naming the mismatching tensors.
     """
     register_configs()
@@ -134,12 +188,16 @@ def load_clip(
             raise FileNotFoundError(
                 f"pretrained {pretrained!r} is neither a file nor a known tag of {name} ({', '.join(tags) or 'none'})"
             )
+    if pretrained and schema is not None and not os.path.isfile(pretrained):
+        raise FileNotFoundError(f"pretrained {pretrained!r} is not a file (with {name} it must be a checkpoint file)")
     if pretrained and os.path.exists(pretrained) and vocab is None:
         vocab = _checkpoint_vocab(pretrained)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, device=device, weights_only=True
+            name, pretrained=pretrained if schema is None else None, device=device, weights_only=True
         )
+        if schema is not None and pretrained:  # open_clip ignores `pretrained` for a folder: weights on top
+            open_clip.load_checkpoint(model, pretrained, weights_only=True)
     except RuntimeError as e:
         msg = str(e)
         if "state_dict" in msg or "size mismatch" in msg or "Missing key" in msg or "Unexpected key" in msg:
@@ -173,3 +231,74 @@ def load_clip(
     size = preprocess.transforms[0].size if hasattr(preprocess, "transforms") else 224
     size = size[0] if isinstance(size, (tuple, list)) else size
     return Clip(name, model, preprocess, tokenizer, int(size), pretrained)
+
+
+# ---- open_clip export -----------------------------------------------------------------------------
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+
+
+def expand_token_table(weight, vocab: Sequence[int], context_length: int, full_size: int | None = None):
+    """A dense-vocabulary token table (one row per dense id) as open_clip's full BPE table: row `i` is
+    the row of BPE id i's dense id (the unknown id's row for BPE ids outside the vocabulary), so the
+    model computes exactly the same embeddings from open_clip's own tokenizer's ids."""
+    import torch
+
+    tok = DenseTokenizer(vocab, context_length)
+    n = full_size or tok.base.vocab_size
+    index = np.full(n, UNK_ID, dtype=np.int64)
+    index[: len(tok.table)] = tok.table[:n]
+    return weight[torch.from_numpy(index)].clone()
+
+
+def export_open_clip(checkpoint: str | os.PathLike, out: str | os.PathLike, model: str | None = None) -> Path:
+    """Write `out/open_clip_config.json` and `out/open_clip_model.safetensors` from a checkpoint of
+    `unparrot train` (or any open_clip checkpoint of a config open_clip or unparrot knows).
+
+    open_clip's own loaders rebuild model, transform and tokenizer from that folder, with no unparrot
+    import: `open_clip.create_model_and_transforms("local-dir:OUT")`, `open_clip.get_tokenizer("local-dir:OUT")`
+    (and `hf-hub:` once the folder is uploaded), so open_clip_train and CLIP_benchmark take it as it is.
+    A dense-vocabulary model (`-v1k`) is written with open_clip's full 49,408-row token table
+    (`expand_token_table`), because those tools always tokenize with open_clip's BPE tokenizer.
+    """
+    import copy
+    import json
+
+    import torch
+
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    sd = ck.get("state_dict", ck) if isinstance(ck, dict) else None
+    if not isinstance(sd, dict) or not sd:
+        raise ValueError(f"{checkpoint}: not an open_clip checkpoint (no state_dict)")
+    sd = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items()}
+    name = model or ck.get("name")
+    if not name:
+        raise ValueError(f"{checkpoint}: the checkpoint does not name its model; pass model=")
+    cfg = copy.deepcopy(model_config(name))
+    text = cfg.setdefault("text_cfg", {})
+    size = int(text.get("vocab_size", 49408))
+    full = 49408
+    if size < full:
+        if "unparrot_vocab" not in ck:
+            raise ValueError(f"{checkpoint}: {name} has a {size}-entry token table but no unparrot_vocab")
+        keys = [k for k, v in sd.items() if k.endswith("token_embedding.weight") and v.shape[0] == size]
+        if len(keys) != 1:
+            raise ValueError(f"{checkpoint}: cannot find the {size}-row token table ({keys})")
+        sd[keys[0]] = expand_token_table(sd[keys[0]], ck["unparrot_vocab"], int(text.get("context_length", 77)), full)
+        text["vocab_size"] = full
+    import open_clip
+
+    # the transform open_clip gives the named model (size, mean, std, resize mode): the same in the folder
+    preprocess = dict(getattr(open_clip.create_model(name, pretrained=None).visual, "preprocess_cfg", {}) or {})
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    from .pool import atomic_write_bytes
+
+    tmp = out / (OPEN_CLIP_WEIGHTS + ".tmp")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp))
+    os.replace(tmp, out / OPEN_CLIP_WEIGHTS)
+    info = {"model_cfg": cfg, "preprocess_cfg": preprocess, "unparrot": {"model": name, "checkpoint": str(checkpoint)}}
+    atomic_write_bytes(out / OPEN_CLIP_CONFIG, json.dumps(info, indent=1, default=list).encode())
+    return out

@@ -132,7 +132,7 @@ class Pool:
             src = str(src)
             if not os.path.isabs(src):  # relative to the pool folder
                 src = str(self.root / src)
-            for path, sid in _list_source(src):
+            for path, sid in list_source(src):
                 if sid in out and out[sid] != path:
                     raise ValueError(f"two shards share the id {sid!r}: {out[sid]} and {path}")
                 out[sid] = path
@@ -162,24 +162,59 @@ class Pool:
             return []
         return sorted(str(p.relative_to(d))[: -len(".parquet")] for p in d.rglob("*.parquet"))
 
-    def write_columns(self, stage: str, shard: str, columns: dict, errors: Sequence[dict] = ()):
+    def write_columns(
+        self,
+        stage: str,
+        shard: str,
+        columns: dict,
+        errors: Sequence[dict] = (),
+        schema: dict | None = None,
+        embedding_dims: dict | None = None,
+    ):
         """Write one shard's output: errors, then embeddings, then the column file (the 'done' marker).
 
         2-D float arrays among `columns` are embeddings: saved as float16 .npy aligned with the rows.
+        `schema` (column -> arrow type) and `embedding_dims` (embedding -> width) are what the stage writes:
+        a shard where no sample could be processed (an empty or corrupt tar, routine in img2dataset output)
+        still gets every column, typed, and 0-row embeddings, so later stages and `select` find them.
         New output makes the stage's cross-shard duplicate check due again (its stamp is removed first).
         """
         (self.root / "columns" / stage / CROSS_SHARD_STAMP).unlink(missing_ok=True)
         write_errors(self.error_path(stage, shard), stage, shard, errors)
+        n = len(columns["uid"]) if "uid" in columns else 0
+        columns = dict(columns)
+        for name, width in (embedding_dims or {}).items():
+            if name not in columns and n == 0:
+                columns[name] = np.zeros((0, int(width)), np.float16)
         table_cols = {}
         for name, values in columns.items():
             if isinstance(values, np.ndarray) and values.ndim == 2 and values.dtype.kind == "f":
                 atomic_save_npy(self.embedding_path(stage, shard, name), values.astype(np.float16))
             else:
                 table_cols[name] = values
-        atomic_write_table(self.column_path(stage, shard), to_arrow(table_cols))
+        types = {"uid": pa.string(), "key": pa.string(), **(schema or {})}
+        atomic_write_table(self.column_path(stage, shard), to_arrow(table_cols, types))
+
+    def stage_schema(self, stage: str) -> pa.Schema | None:
+        """The column schema of a stage: that of its first shard with rows (a 0-row file written by an
+        operator that declares no schema may lack columns), else of its first shard; None without output."""
+        done = self.done_shards(stage)
+        for sid in done:
+            meta = pq.read_metadata(self.column_path(stage, sid))
+            if meta.num_rows:
+                return meta.schema.to_arrow_schema()
+        return pq.read_schema(self.column_path(stage, done[0])) if done else None
 
     def read_columns(self, stage: str, shard: str, columns: Sequence[str] | None = None) -> pa.Table:
-        return pq.read_table(self.column_path(stage, shard), columns=list(columns) if columns else None)
+        """One shard's columns. A 0-row file that lacks some of them (an empty shard's output from an
+        operator that declares no schema) gives the ones it has: there are no values to miss."""
+        path = self.column_path(stage, shard)
+        if columns:
+            meta = pq.read_metadata(path)
+            if meta.num_rows == 0:
+                names = set(meta.schema.to_arrow_schema().names)
+                columns = [c for c in columns if c in names]
+        return pq.read_table(path, columns=list(columns) if columns else None)
 
     def load(
         self,
@@ -204,7 +239,7 @@ class Pool:
             want = done if shards is None else [s for s in shards if s in set(done)]
             cols = None
             if columns is not None:
-                schema = pq.read_schema(self.column_path(stage, done[0]))
+                schema = self.stage_schema(stage)
                 cols = ["uid"] + [c for c in columns if c in schema.names and c != "uid"]
             parts = [self.read_columns(stage, s, cols).to_pandas() for s in want]
             df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"uid": []})
@@ -250,8 +285,9 @@ class Pool:
         return self.root / "subsets" / f"{name}.npy"
 
 
-def _list_source(src: str) -> list[tuple[str, str]]:
-    """(path, id) of the tars a source names: a folder (searched recursively), a glob or a brace pattern."""
+def list_source(src: str) -> list[tuple[str, str]]:
+    """(path, id) of the tars a source names: a folder (searched recursively), a glob or a brace pattern.
+    A relative source is relative to the current directory (a pool's sources: to the pool folder)."""
     if os.path.isdir(src):
         paths = sorted(glob.glob(os.path.join(src, "**", "*.tar"), recursive=True))
         return [(p, os.path.relpath(p, src)[:-4]) for p in paths]
@@ -264,17 +300,35 @@ def _list_source(src: str) -> list[tuple[str, str]]:
     return [(p, Path(p).name[:-4] if p.endswith(".tar") else Path(p).name) for p in paths]
 
 
-def to_arrow(columns: dict) -> pa.Table:
-    """Build an arrow table from a dict of equal-length columns (lists or 1-D arrays)."""
+_list_source = list_source  # the older name, still imported by train/data.py
+
+
+def to_arrow(columns: dict, types: dict | None = None) -> pa.Table:
+    """Build an arrow table from a dict of equal-length columns (lists or 1-D arrays).
+
+    `types` (column -> arrow type) types the columns whose values say nothing (none, or all None), casts
+    the others to it where arrow can do so safely (the Ray engine hands back float32 scores as Python
+    floats), and adds the named columns that are absent as nulls."""
     lengths = {k: len(v) for k, v in columns.items()}
     if len(set(lengths.values())) > 1:
         raise ValueError(f"columns have different lengths: {lengths}")
+    n = next(iter(lengths.values()), 0)
+    types = types or {}
     arrays = {}
     for k, v in columns.items():
-        if isinstance(v, np.ndarray) and v.ndim == 1:
-            arrays[k] = pa.array(v)
-        else:
-            arrays[k] = pa.array(list(v))
+        arr = pa.array(v) if isinstance(v, np.ndarray) and v.ndim == 1 else pa.array(list(v))
+        if k in types and arr.type != types[k]:
+            if pa.types.is_null(arr.type):
+                arr = pa.nulls(len(arr), types[k])
+            else:
+                try:
+                    arr = arr.cast(types[k])
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                    pass  # keep what the values say
+        arrays[k] = arr
+    for k, t in types.items():
+        if k not in arrays:
+            arrays[k] = pa.nulls(n, t)
     return pa.table(arrays)
 
 

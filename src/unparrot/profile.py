@@ -107,6 +107,11 @@ def profile(
     return out
 
 
+# header row of each vocabulary layout: unparrot's, and the Parrot paper's (pandas' `Series.to_csv` of
+# word counts: the words are the unnamed index column, which its loader reads back as `Unnamed: 0`)
+VOCAB_HEADERS = {"unparrot": ["ngram", "count"], "parrot": ["", "count"]}
+
+
 def vocab(
     pool: Pool | str,
     out: str | os.PathLike | None = None,
@@ -114,12 +119,17 @@ def vocab(
     stopwords: bool = False,
     min_len: int = 1,
     parrot_stage: str = "parrot",
+    format: str = "unparrot",
 ) -> dict[str, list[tuple[str, int]]]:
     """Caption 1-gram and 2-gram counts and co-embedded 1-gram counts (top `top` of each).
 
     Written to `out/` (default POOL/vocab/) as caption_1gram.csv, caption_2gram.csv and co_emb_1gram.csv,
-    each with a header `ngram,count`. Co-emb counts need the parrot stage; without it that file is skipped.
+    with the header `ngram,count` (`format="unparrot"`) or `,count` (`format="parrot"`: the Parrot
+    paper's files, which its `sys_benchmark.py` reads with pandas as column `Unnamed: 0`). Co-emb counts
+    need the parrot stage; without it that file is skipped.
     """
+    if format not in VOCAB_HEADERS:
+        raise ValueError(f"unknown vocabulary format {format!r}; one of {', '.join(VOCAB_HEADERS)}")
     pool = pool if isinstance(pool, Pool) else Pool(pool)
 
     def keep(t: str) -> bool:
@@ -143,19 +153,38 @@ def vocab(
     for name, rows in result.items():
         with open(out / f"{name}.csv", "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["ngram", "count"])
+            w.writerow(VOCAB_HEADERS[format])
             w.writerows(rows)
     return result
 
 
 def read_vocab(path: str | os.PathLike, top: int | None = None) -> list[str]:
-    """The n-grams of a vocab CSV (first column), most frequent first; a header row is skipped."""
+    """The n-grams of a vocabulary file (first column), in file order (most frequent first).
+
+    Reads unparrot's CSVs (header `ngram,count`), the Parrot paper's (pandas' layout: header `,count`,
+    or `Unnamed: 0,count` after a pandas round trip), headerless `word,count` rows and one word per line.
+    The first row is a header when its first cell is empty, `ngram` or `Unnamed: 0`, or its second cell is
+    not a count; empty words are skipped."""
     words = []
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         for i, row in enumerate(csv.reader(f)):
-            if not row or (i == 0 and row[0] == "ngram"):
+            if i == 0 and row and _vocab_header(row):
+                continue
+            if not row or not row[0].strip():
                 continue
             words.append(row[0])
             if top and len(words) >= top:
                 break
     return words
+
+
+def _vocab_header(row: list[str]) -> bool:
+    if row[0].strip() in ("", "ngram", "Unnamed: 0"):
+        return True
+    if len(row) < 2:
+        return False
+    try:
+        float(row[1])
+    except ValueError:
+        return True
+    return False

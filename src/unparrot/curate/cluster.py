@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from ..pool import Pool, atomic_save_npy, atomic_write_bytes, to_arrow, atomic_write_table
 
@@ -184,6 +185,16 @@ def max_sim_to_earlier(emb: np.ndarray, order: np.ndarray, block: int = 2048) ->
     return out
 
 
+# the stage's columns, typed: a shard of the embed stage without rows still gets all of them
+CLUSTER_SCHEMA = {
+    "uid": pa.string(),
+    "key": pa.string(),
+    "cluster": pa.int32(),
+    "dist_to_centroid": pa.float32(),
+    "dup_of": pa.string(),
+    "keep_dedup": pa.bool_(),
+}
+
 # faiss k-means settings by name: `fast` (ours, the defaults) or the Parrot paper's LAION run (METHODS.md §1)
 KMEANS = {
     "fast": dict(niter=20, nredo=1, seed=42, min_points_per_centroid=1, max_points_per_centroid=256),
@@ -297,7 +308,8 @@ def cluster(
                     "dist_to_centroid": dist[sl].astype(np.float32),
                     "dup_of": list(dup_of[sl]),
                     "keep_dedup": keep_mask[sl],
-                }
+                },
+                CLUSTER_SCHEMA,
             ),
         )
         start += size

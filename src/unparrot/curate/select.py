@@ -152,14 +152,13 @@ def load_recipe(spec: str | dict, overrides: dict | None = None) -> Recipe:
 def column_types(pool: Pool) -> tuple[dict[str, str], dict[str, str]]:
     """(type of each column, stage holding it). Ambiguous bare names are only reachable as stage.column."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     types, where, seen = {}, {}, {}
     for st in pool.stages():
-        done = pool.done_shards(st)
-        if not done:
+        schema = pool.stage_schema(st)
+        if schema is None:
             continue
-        for f in pq.read_schema(pool.column_path(st, done[0])):
+        for f in schema:
             if f.name in ("uid", "key"):
                 continue
             t = (
@@ -185,6 +184,37 @@ def column_types(pool: Pool) -> tuple[dict[str, str], dict[str, str]]:
         else:
             types[name] = "ambiguous:" + ",".join(h[0] for h in hits)
     return types, where
+
+
+def made_by(column: str) -> str | None:
+    """The command that makes a column of a built-in stage (for the error when a recipe needs one the pool
+    lacks), from the stages' declared schemas; None for a column no built-in stage writes."""
+    from ..ops.aesthetic import Aesthetic
+    from ..ops.inspect import Inspect
+    from ..ops.parrot import Parrot
+    from ..ops.spot import Spot
+    from ..rewrite import REWRITE_SCHEMA
+    from .cluster import CLUSTER_SCHEMA
+
+    makers = [
+        ("unparrot profile POOL", [*Spot.schema, *Parrot.schema]),
+        ("unparrot embed POOL --model ... --pretrained ...", ["clip_score", "image", "text"]),
+        ("unparrot embed POOL --masked ... (after profile)", ["masked_clip_score"]),
+        ("unparrot cluster POOL (after embed)", [c for c in CLUSTER_SCHEMA if c not in ("uid", "key")]),
+        ("unparrot aesthetic POOL --weights FILE (after embed with ViT-L-14)", list(Aesthetic.schema)),
+        ("unparrot rewrite POOL", list(REWRITE_SCHEMA)),
+        ("unparrot run POOL inspect", list(Inspect.schema)),
+    ]
+    name = column.split(".", 1)[-1]
+    return next((cmd for cmd, cols in makers if name in cols), None)
+
+
+def _missing_column(pool: Pool, column: str, where: str, types: dict) -> ExprError:
+    cmd = made_by(column)
+    if cmd is None:
+        avail = sorted(c for c, t in types.items() if "." not in c and not t.startswith("ambiguous"))
+        return ExprError(f"unknown column {column!r} in {where}; available: {', '.join(avail)}")
+    return ExprError(f"{where} needs column {column!r}, which no stage of {pool.root} has: run `{cmd}` first")
 
 
 @dataclass
@@ -228,13 +258,15 @@ def select(
         if missing and s.optional:
             steps.append((s, None))
             continue
+        if missing:
+            raise _missing_column(pool, missing[0], f"condition {s.expr!r}", types)
         t = check(s.tree, types, s.expr)
         if t != "bool":
             raise ExprError(f"condition {s.expr!r} is a {t}, not true/false (compare it: e.g. `{s.expr} > 0`)")
         steps.append((s, t))
     if rec.rank_by and rec.rank_by != "random":
         if rec.rank_by not in types:
-            raise ExprError(f"rank_by: unknown column {rec.rank_by!r}; available: {', '.join(sorted(types))}")
+            raise _missing_column(pool, rec.rank_by, "rank_by", types)
         if types[rec.rank_by] != "num":
             raise ExprError(f"rank_by: {rec.rank_by!r} is not numeric")
     target = None

@@ -23,6 +23,7 @@ import numpy as np
 from ..io.samples import parse_sample
 from ..io.tar import ShardProblem, count_samples, iter_samples
 from ..ops import get_op
+from ..ops.base import Outputs
 from ..pool import Pool, Shard, to_arrow, atomic_write_table, write_errors
 from ..progress import progress_bar
 
@@ -86,6 +87,9 @@ def read_inputs(pool: Pool, stage: str, shard: str, cols) -> dict:
         if c not in names:
             p = pool.embedding_path(stage, shard, c)
             if not p.exists():
+                if not out["uid"]:  # a 0-row file from an operator that declares no schema: nothing to read
+                    out[c] = []
+                    continue
                 raise KeyError(f"stage {stage!r} has no column or embedding {c!r} (shard {shard})")
             out[c] = np.load(p)
     return out
@@ -119,9 +123,17 @@ def shard_rows(pool: Pool, shard: Shard, needs, input_spec: dict) -> Iterator[tu
 
 
 def process_shard(
-    pool: Pool, shard: Shard, op, stage: str, batch_size: int = 64, on_progress: Callable[[int], None] | None = None
+    pool: Pool,
+    shard: Shard,
+    op,
+    stage: str,
+    batch_size: int = 64,
+    on_progress: Callable[[int], None] | None = None,
+    outputs: Outputs | None = None,
 ) -> ShardResult:
-    """Run `op` over one shard and write its columns and errors. Returns the shard's counts."""
+    """Run `op` over one shard and write its columns and errors. Returns the shard's counts.
+
+    `outputs` (the operator's declared columns and embeddings) types a shard with no processed sample."""
     res = ShardResult(shard.id)
     input_cols = [c for cols in op.inputs.values() for c in cols if c != "uid"]
     errors: list[dict] = []
@@ -189,7 +201,8 @@ def process_shard(
         columns[k] = np.concatenate(v) if v and isinstance(v[0], np.ndarray) and v[0].ndim == 2 else v
     if "uid" not in columns:
         columns = {"uid": [], "key": []}
-    pool.write_columns(stage, shard.id, columns, errors)
+    o = outputs or Outputs()
+    pool.write_columns(stage, shard.id, columns, errors, schema=o.columns, embedding_dims=o.embeddings)
     return res
 
 
@@ -207,12 +220,15 @@ def _init_worker(op_name, params, threads, queue):
     except ImportError:
         pass
     _WORKER["op"] = get_op(op_name)(**params)
+    _WORKER["outputs"] = get_op(op_name).outputs(params)
     _WORKER["queue"] = queue
 
 
 def _run_in_worker(pool_root: str, shard: Shard, stage: str, batch_size: int) -> ShardResult:
     q = _WORKER["queue"]
-    return process_shard(Pool(pool_root), shard, _WORKER["op"], stage, batch_size, on_progress=q.put)
+    return process_shard(
+        Pool(pool_root), shard, _WORKER["op"], stage, batch_size, on_progress=q.put, outputs=_WORKER["outputs"]
+    )
 
 
 def _check_stage(pool: Pool, stage: str, record: dict, overwrite: bool):
@@ -290,8 +306,11 @@ def run_stage(
             t_setup = time.time()
             op_obj = op_cls(**params)
             setup = time.time() - t_setup
+            outputs = op_cls.outputs(params)
             for sh in todo:
-                results.append(process_shard(pool, sh, op_obj, stage, batch_size, on_progress=bar.update))
+                results.append(
+                    process_shard(pool, sh, op_obj, stage, batch_size, on_progress=bar.update, outputs=outputs)
+                )
         elif todo:
             threads = threads or max(1, (os.cpu_count() or 1) // workers)
             results = _run_parallel(pool, todo, op, params, stage, workers, batch_size, bar, threads)

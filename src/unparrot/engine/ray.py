@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from ..ops import get_op
+from ..ops.base import Outputs
 from ..pool import Pool, Shard
 from .local import StageSummary, _move_cross_shard_duplicates, prepare_stage, shard_rows, stage_counts
 
@@ -99,7 +100,7 @@ class _RunOp:
         return result
 
 
-def _writer(root: str, stage: str):
+def _writer(root: str, stage: str, outputs: Outputs):
     def write(group: dict) -> dict:
         pool = Pool(root)
         order = np.argsort(np.asarray(group["_pos"]))
@@ -121,7 +122,7 @@ def _writer(root: str, stage: str):
                 cols[k] = v[keep]
             else:
                 cols[k] = [_plain(v[i]) for i in keep]
-        pool.write_columns(stage, sid, cols, errors)
+        pool.write_columns(stage, sid, cols, errors, schema=outputs.columns, embedding_dims=outputs.embeddings)
         return {"shard": np.array([sid]), "rows": np.array([len(keep)])}
 
     return write
@@ -162,6 +163,7 @@ def run_stage_ray(
     t0 = time.time()
     op_cls, all_shards, todo = prepare_stage(pool, op, params, stage, shards, overwrite)
     inputs = op_cls.inputs_for(params)
+    outputs = op_cls.outputs(params)
     if todo:
         # locally, logical CPUs for the operator actors plus the read and write tasks (else they starve)
         ray.init(
@@ -186,7 +188,11 @@ def run_stage_ray(
             num_gpus=num_gpus or None,
             batch_format="numpy",
         )
-        out.groupby("shard").map_groups(_writer(str(pool.root), stage), batch_format="numpy").materialize()
+        out.groupby("shard").map_groups(_writer(str(pool.root), stage, outputs), batch_format="numpy").materialize()
+        for s in todo:  # a shard with no sample at all (an empty tar) reaches no group: its empty output
+            if not pool.column_path(stage, s.id).exists():
+                pool.write_columns(stage, s.id, {"uid": [], "key": []}, schema=outputs.columns,
+                                   embedding_dims=outputs.embeddings)
     _move_cross_shard_duplicates(pool, stage)
     counts = stage_counts(pool, stage, [s.id for s in all_shards])
     errs = pool.errors(stage)

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import yaml
 
-from ..pool import Pool, atomic_write_bytes, expand_braces, write_errors
+from ..pool import Pool, atomic_write_bytes, expand_braces, list_source, write_errors
 from ..progress import progress_bar
 from .readers import read_image_folder, read_imagenet_captions, read_parquet, read_table
 from .samples import content_uid, normalize_uid
+from .sizes import write_size_files
 from .tar import ShardWriter
 
 FORMATS = ("auto", "wds", "parquet", "table", "imagenet-captions", "folder")
@@ -88,16 +89,19 @@ def ingest(
         raise ValueError("shard_size must be positive")
     fmt = detect_format(source) if format == "auto" else format
     root = Path(pool)
-    root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     if fmt == "wds":
-        src = str(Path(source).resolve()) if Path(source).exists() else source
-        cfg = {"shards": src}
-        (root / "pool.yaml").write_text(yaml.safe_dump(cfg))
-        n = len(Pool(root).shards())
+        # a relative folder, glob or brace pattern means the current directory's, now (pool.yaml is read
+        # from elsewhere later); the shards are checked before anything is written, so a failed ingest
+        # leaves no pool.yaml behind that `info` would read as an empty pool
+        src = str(Path(source).resolve()) if Path(source).exists() else os.path.abspath(source)
+        n = len(list_source(src))
         if n == 0:
             raise FileNotFoundError(f"no .tar shards found at {source}")
-        return IngestSummary(str(root), fmt, 0, 0, 0, n, time.time() - t0, True)
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(root / "pool.yaml", yaml.safe_dump({"shards": src}).encode())
+        return IngestSummary(str(root), fmt, 0, 0, 0, len(Pool(root).shards()), time.time() - t0, True)
+    root.mkdir(parents=True, exist_ok=True)
 
     if fmt == "parquet":
         files = sorted(Path(source).glob("*.parquet")) if Path(source).is_dir() else [Path(source)]
@@ -144,6 +148,8 @@ def ingest(
     if writer is not None:
         writer.close()
     bar.close()
+    if shard_dir.is_dir():  # sizes.json + {shard}_stats.json: open_clip_train and DataComp's resharder read them
+        write_size_files(shard_dir)
     write_errors(root / "errors" / "ingest" / "ingest.parquet", "ingest", "ingest", errors)
     summary = IngestSummary(
         str(root), fmt, n_in, n_written, len(errors), len(list(shard_dir.glob("*.tar"))), time.time() - t0, False

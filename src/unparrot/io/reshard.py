@@ -21,6 +21,7 @@ import numpy as np
 from ..pool import Pool, atomic_write_bytes, read_subset, subset_contains, write_errors
 from ..progress import progress_bar
 from .samples import parse_sample
+from .sizes import write_size_files
 from .tar import ShardProblem, ShardWriter, iter_samples
 
 
@@ -48,8 +49,6 @@ class ReshardSummary:
 
 def parse_columns(columns: Sequence[str] | None, pool: Pool) -> dict[str, list[str]]:
     """ "stage.column" or a bare column name (looked up across the pool's stages) -> {stage: [columns]}."""
-    import pyarrow.parquet as pq
-
     out: dict[str, list[str]] = {}
     for spec in columns or ():
         if "." in spec:
@@ -57,8 +56,8 @@ def parse_columns(columns: Sequence[str] | None, pool: Pool) -> dict[str, list[s
         else:
             st = None
             for cand in pool.stages():
-                done = pool.done_shards(cand)
-                if done and spec in pq.read_schema(pool.column_path(cand, done[0])).names:
+                schema = pool.stage_schema(cand)
+                if schema is not None and spec in schema.names:
                     st = cand
                     break
             if st is None:
@@ -147,6 +146,8 @@ def reshard(
             bar.n = written
             bar.refresh()
     bar.close()
+    if w.written:  # sizes.json + {shard}_stats.json: open_clip_train and DataComp's resharder read them
+        write_size_files(out / "shards")
     write_errors(out / "errors" / "reshard" / "reshard.parquet", "reshard", "", errors)
     summary = ReshardSummary(
         str(out), len(sub), written, len(sub) - len(found), len(errors), len(w.written), time.time() - t0

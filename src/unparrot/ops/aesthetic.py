@@ -9,6 +9,7 @@ loads as released. Embeddings of another width are a clear error, not a silent g
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 
 from .base import Operator, column
 
@@ -57,6 +58,7 @@ def load_aesthetic(weights: str):
 class Aesthetic(Operator):
     needs = ()
     version = 1
+    schema = {"aesthetic": pa.float32()}
 
     def __init__(self, weights: str, embed_stage: str = "embed"):
         self.mlp = load_aesthetic(weights)

@@ -12,11 +12,22 @@ Batch columns an engine provides: `uid`, `key`, `shard`, `image` (encoded bytes)
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from ..io.decode import DecodeError
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What a stage writes besides uid and key: its columns (name -> arrow type) and its embeddings
+    (name -> width). Engines give a shard where no sample could be processed (an empty or corrupt tar)
+    exactly these, so a later stage or `select` never meets a shard without the stage's columns."""
+
+    columns: dict = field(default_factory=dict)
+    embeddings: dict = field(default_factory=dict)
 
 
 class Operator:
@@ -29,10 +40,19 @@ class Operator:
     #: bump when the output of the same parameters changes
     version: int = 1
 
+    #: the columns written besides uid/key, as arrow types (see Outputs); operators with embeddings or
+    #: parameter-dependent columns override `outputs`
+    schema: dict = {}
+
     @classmethod
     def inputs_for(cls, params: dict) -> dict[str, list[str]]:
         """The input stages for these parameters (engines check they exist before any work)."""
         return cls.inputs
+
+    @classmethod
+    def outputs(cls, params: dict) -> Outputs:
+        """The columns and embeddings this operator writes with these parameters."""
+        return Outputs(dict(cls.schema))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover - interface
         raise NotImplementedError

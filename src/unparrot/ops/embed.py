@@ -14,7 +14,7 @@ import numpy as np
 
 from ..io.decode import MAX_PIXELS, DecodeError, open_image
 from ..prefetch import prefetch
-from .base import Operator, column
+from .base import Operator, Outputs, column
 from .mask import Masker
 
 
@@ -43,6 +43,16 @@ class Embed(Operator):
     @classmethod
     def inputs_for(cls, params: dict) -> dict[str, list[str]]:
         return {params.get("spot_stage", "spot"): ["boxes"]} if params.get("masked") else {}
+
+    @classmethod
+    def outputs(cls, params: dict) -> Outputs:
+        import pyarrow as pa
+
+        from ..models import embed_dim
+
+        cols = {"clip_score": pa.float32(), **({"masked_clip_score": pa.float32()} if params.get("masked") else {})}
+        d = embed_dim(params.get("model", "ViT-B-32"))
+        return Outputs(cols, {"image": d, "text": d})
 
     def _prepare(self, images, boxes, rows):
         """Decode and transform `rows`; returns (ok rows, image tensor, masked tensor or None, errors)."""

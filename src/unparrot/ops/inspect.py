@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
+
 from ..io.decode import MAX_PIXELS, open_image
 from .base import Operator, column, map_rows
 
 
 class Inspect(Operator):
     needs = ("image", "caption")
+    schema = {c: pa.int64() for c in ("width", "height", "caption_chars", "caption_words")}
 
     def __init__(self, max_pixels: int = MAX_PIXELS):
         self.max_pixels = int(max_pixels)

@@ -7,6 +7,8 @@ of spotted tokens in the caption) and `is_parrot` (cotr > 0). Options are the va
 
 from __future__ import annotations
 
+import pyarrow as pa
+
 from ..text import CotrOptions, co_embedded
 from .base import Operator, column, map_rows
 
@@ -16,6 +18,14 @@ PARROT_COLUMNS = ("co_emb", "n_caption_tokens", "cotr", "iou", "ocr_coverage", "
 class Parrot(Operator):
     needs = ("caption",)
     version = 1
+    schema = {
+        "co_emb": pa.list_(pa.string()),
+        "n_caption_tokens": pa.int64(),
+        "cotr": pa.float64(),
+        "iou": pa.float64(),
+        "ocr_coverage": pa.float64(),
+        "is_parrot": pa.bool_(),
+    }
 
     def __init__(
         self,

@@ -12,6 +12,7 @@ import io
 import re
 
 import numpy as np
+import pyarrow as pa
 
 from ..io.decode import MAX_PIXELS, DecodeError, decode_rgb
 from .base import Operator, column
@@ -60,6 +61,16 @@ def image_size(data: bytes) -> tuple[int, int]:
 class Spot(Operator):
     needs = ("image",)
     version = 1
+    schema = {
+        "boxes": pa.list_(pa.list_(pa.list_(pa.float64()))),
+        "texts": pa.list_(pa.string()),
+        "scores": pa.list_(pa.float64()),
+        "has_text": pa.bool_(),
+        "n_text": pa.int64(),
+        "text_area": pa.float64(),
+        "width": pa.int64(),
+        "height": pa.int64(),
+    }
 
     def __init__(
         self,

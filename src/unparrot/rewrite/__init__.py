@@ -18,6 +18,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import pyarrow as pa
+
 from ..engine.local import _check_stage
 from ..io.samples import parse_sample
 from ..io.tar import ShardProblem, iter_samples
@@ -29,6 +31,9 @@ from .prompt import (PROMPT_VERSION, STYLES, Parsed, build_prompt, check_rewrite
                      load_style, parse_completion)
 
 BLOCK = 2048  # tasks generated per round of retries: bounds memory, keeps results flowing to the cache
+
+# the stage's columns, typed: a shard without captions (an empty or corrupt tar) still gets all of them
+REWRITE_SCHEMA = {c: pa.list_(pa.string()) for c in ("rewrites", "rewrite_styles", "rewrite_failures")}
 
 
 @dataclass
@@ -249,7 +254,7 @@ def rewrite(pool: Pool | str, backend: str = "llama-cpp", k: int = 4, styles: Se
                     for c, v in (("uid", r["uid"]), ("key", r["key"]), ("rewrites", texts),
                                  ("rewrite_styles", labels), ("rewrite_failures", fails)):
                         cols[c].append(v)
-                pool.write_columns(stage, sh.id, cols, errors[sh.id])
+                pool.write_columns(stage, sh.id, cols, errors[sh.id], schema=REWRITE_SCHEMA)
             reasons: dict[str, int] = {}
             for t in tasks.values():
                 e = cache.get(t.key)

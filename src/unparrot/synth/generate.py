@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io.decode import encode_image
+from ..io.sizes import write_size_files
 from ..io.tar import ShardWriter
 from ..pool import atomic_write_bytes
 from ..progress import progress_bar
@@ -171,6 +172,7 @@ def synth(
             bar.update(j[4])
         n_eval = {name: f.result() for name, f in evals.items()}
     bar.close()
+    write_size_files(out / "shards")  # sizes.json + {shard}_stats.json, for open_clip_train and DataComp
     stats = {
         "request": request,
         "config": dataclasses.asdict(cfg),

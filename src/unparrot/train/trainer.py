@@ -61,6 +61,7 @@ class TrainConfig:
     stop_at_step: int | None = None  # stop early (schedule unchanged): budgets, preemption tests
     resume: str | None = None  # a checkpoint path, or "latest"
     sync_bn: bool = False
+    export_open_clip: bool = True  # at the end, RUN/open_clip/: a folder open_clip's own loaders read
     progress: bool = True
 
     def validate(self) -> "TrainConfig":
@@ -137,6 +138,8 @@ OPTION_HELP = {
     "log_every": "progress/TensorBoard interval in steps (metrics.jsonl has every step)",
     "stop_at_step": "stop at this step with the schedule of the full run",
     "resume": "checkpoint path or 'latest' (exact continuation)",
+    "export_open_clip": "write RUN/open_clip/ at the end (open_clip_config.json + weights; open_clip, "
+    "open_clip_train and CLIP_benchmark load it as local-dir:RUN/open_clip)",
     "sync_bn": "SyncBatchNorm across GPUs",
 }
 
@@ -371,9 +374,13 @@ def train(cfg: TrainConfig | dict) -> dict:
         if done >= stop:
             break
     bar.close()
-    path = None
+    path = exported = None
     if is_main:
         path = save_checkpoint(out, model, opt, cfg, max(step + 1, start_step), vocab, final=stop == steps)
+        if cfg.export_open_clip and stop == steps:
+            from ..models import export_open_clip
+
+            exported = str(export_open_clip(path, out / "open_clip"))
         if writer is not None:
             writer.close()
     if world > 1:
@@ -385,6 +392,7 @@ def train(cfg: TrainConfig | dict) -> dict:
         "steps": stop,
         "planned_steps": steps,
         "checkpoint": str(path) if path else None,
+        "open_clip": exported,
         "seconds": time.perf_counter() - t_start,
         "world_size": world,
         "model": cfg.model,
