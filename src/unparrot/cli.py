@@ -369,6 +369,23 @@ def cmd_robustness(a):
         )
 
 
+def _audit_fields():
+    import dataclasses
+
+    from .evaluate.audit import AuditConfig
+
+    return [f for f in dataclasses.fields(AuditConfig) if f.name not in ("models", "progress")]
+
+
+def cmd_audit(a):
+    from .evaluate.audit import AuditConfig, audit
+
+    cfg = {f.name: getattr(a, f.name) for f in _audit_fields() if getattr(a, f.name) is not None}
+    summaries = audit(AuditConfig.from_dict({**cfg, "models": a.models, "progress": not a.quiet}))
+    if len(summaries) > 1:
+        print(f"comparison: {summaries[0]['comparison']}")
+
+
 def cmd_rewrite(a):
     from .rewrite import rewrite
 
@@ -806,6 +823,36 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--baselines", help="models defining the trend (default: all)")
     sp.add_argument("--link", default="logit", help="logit, probit or linear")
     sp.add_argument("--plot", help="write a PNG of the fits")
+
+    sp = add(
+        "audit",
+        cmd_audit,
+        "the text-bias card of open_clip checkpoints: Sync score, typographic attack, word reading",
+        "Audits each checkpoint (or model name: random weights) on rendered words and an attacked labelled set "
+        "(optionally a pool's text reliance) and writes OUT/<name>/card.json (CLIP_benchmark-shaped results, "
+        "`unparrot results OUT` tabulates them) and card.html; several models also get OUT/comparison.html. "
+        "See docs/audit.md.",
+    )
+    sp.formatter_class = argparse.HelpFormatter  # defaults are shown in [brackets]
+    sp.add_argument("models", nargs="+", help="checkpoint files (or model names, for random weights)")
+    sp.add_argument("--quiet", action="store_true")
+    import dataclasses
+
+    from .evaluate.audit import OPTION_HELP as AUDIT_HELP
+
+    for f in _audit_fields():
+        flag = "--" + f.name.replace("_", "-")
+        t = f.type if isinstance(f.type, str) else str(f.type)
+        d = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        h = f"{AUDIT_HELP.get(f.name, '')} [{d}]"
+        if "list" in t:
+            sp.add_argument(flag, nargs="+", default=None, help=h)
+        elif t == "int":
+            sp.add_argument(flag, type=int, default=None, help=h)
+        elif t == "float":
+            sp.add_argument(flag, type=float, default=None, help=h)
+        else:
+            sp.add_argument(flag, default=None, help=h)
 
     sp = add("demo", cmd_demo, "run the whole pipeline on a synthetic world and report the findings")
     sp.add_argument("--out", default="demo-out", help="output folder (a rerun resumes)")

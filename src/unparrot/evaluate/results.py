@@ -36,7 +36,12 @@ def write_result(
 
 
 def read_results(out: str | os.PathLike) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(Path(out).glob("*/*.json"))]
+    """Every result under `out/<model>/`: one record per file, or a list of them (an audit's card.json)."""
+    recs = []
+    for p in sorted(Path(out).glob("*/*.json")):
+        r = json.loads(p.read_text())
+        recs.extend(r if isinstance(r, list) else [r])
+    return recs
 
 
 def _headline(r: dict) -> dict:
@@ -54,6 +59,17 @@ def _headline(r: dict) -> dict:
         }
     if t == "sync":
         return {"sync": m.get("sync_mean"), "sync gap": m.get("sync_gap"), "read top1": m.get("read_top1")}
+    if t == "typographic_attack":  # an audit card (unparrot audit)
+        return {
+            "audit clean acc1": m.get("clean_acc1"),
+            "audit attacked acc1": m.get("attacked_acc1"),
+            "audit control acc1": m.get("control_acc1"),
+            "audit attack success": m.get("attack_success_rate"),
+        }
+    if t == "word_reading":
+        return {"read top1": m.get("read_top1")}
+    if t == "text_reliance":
+        return {"text-carried share": m.get("carried_share"), "masked score drop": m.get("score_drop")}
     if t == "robustness":
         return {f"ER {k}": v for k, v in m.get("effective_robustness", {}).items()}
     return {}
@@ -65,7 +81,7 @@ def results_table(out: str | os.PathLike, fmt: str = "md", models: list[str] | N
     for r in read_results(out):
         if models and r["model"] not in models:
             continue
-        rows.setdefault(r["model"], {}).update(_headline(r))
+        rows.setdefault(r["model"], {}).update({k: v for k, v in _headline(r).items() if v is not None})
     cols = sorted({c for v in rows.values() for c in v}, key=lambda c: (not c.startswith(("clean", "sync")), c))
     order = models or sorted(rows)
 

@@ -25,9 +25,16 @@ STYLES = {
 
 
 def render_word(
-    text: str, style: str, canvas: int = 224, font_px: int = 32, font: str = "DejaVuSans.ttf"
+    text: str,
+    style: str,
+    canvas: int = 224,
+    font_px: int = 32,
+    font: str = "DejaVuSans.ttf",
+    center: tuple[float, float] = (0.5, 0.5),
 ) -> Image.Image:
-    """`text` centred on a canvas (Pillow's textbbox: the old textsize API is gone), shrunk to fit if needed."""
+    """`text` centred on a canvas (Pillow's textbbox: the old textsize API is gone), shrunk to fit if needed.
+    `center` (shares of the canvas) moves the ink box's centre elsewhere, kept inside the canvas (the audit
+    renders several positions; the paper's Sync score uses the middle)."""
     from ..synth.render import fit_font_size, get_font
 
     fg, bg = STYLES[style]
@@ -36,7 +43,10 @@ def render_word(
     f = get_font(font, size)
     d = ImageDraw.Draw(im)
     l, t, r, b = d.textbbox((0, 0), text, font=f)
-    d.text(((canvas - (r - l)) / 2 - l, (canvas - (b - t)) / 2 - t), text, font=f, fill=fg)
+    w, h = r - l, b - t
+    x = min(max(center[0] * canvas - w / 2, 0), canvas - w)
+    y = min(max(center[1] * canvas - h / 2, 0), canvas - h)
+    d.text((x - l, y - t), text, font=f, fill=fg)
     return im
 
 

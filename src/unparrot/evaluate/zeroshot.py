@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from ..io.decode import DecodeError, open_image
@@ -10,14 +12,20 @@ from .datasets import LabelledSet
 from .metrics import attack_success_rate, mean_per_class_recall, retrieval_recall, topk_accuracy
 
 
+def model_device(clip):
+    """The device the model's weights are on (inputs go there; a model without parameters runs on the CPU)."""
+    p = next(iter(clip.model.parameters()), None)
+    return p.device if p is not None else "cpu"
+
+
 def encode_texts(clip, texts: list[str], batch: int = 256) -> np.ndarray:
     import torch
 
-    out = []
+    out, dev = [], model_device(clip)
     with torch.inference_mode():
         for i in range(0, len(texts), batch):
-            f = clip.model.encode_text(clip.tokenizer(texts[i : i + batch]))
-            out.append(torch.nn.functional.normalize(f.float(), dim=-1).numpy())
+            f = clip.model.encode_text(clip.tokenizer(texts[i : i + batch]).to(dev))
+            out.append(torch.nn.functional.normalize(f.float(), dim=-1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
 
 
@@ -28,29 +36,42 @@ def class_embeddings(clip, classnames: list[str], templates: list[str]) -> np.nd
     return e / np.linalg.norm(e, axis=1, keepdims=True)
 
 
-def encode_images(clip, images: list, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised image embeddings of encoded images (bytes) or PIL images; returns (features, ok mask).
-    Decoding and the transform run one batch ahead in a helper thread."""
+def encode_images(clip, images: list, batch: int = 64, workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised image embeddings of encoded images (bytes), PIL images, or callables that return a PIL
+    image (drawn lazily, e.g. a rendered word); returns (features, ok mask). Drawing, decoding and the
+    transform run one batch ahead in a helper thread (`workers` > 1: that many threads per batch, for a
+    GPU that outruns one thread), so the model never waits for the CPU side on CPU runs."""
     import torch
 
+    def one(im):
+        try:
+            if callable(im):
+                im = im()
+            pil = open_image(im, draft=clip.image_size * 2) if isinstance(im, (bytes, bytearray)) else im
+            return clip.preprocess(pil)
+        except DecodeError:
+            return None
+
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="unparrot-encode") if workers > 1 else None
+
     def prep(chunk):
-        xs, ok = [], []
-        for im in chunk:
-            try:
-                pil = open_image(im, draft=clip.image_size * 2) if isinstance(im, (bytes, bytearray)) else im
-                xs.append(clip.preprocess(pil))
-                ok.append(True)
-            except DecodeError:
-                ok.append(False)
+        xs = list(pool.map(one, chunk)) if pool is not None else [one(im) for im in chunk]
+        ok = [x is not None for x in xs]
+        xs = [x for x in xs if x is not None]
         return (torch.stack(xs) if xs else None), ok
 
-    feats, oks = [], []
+    feats, oks, dev = [], [], model_device(clip)
     chunks = [images[i : i + batch] for i in range(0, len(images), batch)]
-    with torch.inference_mode():
-        for x, ok in prefetch(prep, chunks):
-            oks.extend(ok)
-            if x is not None:
-                feats.append(torch.nn.functional.normalize(clip.model.encode_image(x).float(), dim=-1).numpy())
+    try:
+        with torch.inference_mode():
+            for x, ok in prefetch(prep, chunks):
+                oks.extend(ok)
+                if x is not None:
+                    f = clip.model.encode_image(x.to(dev, non_blocking=True)).float()
+                    feats.append(torch.nn.functional.normalize(f, dim=-1).cpu().numpy())
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return (np.concatenate(feats) if feats else np.zeros((0, 1), np.float32)), np.array(oks, bool)
 
 
