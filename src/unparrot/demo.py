@@ -187,14 +187,15 @@ def demo(
                 import shutil
 
                 shutil.rmtree(d)
-            reshard(pool, pool.subset_path(name), d, shard_size=cfg.shard_size, columns=cols, progress=False)
+            path = sel[name].path if name in sel else pool.subset_path(name)
+            reshard(pool, path, d, shard_size=cfg.shard_size, columns=cols, progress=False)
         return d
 
     def job(name: str):
         run = out / "runs" / name
         argv = _train_argv(str(subset(MODELS[name]["subset"])), run, cfg.steps, seed, tr, vocab_file,
                            max(100, cfg.steps // 6), rewrites=MODELS[name]["rewrites"])
-        return (name, argv, run)
+        return (name, argv + [str(a) for a in MODELS[name]["train_args"]], run)
 
     def er_job(name: str):
         r = er_runs[name]
@@ -252,6 +253,11 @@ def demo(
     sel["random"] = select(pool, "random", size_like="parrot-debiased")
     for k in ("clip-score", "parrot-debiased", "t-mars", "cotr", "random"):
         _say("      " + sel[k].line())
+    for m in chosen:  # a model the protocol adds on another recipe (a built-in name or a recipe YAML)
+        r = MODELS[m]["subset"]
+        if r not in sel:
+            sel[r] = select(pool, r)
+            _say("      " + sel[r].line())
     rest = [job(m) for m in chosen if m not in first and not _trained(out / "runs" / m)]
     rest += [er_job(n) for n in er_runs if not _trained(out / "er" / "runs" / n)]
     _train_jobs(rest, out, workers, clock)

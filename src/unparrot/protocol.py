@@ -46,7 +46,7 @@ class Protocol:
     verdict: dict
     world: dict
     train: dict
-    models: dict  # name -> {"subset": recipe, "rewrites": bool}
+    models: dict  # name -> {"subset": recipe name or YAML, "rewrites": bool, "train_args": extra `train` flags}
     sizes: dict  # name -> DemoSize
     findings: list
     er: dict = field(default_factory=dict)
@@ -94,7 +94,10 @@ def load_protocol(name_or_path: str | os.PathLike = "demo") -> Protocol:
         if bad:
             raise ValueError(f"protocol {p}: size {k}: unknown keys {sorted(bad)}")
         sizes[k] = DemoSize(**{**v, "models": tuple(v["models"])})
-    models = {m: {"subset": v["subset"], "rewrites": bool(v.get("rewrites", False))} for m, v in d["models"].items()}
+    models = {
+        m: {"subset": v["subset"], "rewrites": bool(v.get("rewrites", False)), "train_args": list(v.get("train_args", []))}
+        for m, v in d["models"].items()
+    }
     proto = Protocol(
         name=d.get("name", p.stem),
         path=str(p),
@@ -189,6 +192,8 @@ def _text_share(run: Path, f: dict) -> dict | None:
     """Per pool sample: has text (the profile's OCR, as the subset's funnel reports it) and in the subset."""
     from .pool import Pool, read_subset, subset_contains
 
+    if not (run / "pool").is_dir():
+        return None
     pool = Pool(run / "pool")
     sub = pool.subset_path(f["treatment"])
     if not sub.exists() or not pool.done_shards("spot"):

@@ -15,7 +15,15 @@ from pathlib import Path
 
 from .attack import build_attack
 from .datasets import load_set
-from .results import outcomes_path, read_outcomes, read_results, result_path, results_table, write_outcomes, write_result
+from .results import (
+    outcomes_path,
+    read_outcomes,
+    read_results,
+    result_path,
+    results_table,
+    write_outcomes,
+    write_result,
+)
 from .robustness import robustness
 
 TASKS = ("zeroshot", "retrieval", "sync")
