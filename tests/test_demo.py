@@ -2,12 +2,16 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
-from unparrot.demo import MODELS, SIZES, demo, model_numbers, seeds_summary
+from unparrot.demo import demo, model_numbers, seeds_summary
+from unparrot.protocol import load_protocol
+
+PROTO = load_protocol("demo")
 
 
 def test_unknown_size_or_model_is_a_clear_error(tmp_path):
@@ -26,7 +30,7 @@ def test_small_demo_end_to_end_and_resume(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     for step in range(1, 7):
         assert f"[{step}/6]" in r.stdout
-    chosen = SIZES["small"].models
+    chosen = PROTO.sizes["small"].models
     # every model trained, evaluated on every set, and in the printed table
     for m in chosen:
         assert (out / "runs" / m / "checkpoints" / "final.pt").exists()
@@ -39,11 +43,24 @@ def test_small_demo_end_to_end_and_resume(tmp_path):
     # the LaCLIP model saw rewritten captions, produced by the real local LLM
     assert "rewrite:" in r.stdout and " 0 new from" not in r.stdout
     summary = json.loads((out / "demo.json").read_text())
-    names = [f["finding"] for f in summary["findings"]]
-    assert any("CLIP-score filtering" in n for n in names) and any("T-MARS" in n for n in names)
-    assert all(f["holds"] in (True, False) for f in summary["findings"])  # every finding measured at this size
+    by = {f["id"]: f for f in summary["findings"]}
+    assert set(by) == {f["id"] for f in PROTO.findings}  # the findings come from the protocol
+    for f in summary["findings"]:
+        assert f["verdict"] in ("holds", "fails", "inconclusive", "not run")
+        assert f"[{f['verdict']}] {f['id']}" in r.stdout
+        if f["verdict"] != "not run":
+            assert f["low"] <= f["estimate"] <= f["high"]
+    needs_random = {f["id"] for f in PROTO.findings if "random" in (f.get("treatment"), f.get("control"))}
+    assert all(by[i]["verdict"] == "not run" for i in needs_random)  # small trains no random model
+    # the ER design ran in miniature: a separate family (with its checkpoints) and three treatments
+    points = json.loads((out / "er" / "points.json").read_text())
+    assert len(points["family_points"]) > len(PROTO.er["family"]) and len(points["treatments"]) == 3
+    assert all(by[f["id"]]["verdict"] != "not run" for f in PROTO.findings if f["metric"] == "er")
+    assert (out / "robustness.png").stat().st_size > 5000
+    er = json.loads(next((out / "er" / "results" / "diverse").glob("robustness__*.json")).read_text())
+    assert "diverse" not in er["metrics"]["baselines"]
     html = (out / "report.html").read_text()
-    assert "findings" in html.lower() and "less-is-more" in html
+    assert "findings" in html.lower() and "less-is-more" in html and "difference [95% CI]" in html
     assert str(out / "report.html") in r.stdout
     # a rerun resumes: nothing is retrained, the answer is the same
     mtimes = {m: (out / "runs" / m / "checkpoints" / "final.pt").stat().st_mtime_ns for m in chosen}
@@ -51,11 +68,12 @@ def test_small_demo_end_to_end_and_resume(tmp_path):
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert mtimes == {m: (out / "runs" / m / "checkpoints" / "final.pt").stat().st_mtime_ns for m in chosen}
     assert json.loads((out / "demo.json").read_text())["findings"] == summary["findings"]
-    assert set(chosen) <= set(MODELS)
-    # the seeds summary: the same run twice has zero spread, and every finding is tallied
+    assert not re.search(r"\] training \S+ \.\.\.", r2.stdout)  # nothing trained twice
+    # the seeds summary: the same run twice has zero spread, and every finding gets a pooled verdict
     nums = model_numbers(out)
     table = seeds_summary([out, out])
     clean = nums["all"]["clean acc"]
     assert f"| all | {clean:.3f} ± 0.000 |" in table
+    assert "pooled verdicts over 2 runs" in table
     for f in summary["findings"]:
-        assert f"| {f['finding']} | {2 * int(f['holds'])}/2 runs |" in table
+        assert f"] {f['id']} (" in table

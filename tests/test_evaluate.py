@@ -65,14 +65,33 @@ def test_robustness_across_result_files(tmp_path):
             write_result(tmp_path, m, "zeroshot", d, {"acc1": v})
     r = robustness(tmp_path, ["clean"], ["shift-a", "shift-b"], baselines=["m1", "m2", "m3"], plot=tmp_path / "er.png")
     er = r["effective_robustness"]
-    assert abs(er["m2"]["mean"]) < 0.02 and er["new"]["clean->shift-a"] > 0.09
+    assert list(er) == ["new"] and er["new"]["clean->shift-a"] > 0.09  # baselines are not scored by default
+    r = robustness(tmp_path, ["clean"], ["shift-a", "shift-b"], baselines=["m1", "m2", "m3"], score_baselines=True)
+    assert abs(r["effective_robustness"]["m2"]["mean"]) < 0.02
     assert (tmp_path / "er.png").stat().st_size > 5000
     assert any(x["task"] == "robustness" for x in read_results(tmp_path))
     table = results_table(tmp_path)
     assert "| new |" in table and "ER mean" in table
     assert results_table(tmp_path, fmt="csv").splitlines()[0].startswith("model,")
     with pytest.raises(KeyError, match="missing"):
-        robustness(tmp_path, ["clean"], ["shift-c"])
+        robustness(tmp_path, ["clean"], ["shift-c"], baselines=["m1", "m2"])
+
+
+def test_robustness_refuses_to_score_a_baseline_unless_asked(tmp_path):
+    """Fang et al.'s ER is measured against a separate family: a line fitted through the scored models
+    themselves gives them ER ~0 by construction."""
+    for m, (i, o) in {"b1": (0.5, 0.3), "b2": (0.7, 0.5), "t": (0.6, 0.6)}.items():
+        for d, v in (("clean", i), ("shift", o)):
+            write_result(tmp_path, m, "zeroshot", d, {"acc1": v})
+    with pytest.raises(ValueError, match="baseline family"):
+        robustness(tmp_path, ["clean"], ["shift"])  # no family given
+    with pytest.raises(ValueError, match=r"\['b1'\] are also baselines"):
+        robustness(tmp_path, ["clean"], ["shift"], baselines=["b1", "b2"], models=["b1", "t"])
+    ok = robustness(tmp_path, ["clean"], ["shift"], baselines=["b1", "b2"], models=["b1", "t"], score_baselines=True)
+    assert ok["effective_robustness"]["b1"]["mean"] == pytest.approx(0.0, abs=1e-9)
+    assert ok["effective_robustness"]["t"]["mean"] > 0.15
+    in_sample = robustness(tmp_path, ["clean"], ["shift"], score_baselines=True)
+    assert set(in_sample["baselines"]) == {"b1", "b2", "t"}
 
 
 def test_result_files_have_clip_benchmark_shape(tmp_path):

@@ -117,3 +117,40 @@ def test_bad_parameters_are_clear():
         make_config("laion", colour="red")
     with pytest.raises(KeyError, match="preset"):
         make_config("nope")
+
+
+def test_world_parameters_for_the_er_design(tmp_path):
+    """narrow (few backgrounds), diverse (outline style + shift backgrounds) and class-name captions; the
+    default world's digest (its uids) does not change with the new parameters at their defaults."""
+    import dataclasses
+    import hashlib
+
+    from unparrot.synth.world import config_digest
+
+    cfg = make_config("learnable")
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("backgrounds", "p_outline", "caption_mode")}
+    blob = json.dumps({"cfg": old, "seed": 3}, sort_keys=True, default=list)
+    assert config_digest(cfg, 3) == hashlib.sha256(blob.encode()).hexdigest()[:12]
+    rng = np.random.default_rng(0)
+    narrow = make_config("learnable", backgrounds=["plain", "stripes"])
+    assert {make_pool_sample(narrow, rng)[2]["background"] for _ in range(80)} <= {"plain", "stripes"}
+    diverse = make_config("learnable", backgrounds=["plain", "noise", "waves"], p_outline=0.5)
+    gts = [make_pool_sample(diverse, rng)[2] for _ in range(120)]
+    objs = [g for g in gts if g["kind"] != "parrot"]
+    assert 0.3 < np.mean([g["style"] == "outline" for g in objs]) < 0.7
+    assert {g["background"] for g in objs} >= {"noise", "waves"}
+    named = make_config("learnable", caption_mode="classname")
+    for _ in range(60):
+        _, cap, gt = make_pool_sample(named, rng)
+        if gt["kind"] != "parrot":
+            assert cap == gt["class"] and gt["parroted"] == []
+    with pytest.raises(ValueError, match="backgrounds"):
+        make_config("learnable", backgrounds=["lava"])
+    with pytest.raises(ValueError, match="caption_mode"):
+        make_config("learnable", caption_mode="labels")
+    synth(tmp_path, n=40, preset="learnable", seed=0, shard_size=40, eval_per_class=1, eval_sets=(),
+          progress=False, backgrounds=["plain", "stripes"], p_outline=0.5)
+    from unparrot.synth.stats import format_truth_stats
+
+    text = format_truth_stats(truth_stats(tmp_path))
+    assert "p_outline=0.5" in text and "outline" in text.split("styles")[1]

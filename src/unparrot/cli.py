@@ -360,6 +360,7 @@ def cmd_robustness(a):
         baselines=a.baselines.split(",") if a.baselines else None,
         link=a.link,
         plot=a.plot,
+        score_baselines=a.score_baselines,
     )
     for pair, f in r["fits"].items():
         print(f"trend {pair}: {a.link}(ood) = {f['a']:.3f} * {a.link}(id) + {f['b']:.3f}")
@@ -464,12 +465,16 @@ def cmd_deparrot(a):
 
 
 def cmd_demo(a):
-    from .demo import demo, seeds_summary
+    import dataclasses
 
+    from .demo import DemoOptions, demo, seeds_summary
+
+    opts = {f.name: getattr(a, f.name) for f in dataclasses.fields(DemoOptions)}
     if a.summarize:
-        print(seeds_summary(a.summarize))
+        print(seeds_summary(a.summarize, protocol=opts["protocol"]))
         return
-    demo(out=a.out, size=a.size, seed=a.seed, workers=a.workers, models=a.models.split(",") if a.models else None)
+    demo(out=a.out, size=a.size, seed=a.seed, workers=a.workers, models=a.models.split(",") if a.models else None,
+         **opts)
 
 
 # ---- parser -------------------------------------------------------------------------------------
@@ -820,7 +825,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("out", nargs="?", default="results")
     sp.add_argument("--id", required=True, help="in-distribution set name(s), comma separated")
     sp.add_argument("--ood", required=True, help="shifted set names, comma separated")
-    sp.add_argument("--baselines", help="models defining the trend (default: all)")
+    sp.add_argument("--baselines", help="models defining the trend: a separate family (Fang et al.)")
+    sp.add_argument("--score-baselines", action="store_true",
+                    help="also score baseline models (their ER is fitted, ~0 by construction); with no "
+                    "--baselines, fit the line through every model")
     sp.add_argument("--link", default="logit", help="logit, probit or linear")
     sp.add_argument("--plot", help="write a PNG of the fits")
 
@@ -857,11 +865,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("demo", cmd_demo, "run the whole pipeline on a synthetic world and report the findings")
     sp.add_argument("--out", default="demo-out", help="output folder (a rerun resumes)")
     sp.add_argument(
-        "--size", default="default", choices=["small", "default", "full", "large"],
-        help="small (CI check, ~2 min), default (~30 min on 2 cores), full (every recipe) or large",
+        "--size", default="default",
+        help="a size of the protocol: small (CI check, ~3 min), default (~25 min on 2 cores), full (every "
+        "finding, with the effective-robustness design) or large",
     )
     sp.add_argument("--summarize", nargs="+", metavar="OUT",
-                    help="print mean ± std over finished demo runs (one per seed) instead of running")
+                    help="print mean ± std and the pooled verdicts over finished demo runs (one per seed)")
+    import dataclasses
+
+    from .demo import DEMO_OPTION_HELP, DemoOptions
+
+    for f in dataclasses.fields(DemoOptions):  # demo options: flags generated from the typed dataclass
+        sp.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=DEMO_OPTION_HELP[f.name])
     sp.add_argument("--models", help="comma-separated models to train instead of the size's set "
                     "(all, clip-score, parrot-debiased, less-is-more, t-mars, cotr, random, laclip, laclip-debiased)")
     sp.add_argument("--seed", type=int, default=0)

@@ -1,13 +1,18 @@
 """`unparrot demo`: the five papers' findings in miniature, on the synthetic world, in one command.
 
-Stages (each resumable; everything stays in OUT/):
- 1. a synthetic web pool (`learnable` preset: LAION-like text statistics) and its evaluation sets;
+What it runs, and what each finding claims, comes from a protocol (protocols/demo.yaml; docs/protocol.md)
+written before the runs. Stages (each resumable; everything stays in OUT/):
+ 1. a synthetic web pool (`learnable` preset, tuned so a tiny CPU CLIP can learn shapes and reading) and
+    its evaluation sets; at sizes with the effective-robustness design also its worlds (narrow, diverse,
+    narrow with class-name captions);
  2. profile it with the real OCR (rapidocr), train a baseline CLIP on everything, score the pool with
     it (CLIP score and masked CLIP score), cluster and dedup;
  3. subsets with the recipes; caption rewrites with the local LLM (unique captions, cached);
- 4. one model per subset with the same number of samples seen, plus LaCLIP (all data + rewrites);
- 5. evaluate: clean zero-shot, attacked accuracy and attack success, Sync score, shifted sets, ER;
- 6. the results table, the findings checked, and the HTML report.
+ 4. one model per subset with the same number of samples seen, plus LaCLIP (all data + rewrites), and the
+    ER baseline family and treatments;
+ 5. evaluate: clean zero-shot, attacked accuracy and attack success, Sync score, shifted sets, with
+    per-image outcomes; ER against the separate baseline family;
+ 6. the results table, every finding's verdict with its interval, and the HTML report.
 Models train two at a time, one per core.
 """
 
@@ -18,62 +23,23 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-# model name -> (subset recipe, train with rewrites)
-MODELS = {
-    "all": ("all", False),
-    "clip-score": ("clip-score", False),
-    "parrot-debiased": ("parrot-debiased", False),
-    "less-is-more": ("less-is-more", False),
-    "t-mars": ("t-mars", False),
-    "cotr": ("cotr", False),
-    "random": ("random", False),
-    "laclip": ("all", True),
-    "laclip-debiased": ("parrot-debiased", True),
-}
 SHIFTS = ("shift-background", "shift-sketch", "shift-invert")
 
 
 @dataclass
-class DemoSize:
-    n: int
-    steps: int
-    eval_per_class: int
-    models: tuple
-    rewrite_captions: int  # unique captions rewritten, most frequent first (0: all)
-    rewrite_k: int = 1
-    batch: int = 64
-    shard_size: int = 1000
-    sync_words: int = 130
-    notes: str = ""
-    extra: dict = field(default_factory=dict)
+class DemoOptions:
+    """Options of `unparrot demo` beyond size, seed, workers and models (CLI flags are generated from these
+    fields, and their defaults live here only)."""
+
+    protocol: str = "demo"  # a built-in protocol (src/unparrot/protocols/<name>.yaml) or a YAML file
 
 
-# Attack words at the size text has in the `learnable` pool (font 0.35-0.60 of the side): at 0.3 (smaller than
-# any training text) the all-data model's attack success stayed near chance (8.4% vs 5.6% debiased, seed 0);
-# at 0.45 it was 13.6% vs 7.6% on the same models.
-ATTACK_SIZE = 0.45
-
-VERDICT = {True: "holds", False: "DOES NOT HOLD", None: "not run"}
-
-SIZES = {
-    "small": DemoSize(
-        1500,
-        30,
-        8,
-        ("all", "less-is-more", "parrot-debiased", "t-mars", "laclip"),
-        24,
-        shard_size=500,
-        notes="a pipeline check: the findings are not expected to hold at this size",
-    ),
-    "default": DemoSize(10000, 1800, 50, ("all", "less-is-more", "parrot-debiased", "laclip"), 400),
-    "full": DemoSize(10000, 1800, 50, tuple(MODELS), 400),
-    "large": DemoSize(40000, 5000, 100, tuple(MODELS), 0, batch=128, shard_size=2000),
-}
+DEMO_OPTION_HELP = {"protocol": "built-in protocol name or YAML file: findings, sizes, worlds, ER design"}
 
 
 def _say(msg: str):
@@ -89,20 +55,21 @@ class Clock:
         return f"{s // 60:02d}:{s % 60:02d}"
 
 
-def _train_jobs(jobs: list[tuple[str, list[str]]], out: Path, workers: int, clock: Clock):
-    """Run training commands, `workers` at a time (one thread each); returns when all are done."""
+def _train_jobs(jobs: list[tuple[str, list[str], Path]], out: Path, workers: int, clock: Clock):
+    """Run training commands (name, argv, run folder), `workers` at a time (one thread each); returns when
+    all are done."""
     pending, running = list(jobs), []
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     while pending or running:
         while pending and len(running) < workers:
-            name, cmd = pending.pop(0)
+            name, cmd, run = pending.pop(0)
             log = open(logs / f"train-{name}.log", "w")
-            running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, time.time()))
+            running.append((name, run, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, time.time()))
             _say(f"      [{clock}] training {name} ...")
         time.sleep(1)
         for item in list(running):
-            name, p, log, t = item
+            name, run, p, log, t = item
             if p.poll() is not None:
                 log.close()
                 running.remove(item)
@@ -110,7 +77,7 @@ def _train_jobs(jobs: list[tuple[str, list[str]]], out: Path, workers: int, cloc
                     raise RuntimeError(
                         f"training {name} failed (exit {p.returncode}); see {logs / f'train-{name}.log'}"
                     )
-                s = json.loads((out / "runs" / name / "summary.json").read_text())
+                s = json.loads((run / "summary.json").read_text())
                 _say(
                     f"      [{clock}] {name}: {s['steps']} steps in {time.time() - t:.0f}s, "
                     f"final loss {s['loss']:.3f}, "
@@ -118,19 +85,52 @@ def _train_jobs(jobs: list[tuple[str, list[str]]], out: Path, workers: int, cloc
                 )
 
 
+def _train_argv(data: str, run: Path, steps: int, seed: int, tr: dict, vocab_file: Path, every: int,
+                rewrites: bool = False, keep_all: bool = False) -> list[str]:
+    """`unparrot train` for one model of the protocol (a killed run resumes from its latest checkpoint)."""
+    cmd = [sys.executable, "-m", "unparrot", "train", data, "--out", str(run), "--model", tr["model"],
+           "--samples", str(steps * tr["batch"]), "--batch-size", str(tr["batch"]), "--lr", str(tr["lr"]),
+           "--warmup", str(tr["warmup"]), "--weight-decay", str(tr["weight_decay"]),
+           "--init-logit-scale", str(tr["init_logit_scale"]), "--seed", str(seed), "--threads", "1",
+           "--workers", "0", "--vocab-texts", json.dumps([str(vocab_file)]), "--checkpoint-every", str(every),
+           "--quiet"]
+    if keep_all:
+        cmd += ["--keep-checkpoints", "0"]  # every intermediate checkpoint is a point of the ER family
+    if rewrites:
+        cmd.append("--rewrites")
+    if (run / "checkpoints" / "latest.pt").exists():
+        cmd += ["--resume", "latest"]
+    return cmd
+
+
+def _trained(run: Path) -> bool:
+    return (run / "checkpoints" / "final.pt").exists()
+
+
 def demo(
-    out: str = "demo-out", size: str = "default", seed: int = 0, workers: int = 2, models: list[str] | None = None
+    out: str = "demo-out",
+    size: str = "default",
+    seed: int = 0,
+    workers: int = 2,
+    models: list[str] | None = None,
+    protocol: str = DemoOptions.protocol,
 ) -> dict:
-    """Run the demo into `out` (a rerun resumes) and return the findings."""
-    if size not in SIZES:
-        raise ValueError(f"unknown demo size {size!r}; one of {', '.join(SIZES)}")
-    cfg = SIZES[size]
+    """Run the demo into `out` (a rerun resumes; nothing finished is trained twice) and return the findings
+    with their verdicts."""
+    from .protocol import load_protocol, verdict_lines, verdicts
+
+    proto = load_protocol(protocol)
+    if size not in proto.sizes:
+        raise ValueError(f"unknown demo size {size!r}; one of {', '.join(proto.sizes)}")
+    cfg = proto.sizes[size]
+    MODELS = proto.models
     chosen = tuple(models) if models else cfg.models
     bad = [m for m in chosen if m not in MODELS]
     if bad:
         raise ValueError(f"unknown demo models {bad}; known: {', '.join(MODELS)}")
     if "all" not in chosen:
         chosen = ("all",) + chosen  # the baseline that scores the pool
+    er_runs = proto.er_runs(size)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .curate.cluster import cluster
     from .curate.select import select
@@ -144,16 +144,18 @@ def demo(
     out.mkdir(parents=True, exist_ok=True)
     clock = Clock()
     pool_dir = out / "pool"
-    _say(f"unparrot demo --size {size} (seed {seed}) -> {out}   {cfg.notes}")
-    _say(f"[1/6] [{clock}] synthetic world: {cfg.n} pairs (preset learnable) + evaluation sets")
+    w, tr = proto.world, dict(proto.train, batch=cfg.batch)
+    note = f"protocol {proto.name} ({proto.path})"
+    _say(f"unparrot demo --size {size} (seed {seed}) -> {out}   {note}")
+    _say(f"[1/6] [{clock}] synthetic world: {cfg.n} pairs (preset {w['preset']}) + evaluation sets")
     s = synth(
         pool_dir,
         n=cfg.n,
-        preset="learnable",
+        preset=w["preset"],
         seed=seed,
         shard_size=cfg.shard_size,
         eval_per_class=cfg.eval_per_class,
-        attack_size=ATTACK_SIZE,
+        attack_size=w["attack_size"],
         workers=workers,
         progress=False,
     )
@@ -161,14 +163,15 @@ def demo(
         f"      {s['samples']} pairs in {s['shards']} shards; {100 * s['share_with_text']:.1f}% with text; "
         f"eval sets: {', '.join(f'{k} ({v})' for k, v in s['eval_sets'].items())}"
     )
+    er_pools = _er_worlds(out, proto, cfg, er_runs, seed, workers) if er_runs else {}
     pool = Pool(pool_dir)
 
     _say(f"[2/6] [{clock}] profile with the real OCR (rapidocr, {workers} workers)")
     prof = profile(pool, workers=workers, progress=False)
     for line in prof.line().splitlines()[2:]:
         _say("      " + line.strip())
-    voc = vocab(pool, top=cfg.sync_words, stopwords=True, min_len=2)
-    words = [w for w, _ in voc["caption_1gram"]]
+    voc = vocab(pool, top=w["sync_words"], stopwords=True, min_len=2)
+    words = [x for x, _ in voc["caption_1gram"]]
     ev = pool_dir / "eval"
     vocab_file = out / "vocab_texts.txt"
     classnames = (ev / "clean" / "classnames.txt").read_text().split()
@@ -184,58 +187,28 @@ def demo(
                 import shutil
 
                 shutil.rmtree(d)
-            reshard(pool, pool.subset_path(name), d, shard_size=cfg.shard_size, columns=cols, progress=False)
+            path = sel[name].path if name in sel else pool.subset_path(name)
+            reshard(pool, path, d, shard_size=cfg.shard_size, columns=cols, progress=False)
         return d
 
-    def train_cmd(name: str) -> list[str]:
-        recipe, rewrites = MODELS[name]
-        cmd = [
-            sys.executable,
-            "-m",
-            "unparrot",
-            "train",
-            str(subset(recipe)),
-            "--out",
-            str(out / "runs" / name),
-            "--model",
-            "unparrot-rn-tiny-v1k",
-            "--samples",
-            str(cfg.steps * cfg.batch),
-            "--batch-size",
-            str(cfg.batch),
-            "--lr",
-            "1e-3",
-            "--warmup",
-            "0.05",
-            "--weight-decay",
-            "0.1",
-            "--init-logit-scale",
-            "33.3",
-            "--seed",
-            str(seed),
-            "--threads",
-            "1",
-            "--workers",
-            "0",
-            "--vocab-texts",
-            json.dumps([str(vocab_file)]),
-            "--checkpoint-every",
-            str(max(100, cfg.steps // 6)),
-            "--quiet",
-        ]
-        if rewrites:
-            cmd.append("--rewrites")
-        if (out / "runs" / name / "checkpoints" / "latest.pt").exists():
-            cmd += ["--resume", "latest"]
-        return cmd
+    def job(name: str):
+        run = out / "runs" / name
+        argv = _train_argv(str(subset(MODELS[name]["subset"])), run, cfg.steps, seed, tr, vocab_file,
+                           max(100, cfg.steps // 6), rewrites=MODELS[name]["rewrites"])
+        return (name, argv + [str(a) for a in MODELS[name]["train_args"]], run)
 
-    def trained(name: str) -> bool:
-        return (out / "runs" / name / "checkpoints" / "final.pt").exists()
+    def er_job(name: str):
+        r = er_runs[name]
+        run = out / "er" / "runs" / name
+        k = r["pairs"] // cfg.er["shard_size"]
+        data = str(er_pools[r["world"]] / "shards" / f"{{{0:05d}..{k - 1:05d}}}.tar")
+        return (f"er-{name}", _train_argv(data, run, r["steps"], seed, tr, vocab_file, r["checkpoint_every"],
+                                          keep_all=r["family"]), run)
 
     _say(f"[3/6] [{clock}] subsets and rewrites")
     sel = {"all": select(pool, "all"), "less-is-more": select(pool, "less-is-more")}
     _say("      " + sel["less-is-more"].line())
-    if any(MODELS[m][1] for m in chosen):
+    if any(MODELS[m]["rewrites"] for m in chosen):
         from .rewrite import rewrite
 
         r = rewrite(
@@ -250,19 +223,20 @@ def demo(
         )
         _say("      " + r.line())
 
+    er_note = f", then the ER family and treatments ({', '.join(er_runs)})" if er_runs else ""
     _say(
         f"[4/6] [{clock}] training {', '.join(chosen)}: {cfg.steps} steps x {cfg.batch} samples each, "
-        f"{workers} at a time"
+        f"{workers} at a time{er_note}"
     )
-    first = [m for m in chosen if MODELS[m][0] in ("all", "less-is-more") and not MODELS[m][1]]
-    _train_jobs([(m, train_cmd(m)) for m in first if not trained(m)], out, workers, clock)
+    first = [m for m in chosen if MODELS[m]["subset"] in ("all", "less-is-more") and not MODELS[m]["rewrites"]]
+    _train_jobs([job(m) for m in first if not _trained(out / "runs" / m)], out, workers, clock)
 
     base_ckpt = str(out / "runs" / "all" / "checkpoints" / "final.pt")
     _say(f"      [{clock}] scoring the pool with the baseline model (CLIP score, masked CLIP score)")
     e = run_stage(
         pool,
         "embed",
-        {"model": "unparrot-rn-tiny-v1k", "pretrained": base_ckpt, "masked": True},
+        {"model": tr["model"], "pretrained": base_ckpt, "masked": True},
         workers=workers,
         batch_size=256,
         progress=False,
@@ -279,41 +253,49 @@ def demo(
     sel["random"] = select(pool, "random", size_like="parrot-debiased")
     for k in ("clip-score", "parrot-debiased", "t-mars", "cotr", "random"):
         _say("      " + sel[k].line())
-    rest = [m for m in chosen if m not in first]
-    _train_jobs([(m, train_cmd(m)) for m in rest if not trained(m)], out, workers, clock)
+    for m in chosen:  # a model the protocol adds on another recipe (a built-in name or a recipe YAML)
+        r = MODELS[m]["subset"]
+        if r not in sel:
+            sel[r] = select(pool, r)
+            _say("      " + sel[r].line())
+    rest = [job(m) for m in chosen if m not in first and not _trained(out / "runs" / m)]
+    rest += [er_job(n) for n in er_runs if not _trained(out / "er" / "runs" / n)]
+    _train_jobs(rest, out, workers, clock)
 
     _say(f"[5/6] [{clock}] evaluation: zero-shot (clean, attacked, control, shifts), Sync score")
-    from .evaluate import evaluate, robustness
+    from .evaluate import evaluate
 
     sets = {
         "clean": ev / "clean",
         "attack": ev / "attack",
         "attack-control": ev / "attack-control",
-        **{s: ev / s for s in SHIFTS},
+        **{x: ev / x for x in SHIFTS},
     }
     for m in chosen:
         evaluate(
-            "unparrot-rn-tiny-v1k",
+            tr["model"],
             str(out / "runs" / m / "checkpoints" / "final.pt"),
             name=m,
             datasets={k: str(v) for k, v in sets.items()},
             tasks=("zeroshot", "sync"),
             out=out / "results",
             sync_words=words,
-            sync_font_scale=0.4,
+            sync_font_scale=w["sync_font_scale"],
             progress=False,
         )
-    er = (
-        robustness(out / "results", ["clean"], list(SHIFTS), models=list(chosen), plot=out / "robustness.png")
-        if len(chosen) >= 2
-        else None
-    )
+    er = _er_evaluate(out, proto, er_runs, er_pools, tr["model"], clock) if er_runs else None
+    if not er_runs:
+        _say("      effective robustness: not run at this size (the protocol's ER design runs at "
+             f"{', '.join(k for k, v in proto.sizes.items() if v.er) or 'no size'})")
 
     _say(f"[6/6] [{clock}] results")
-    _say(demo_table(out, pool, chosen))
-    findings = check_findings(out, pool, chosen, sel)
-    for f in findings:
-        _say(f"  [{VERDICT[f['holds']]}] {f['finding']}: {f['detail']}")
+    _say(demo_table(out, pool, chosen, MODELS))
+    if er:
+        _say(er_table(out, proto))
+    found = verdicts([out], proto)
+    _say("findings (protocol verdicts: 95% bootstrap interval over evaluation items; one seed)")
+    for line in verdict_lines(found):
+        _say(line)
     from .report import report
 
     path = report(
@@ -322,15 +304,16 @@ def demo(
         title=f"unparrot demo ({size}, seed {seed})",
         results_dir=out / "results",
         model_order=list(chosen),
-        findings=findings,
+        findings=found,
         robustness_plot=str(out / "robustness.png") if er else None,
-        results_note=f"<p class='note'>{cfg.steps} steps x {cfg.batch} samples per model; unparrot-rn-tiny-v1k; "
-        f"seed {seed}.</p>",
+        results_note=f"<p class='note'>{cfg.steps} steps x {cfg.batch} samples per model; {tr['model']}; "
+        f"seed {seed}; {note}.</p>",
     )
     summary = {
         "size": size,
         "seed": seed,
-        "findings": findings,
+        "protocol": proto.path,
+        "findings": found,
         "minutes": round((time.time() - clock.t0) / 60, 1),
         "report": str(path),
     }
@@ -339,7 +322,53 @@ def demo(
     return summary
 
 
-COLUMNS = {  # table heading -> (task, dataset, metric); "shift" and "ER" are averaged over the shifts
+def _er_worlds(out: Path, proto, cfg, runs: dict, seed: int, workers: int) -> dict:
+    """The ER worlds (learnable preset + the protocol's parameters): one pool per world, as large as its
+    largest run (smaller runs train on its first shards); evaluation sets only for the eval world."""
+    from .synth.generate import synth
+
+    er, sc = proto.er, cfg.er
+    pools = {}
+    for name, params in er["worlds"].items():
+        used = [r["pairs"] for r in runs.values() if r["world"] == name]
+        if not used:
+            continue
+        d = out / "er" / "pools" / name
+        evals = (er["id_set"], *er["shifts"]) if name == er["eval_world"] else ()
+        s = synth(d, n=max(used), preset=proto.world["preset"], seed=seed, shard_size=sc["shard_size"],
+                  eval_per_class=sc["eval_per_class"], eval_sets=evals, attack_size=proto.world["attack_size"],
+                  workers=workers, progress=False, **params)
+        ev = f"; eval sets: {', '.join(f'{k} ({v})' for k, v in s['eval_sets'].items())}" if evals else ""
+        _say(f"      ER world {name}: {s['samples']} pairs ({', '.join(f'{k}={v}' for k, v in params.items())}){ev}")
+        pools[name] = d
+    return pools
+
+
+def _er_evaluate(out: Path, proto, runs: dict, pools: dict, model: str, clock) -> dict:
+    """Every family point (each intermediate and final checkpoint) and treatment on the eval world's ID and
+    shifted sets; ER of the treatments against the family's line (`robustness()` is given the family)."""
+    from .evaluate import evaluate, robustness
+
+    er = proto.er
+    ev = pools[er["eval_world"]] / "eval"
+    sets = {x: str(ev / x) for x in (er["id_set"], *er["shifts"])}
+    res = out / "er" / "results"
+    points, treatments = [], []
+    for name, r in runs.items():
+        ck = out / "er" / "runs" / name / "checkpoints"
+        files = sorted(ck.glob("step_*.pt")) + [ck / "final.pt"] if r["family"] else [ck / "final.pt"]
+        for f in files:
+            label = name if f.name == "final.pt" else f"{name}@{int(f.stem.split('_')[1])}"
+            evaluate(model, str(f), name=label, datasets=sets, tasks=("zeroshot",), out=res, progress=False)
+            (points if r["family"] else treatments).append(label)
+    (out / "er" / "points.json").write_text(json.dumps({"family_points": points, "treatments": treatments}))
+    _say(f"      [{clock}] ER: {len(points)} family points ({len([n for n in runs if runs[n]['family']])} runs "
+         f"and their checkpoints), treatments {', '.join(treatments)}")
+    return robustness(res, [er["id_set"]], list(er["shifts"]), baselines=points, models=treatments,
+                      link=er.get("link", "logit"), plot=out / "robustness.png")
+
+
+COLUMNS = {  # table heading -> (task, dataset, metric); "shift" is averaged over the shifts
     "clean acc": ("zeroshot", "clean", "acc1"),
     "attacked acc": ("zeroshot", "attack", "acc1"),
     "attack success": ("zeroshot", "attack", "attack_success_rate"),
@@ -347,7 +376,6 @@ COLUMNS = {  # table heading -> (task, dataset, metric); "shift" and "ER" are av
     "Sync gap": ("sync", "rendered-vocab", "sync_gap"),
     "read top-1": ("sync", "rendered-vocab", "read_top1"),
     "shift acc (mean)": None,
-    "ER (mean)": None,
 }
 
 
@@ -361,37 +389,60 @@ def model_numbers(out: Path) -> dict[str, dict[str, float]]:
     for m in dict.fromkeys(mm for mm, _, _ in by):
         row = {k: by.get((m, *v[:2]), {}).get(v[2], nan) for k, v in COLUMNS.items() if v}
         row["shift acc (mean)"] = float(np.mean([by.get((m, "zeroshot", d), {}).get("acc1", nan) for d in SHIFTS]))
-        row["ER (mean)"] = next(
-            (v["effective_robustness"]["mean"] for (mm, t, _), v in by.items() if mm == m and t == "robustness"), nan
-        )
         res[m] = row
     return res
 
 
 def _fmt(k: str, v: float) -> str:
-    return f"{v:+.4f}" if k == "ER (mean)" else f"{v:.4f}" if k == "Sync gap" else f"{v:.3f}"
+    return f"{v:+.4f}" if k.startswith("ER") else f"{v:.4f}" if k == "Sync gap" else f"{v:.3f}"
 
 
-def demo_table(out: Path, pool, chosen) -> str:
+def demo_table(out: Path, pool, chosen, models: dict) -> str:
     """The findings' numbers, one row per model (markdown)."""
     nums = model_numbers(out)
     rows = ["| model | train subset | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
     for m in chosen:
-        recipe = MODELS[m][0]
+        recipe = models[m]["subset"]
         meta = pool.subset_path(recipe).with_suffix(".json")
         kept = json.loads(meta.read_text())["kept"] if meta.exists() else ""
-        subset = f"{recipe} ({kept})" + (" + rewrites" if MODELS[m][1] else "")
+        subset = f"{recipe} ({kept})" + (" + rewrites" if models[m]["rewrites"] else "")
         vals = [_fmt(k, nums.get(m, {}).get(k, float("nan"))) for k in COLUMNS]
         rows.append("| " + " | ".join([m, subset, *vals]) + " |")
     return "\n".join(rows)
 
 
-def seeds_summary(outs: list[str | os.PathLike]) -> str:
-    """Mean ± std over several demo runs (one per seed): the numbers table and how often each finding held."""
-    runs = [model_numbers(Path(o)) for o in outs]
-    order = list(MODELS)
+def er_table(out: Path, proto) -> str:
+    """ER treatments and the family's final models: accuracy on the ID set and each shift, ER per shift."""
+    from .evaluate.results import read_results
+
+    er = proto.er
+    by = {(r["model"], r["task"], r["dataset"]): r["metrics"] for r in read_results(Path(out) / "er" / "results")}
+    names = list(er["family"]) + list(er["treatments"])
+    head = [f"{er['id_set']} acc"] + [f"{x} acc" for x in er["shifts"]] + [f"ER {x}" for x in er["shifts"]]
+    rows = ["| ER model | role | " + " | ".join(head) + " |", "|---" * (len(head) + 2) + "|"]
+    key = "+".join([er["id_set"]]) + "__" + "+".join(er["shifts"])
+    for m in names:
+        accs = [by.get((m, "zeroshot", d), {}).get("acc1", float("nan")) for d in [er["id_set"], *er["shifts"]]]
+        e = by.get((m, "robustness", key), {}).get("effective_robustness", {})
+        ers = [e.get(f"{er['id_set']}->{x}", float("nan")) for x in er["shifts"]]
+        role = "family" if m in er["family"] else "treatment"
+        rows.append(f"| {m} | {role} | " + " | ".join([f"{a:.3f}" for a in accs] + [
+            "" if np.isnan(x) else f"{x:+.4f}" for x in ers]) + " |")
+    return "\n".join(rows)
+
+
+def seeds_summary(outs: list[str | os.PathLike], protocol: str | None = None) -> str:
+    """Over several demo runs (one per seed): mean ± std of the numbers, and every finding's pooled verdict
+    (hierarchical bootstrap: seeds, then images), also over the seeds not used to choose settings."""
+    from .protocol import load_protocol, verdict_lines, verdicts
+
+    outs = [Path(o) for o in outs]
+    runs = [model_numbers(o) for o in outs]
+    metas = [json.loads((o / "demo.json").read_text()) if (o / "demo.json").exists() else {} for o in outs]
+    proto = load_protocol(protocol or next((m["protocol"] for m in metas if m.get("protocol")), "demo"))
+    order = list(proto.models)
     models = sorted(dict.fromkeys(m for r in runs for m in r), key=lambda m: (order.index(m) if m in order else 99, m))
-    lines = [f"{len(outs)} runs: {', '.join(str(o) for o in outs)}", ""]
+    lines = [f"{len(outs)} runs: {', '.join(str(o) for o in outs)}; protocol {proto.name} ({proto.path})", ""]
     lines += ["| model | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for m in models:
         cells = []
@@ -400,91 +451,12 @@ def seeds_summary(outs: list[str | os.PathLike]) -> str:
             cells.append(f"{_fmt(k, v.mean())} ± {_fmt(k, v.std(ddof=1) if len(v) > 1 else 0.0).lstrip('+')}")
         n = sum(m in r for r in runs)
         lines.append(f"| {m}{'' if n == len(runs) else f' ({n} runs)'} | " + " | ".join(cells) + " |")
-    lines += ["", "| finding | holds in |", "|---|---|"]
-    tally: dict[str, list] = {}
-    for o in outs:
-        p = Path(o) / "demo.json"
-        for f in json.loads(p.read_text())["findings"] if p.exists() else []:
-            tally.setdefault(f["finding"], []).append(f["holds"])
-    for name, hs in tally.items():
-        measured = [h for h in hs if h is not None]
-        if not measured:
-            lines.append(f"| {name} | not run |")
-            continue
-        lines.append(f"| {name} | {sum(measured)}/{len(measured)} runs" + (" (not run in the others)" if
-                     len(measured) < len(hs) else "") + " |")
+    lines += ["", f"pooled verdicts over {len(outs)} runs (95% hierarchical bootstrap: seeds, then items):"]
+    lines += verdict_lines(verdicts(outs, proto))
+    first = int(proto.verdict.get("report_seeds_from", 0))
+    fresh = [o for o, m in zip(outs, metas) if m.get("seed", -1) >= first]
+    if first and proto.chosen_on_results:
+        lines += ["", f"over the seeds >= {first} only (settings were chosen on earlier seeds; "
+                  "protocols/demo.yaml `chosen_on_results`):"]
+        lines += verdict_lines(verdicts(fresh, proto)) if fresh else ["  no such run among these"]
     return "\n".join(lines)
-
-
-def check_findings(out: Path, pool, chosen, sel) -> list[dict]:
-    """The papers' findings, checked on this run's numbers (a finding that does not hold is reported as such)."""
-    from .evaluate.results import read_results
-
-    by = {(r["model"], r["task"], r["dataset"]): r["metrics"] for r in read_results(out / "results")}
-
-    def get(m, task, d, key):
-        return by.get((m, task, d), {}).get(key)
-
-    def sync_gap(m):
-        return get(m, "sync", "rendered-vocab", "sync_gap")
-
-    res = []
-    for other in ("parrot-debiased", "less-is-more"):
-        if other in chosen:
-            a_all, a_o = (
-                get("all", "zeroshot", "attack", "attack_success_rate"),
-                get(other, "zeroshot", "attack", "attack_success_rate"),
-            )
-            s_all, s_o = sync_gap("all"), sync_gap(other)
-            res.append(
-                {
-                    "finding": f"all-data reads more than {other} (attack success and Sync gap higher)",
-                    "holds": bool(a_all > a_o and s_all > s_o),
-                    "detail": f"attack success {a_all:.3f} vs {a_o:.3f}; Sync gap {s_all:.4f} vs {s_o:.4f}",
-                }
-            )
-    cs = json.loads(pool.subset_path("clip-score").with_suffix(".json").read_text())
-    res.append(
-        {
-            "finding": "CLIP-score filtering selects more text-bearing images than the pool has",
-            "holds": cs["share_with_text_subset"] > cs["share_with_text_pool"],
-            "detail": f"{100 * cs['share_with_text_subset']:.1f}% in the top 30% by CLIP score vs "
-            f"{100 * cs['share_with_text_pool']:.1f}% in the pool",
-        }
-    )
-    if "t-mars" in chosen and "less-is-more" in chosen:
-        t, lm = get("t-mars", "zeroshot", "clean", "acc1"), get("less-is-more", "zeroshot", "clean", "acc1")
-        res.append(
-            {
-                "finding": "T-MARS keeps more clean accuracy than dropping every text image (equal size)",
-                "holds": t > lm,
-                "detail": f"clean acc {t:.3f} vs {lm:.3f}",
-            }
-        )
-    else:
-        res.append(
-            {
-                "finding": "T-MARS keeps more clean accuracy than dropping every text image (equal size)",
-                "holds": None,
-                "detail": "not measured: this run trains no t-mars model (--size full trains every recipe)",
-            }
-        )
-    if "laclip" in chosen:
-        la, al = get("laclip", "zeroshot", "clean", "acc1"), get("all", "zeroshot", "clean", "acc1")
-        res.append(
-            {
-                "finding": "LaCLIP rewrites do not hurt clean zero-shot",
-                "holds": la >= al - 0.02,
-                "detail": f"clean acc {la:.3f} (LaCLIP) vs {al:.3f} (all data); tolerance 0.02",
-            }
-        )
-    if "parrot-debiased" in chosen:
-        d, al = get("parrot-debiased", "zeroshot", "clean", "acc1"), get("all", "zeroshot", "clean", "acc1")
-        res.append(
-            {
-                "finding": "the debiased model's clean accuracy is not lower than the all-data model's",
-                "holds": d >= al,
-                "detail": f"clean acc {d:.3f} vs {al:.3f}",
-            }
-        )
-    return res

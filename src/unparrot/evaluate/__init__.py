@@ -1,8 +1,9 @@
 """Evaluation of any open_clip model or checkpoint: zero-shot classification (with typographic-attack
 metrics on attacked sets), retrieval, Sync score, and effective robustness across models.
 
-`evaluate(...)` writes one JSON per (model, task, dataset) in CLIP_benchmark's shape and skips a result whose
-inputs (model, checkpoint, set files, words) are unchanged.
+`evaluate(...)` writes one JSON per (model, task, dataset) in CLIP_benchmark's shape, with the per-item
+outcomes beside it (`.npz`: keys, labels, predictions or cosines; what verdicts are computed from), and skips
+a result whose inputs (model, checkpoint, set files, words) are unchanged.
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ from pathlib import Path
 
 from .attack import build_attack
 from .datasets import load_set
-from .results import read_results, result_path, results_table, write_result
+from .results import (
+    outcomes_path,
+    read_outcomes,
+    read_results,
+    result_path,
+    results_table,
+    write_outcomes,
+    write_result,
+)
 from .robustness import robustness
 
 TASKS = ("zeroshot", "retrieval", "sync")
@@ -65,7 +74,8 @@ def evaluate(
 
     def done(j) -> bool:
         rp = result_path(out, name, j[0], j[1])
-        return rp.exists() and json.loads(rp.read_text()).get("inputs") == digest[j]
+        has_outcomes = j[0] == "retrieval" or outcomes_path(out, name, j[0], j[1]).exists()
+        return rp.exists() and has_outcomes and json.loads(rp.read_text()).get("inputs") == digest[j]
 
     todo = [j for j in jobs if overwrite or not done(j)]
     records = []
@@ -76,16 +86,19 @@ def evaluate(
             records.append(json.loads(rp.read_text()))
             continue
         t0 = time.time()
+        per_item: dict = {}
         if task == "sync":
             from .sync import sync_score
 
-            metrics = sync_score(clip, sync_words, font_scale=sync_font_scale, batch=batch)
+            metrics = sync_score(clip, sync_words, font_scale=sync_font_scale, batch=batch, outcomes=per_item)
         else:
             from .zeroshot import retrieval, zeroshot
 
             ds = load_set(p, d, templates)
-            metrics = (zeroshot if task == "zeroshot" else retrieval)(clip, ds, batch)
+            metrics = zeroshot(clip, ds, batch, outcomes=per_item) if task == "zeroshot" else retrieval(clip, ds, batch)
         metrics["seconds"] = round(time.time() - t0, 2)
+        if per_item:
+            write_outcomes(out, name, task, d, per_item)
         write_result(
             out, name, task, d, metrics, pretrained=pretrained, architecture=model, path=p, inputs=digest[(task, d, p)]
         )
@@ -113,4 +126,13 @@ def _inputs_digest(model, pretrained, job, words, font_scale, templates) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
-__all__ = ["evaluate", "build_attack", "load_set", "read_results", "results_table", "robustness", "write_result"]
+__all__ = [
+    "evaluate",
+    "build_attack",
+    "load_set",
+    "read_outcomes",
+    "read_results",
+    "results_table",
+    "robustness",
+    "write_result",
+]

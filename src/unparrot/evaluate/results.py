@@ -35,6 +35,34 @@ def write_result(
     return p
 
 
+def outcomes_path(out: str | os.PathLike, model: str, task: str, dataset: str) -> Path:
+    """Per-item outcomes beside a result (same stem, .npz): the result JSON keeps CLIP_benchmark's shape."""
+    return result_path(out, model, task, dataset).with_suffix(".npz")
+
+
+def write_outcomes(out, model: str, task: str, dataset: str, arrays: dict) -> Path:
+    """Save per-item arrays (keys, labels, predictions, cosines) compressed, atomically."""
+    import numpy as np
+
+    p = outcomes_path(out, model, task, dataset)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.stem + ".tmp.npz")
+    np.savez_compressed(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
+    os.replace(tmp, p)
+    return p
+
+
+def read_outcomes(out, model: str, task: str, dataset: str) -> dict | None:
+    """The per-item arrays of one result, or None when they were not saved (results from before they were)."""
+    import numpy as np
+
+    p = outcomes_path(out, model, task, dataset)
+    if not p.exists():
+        return None
+    with np.load(p, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
 def read_results(out: str | os.PathLike) -> list[dict]:
     """Every result under `out/<model>/`: one record per file, or a list of them (an audit's card.json)."""
     recs = []

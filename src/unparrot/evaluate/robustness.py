@@ -28,12 +28,35 @@ def robustness(
     link: str = "logit",
     models: list[str] | None = None,
     plot: str | os.PathLike | None = None,
+    score_baselines: bool = False,
+    band_boot: int = 500,
 ) -> dict:
-    """Fit link(acc_ood) = a link(acc_id) + b over `baselines` (default: every model) for each (ID, OOD) pair;
-    ER per model and shift, averaged over shifts and ID sets. Writes a `robustness` result per model."""
+    """Fit link(acc_ood) = a link(acc_id) + b over `baselines` for each (ID, OOD) pair; ER per model and
+    shift, averaged over shifts and ID sets. Writes a `robustness` result per scored model.
+
+    Fang et al. fit the line on a separate family of baseline models: a model that is also a baseline has
+    ER near zero by construction (least-squares residuals average to zero), so scoring one is refused
+    unless `score_baselines` (then `baselines` may be omitted: every model defines the line). `models`
+    defaults to every model with results that is not a baseline. The plot shows the family, its line with
+    a bootstrap band over the evaluation images (when the per-image outcomes were saved) and the models."""
     acc = accuracy_table(out)
-    models = models or sorted(acc)
-    baselines = baselines or models
+    if baselines is None:
+        if not score_baselines:
+            raise ValueError(
+                "effective robustness needs a baseline family that defines the trend line (baselines=...); "
+                "fitting the line through the scored models themselves makes their ER zero on average "
+                "(pass score_baselines=True / --score-baselines to do it anyway)"
+            )
+        baselines = list(models or sorted(acc))
+    baselines = list(baselines)
+    if models is None:
+        models = [m for m in sorted(acc) if m not in baselines] + (baselines if score_baselines else [])
+    overlap = [m for m in models if m in baselines]
+    if overlap and not score_baselines:
+        raise ValueError(
+            f"models {overlap} are also baselines: their ER is fitted, not measured "
+            "(pass score_baselines=True / --score-baselines to score them anyway)"
+        )
     missing = [(m, d) for m in set(models) | set(baselines) for d in id_sets + ood_sets if d not in acc.get(m, {})]
     if missing:
         raise KeyError(f"zero-shot results missing for {missing[:4]} (run `unparrot evaluate` on those sets)")
@@ -54,34 +77,86 @@ def robustness(
             {"effective_robustness": per[m], "link": link, "baselines": baselines, "fits": fits},
         )
     if plot:
-        plot_robustness(acc, id_sets, ood_sets, fits, link, models, plot)
+        band = trend_band(out, baselines, id_sets, ood_sets, link, band_boot)
+        plot_robustness(acc, id_sets, ood_sets, fits, link, models, plot, baselines=baselines, band=band)
     return {"fits": fits, "effective_robustness": per, "link": link, "baselines": baselines}
 
 
-def plot_robustness(acc, id_sets, ood_sets, fits, link, models, path):
-    """ID vs OOD accuracy per model on link-scaled axes with each baseline trend line (for the report)."""
+def trend_band(out, baselines, id_sets, ood_sets, link, n_boot: int = 500, confidence: float = 0.95, seed: int = 0):
+    """95% band of the baselines' trend line, from refitting it on evaluation images resampled with
+    replacement (the same images for every baseline, so their accuracies move together); None when the
+    per-image outcomes are missing (results from before they were saved)."""
+    from .results import read_outcomes
+
+    correct: dict = {}
+    for m in baselines:
+        for d in set(id_sets) | set(ood_sets):
+            o = read_outcomes(out, m, "zeroshot", d)
+            if o is None:
+                return None
+            correct[(m, d)] = dict(zip(o["key"].tolist(), (o["pred"] == o["label"]).astype(float)))
+    band = {}
+    rng = np.random.default_rng(seed)
+    for i in id_sets:
+        for o in ood_sets:
+            keys = sorted(set.intersection(*(set(correct[(m, d)]) for m in baselines for d in (i, o))))
+            if not keys:
+                return None
+            X = np.array([[correct[(m, i)][k] for k in keys] for m in baselines])
+            Y = np.array([[correct[(m, o)][k] for k in keys] for m in baselines])
+            lo_x, hi_x = X.mean(1).min(), X.mean(1).max()
+            grid = np.linspace(max(lo_x - 0.05, 0.01), min(hi_x + 0.05, 0.99), 40)
+            curves = []
+            for _ in range(n_boot):
+                idx = rng.integers(len(keys), size=len(keys))
+                ax, ay = X[:, idx].mean(1), Y[:, idx].mean(1)
+                if np.ptp(_link(ax, link)) == 0:
+                    continue
+                a, b = fit_trend(ax, ay, link)
+                curves.append(a * _link(grid, link) + b)
+            if curves:
+                q = (1 - confidence) / 2
+                lo, hi = np.quantile(np.array(curves), [q, 1 - q], axis=0)
+                band[f"{i}->{o}"] = (grid, lo, hi)
+    return band
+
+
+def plot_robustness(acc, id_sets, ood_sets, fits, link, models, path, baselines=None, band=None):
+    """ID vs OOD accuracy on link-scaled axes: the baseline family (grey), its trend line and band, and
+    the scored models (labelled), one panel per (ID, OOD) pair (for the report)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    baselines = [m for m in (baselines or []) if m not in models]
     pairs = [(i, o) for i in id_sets for o in ood_sets]
     fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.8), squeeze=False)
     for ax, (i, o) in zip(axes[0], pairs):
         f = fits[f"{i}->{o}"]
-        xs = np.array([acc[m][i] for m in models])
-        ys = np.array([acc[m][o] for m in models])
-        ax.scatter(_link(xs, link), _link(ys, link), c="#4a7bd0")
-        for m, x, y in zip(models, xs, ys):
+        xs = np.array([acc[m][i] for m in models + baselines])
+        if baselines:
+            bx = np.array([acc[m][i] for m in baselines])
+            by = np.array([acc[m][o] for m in baselines])
+            ax.scatter(_link(bx, link), _link(by, link), c="#999999", s=14, label="baseline family")
+        mx = np.array([acc[m][i] for m in models])
+        my = np.array([acc[m][o] for m in models])
+        ax.scatter(_link(mx, link), _link(my, link), c="#d04a4a" if baselines else "#4a7bd0", s=24)
+        for m, x, y in zip(models, mx, my):
             ax.annotate(m, (_link(x, link), _link(y, link)), fontsize=7)
-        grid = np.linspace(_link(max(xs.min() - 0.05, 0.01), link), _link(min(xs.max() + 0.05, 0.99), link), 50)
-        ax.plot(grid, f["a"] * grid + f["b"], "k--", lw=0.8)
+        grid = np.linspace(max(xs.min() - 0.05, 0.01), min(xs.max() + 0.05, 0.99), 50)
+        ax.plot(_link(grid, link), f["a"] * _link(grid, link) + f["b"], "k--", lw=0.8)
+        if band and f"{i}->{o}" in band:
+            g, lo, hi = band[f"{i}->{o}"]
+            ax.fill_between(_link(g, link), lo, hi, color="#888888", alpha=0.25, lw=0, label="95% band")
         ticks = np.array([0.1, 0.3, 0.5, 0.7, 0.9])
         ax.set_xticks(_link(ticks, link), [f"{t:.1f}" for t in ticks])
         ax.set_yticks(_link(ticks, link), [f"{t:.1f}" for t in ticks])
         ax.set_xlabel(f"{i} accuracy ({link} scale)")
         ax.set_ylabel(f"{o} accuracy")
         ax.set_title(f"{o} vs {i}")
+        if baselines:
+            ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)

@@ -69,9 +69,11 @@ def sync_score(
     font: str = "DejaVuSans.ttf",
     seed: int = 0,
     batch: int = 64,
+    outcomes: dict | None = None,
 ) -> dict:
     """Sync score of `clip` over `words` (see the module docstring). `font_scale` = font px / canvas side
-    (default 32/224)."""
+    (default 32/224). `outcomes`, a dict, receives the per-rendering cosines (key = style:word, matched,
+    mismatched), so two models' gaps can be compared rendering by rendering."""
     words = list(dict.fromkeys(w for w in words if w and w.strip()))
     if len(words) < 2:
         raise ValueError("Sync score needs at least 2 distinct words")
@@ -98,6 +100,8 @@ def sync_score(
         pooled_x.append(mismatched)
         read.append(top1)
     m, x = np.concatenate(pooled_m), np.concatenate(pooled_x)
+    if outcomes is not None:
+        outcomes.update(key=np.array([f"{s}:{w}" for s in styles for w in words]), matched=m, mismatched=x)
     return {
         "sync_mean": float(m.mean()),
         "sync_std": float(m.std()),

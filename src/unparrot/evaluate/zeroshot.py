@@ -75,9 +75,10 @@ def encode_images(clip, images: list, batch: int = 64, workers: int = 1) -> tupl
     return (np.concatenate(feats) if feats else np.zeros((0, 1), np.float32)), np.array(oks, bool)
 
 
-def zeroshot(clip, ds: LabelledSet, batch: int = 64) -> dict:
+def zeroshot(clip, ds: LabelledSet, batch: int = 64, outcomes: dict | None = None) -> dict:
     """acc1, acc5, mean per-class recall; on attacked sets also the attack success rate (prediction = the
-    class written on the image) and, per sample, what was predicted."""
+    class written on the image). `outcomes`, a dict, receives the per-image record (key, label, pred,
+    attack_label): verdicts need paired per-image results, not only the means."""
     if not ds.classnames:
         raise ValueError(f"{ds.name}: zero-shot needs class names (classnames.txt beside the shards)")
     rows = [r for r in ds.samples() if r["label"] is not None]
@@ -94,6 +95,8 @@ def zeroshot(clip, ds: LabelledSet, batch: int = 64) -> dict:
     attack = np.array([int((r["meta"] or {}).get("attack_label", -1)) for r in rows])
     if (attack >= 0).any():
         m["attack_success_rate"] = attack_success_rate(preds, attack)
+    if outcomes is not None:
+        outcomes.update(key=np.array([str(r["key"]) for r in rows]), label=labels, pred=preds, attack_label=attack)
     return m
 
 

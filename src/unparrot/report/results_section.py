@@ -8,7 +8,32 @@ import numpy as np
 
 from .html import Section, fig_tag, table
 
-VERDICT = {True: "yes", False: "NO", None: "not run"}
+def verdict_plot(findings: list[dict]) -> str | None:
+    """The findings' differences (treatment − control, or ER against the family's line) with their 95%
+    intervals, one row per finding, coloured by verdict, with zero and each equivalence margin marked: the
+    reader sees at once which intervals clear the claim's boundary. None when nothing was measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [f for f in findings if f.get("verdict") not in (None, "not run")]
+    if not done:
+        return None
+    colors = {"holds": "#2a9d4a", "fails": "#c0392b", "inconclusive": "#888888"}
+    fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(done) + 1.0))
+    for y, f in enumerate(done[::-1]):
+        c = colors[f["verdict"]]
+        ax.errorbar(f["estimate"], y, xerr=[[f["estimate"] - f["low"]], [f["high"] - f["estimate"]]],
+                    fmt="o", color=c, ms=4, capsize=3)
+        m = f["claim"]["margin"]
+        if m:
+            ax.plot([-m, m] if f["claim"]["direction"] == "0" else [-m if f["claim"]["direction"] == "+" else m] * 2,
+                    [y, y], "|", color="#333333", ms=10)
+    ax.axvline(0, color="k", lw=0.7)
+    ax.set_yticks(range(len(done)), [f"{f['id']} ({f['verdict']})" for f in done[::-1]], fontsize=8)
+    ax.set_xlabel("difference (treatment − control; ER: vs the family's line), 95% CI")
+    return fig_tag(fig, "findings: differences with their intervals")
 
 
 def results_section(ctx) -> Section | None:
@@ -70,11 +95,15 @@ def results_section(ctx) -> Section | None:
     body.append(f'<div class="figs">{"".join(figs)}</div>')
     findings = ctx.options.get("findings")
     if findings:
+        plot = verdict_plot(findings)
         body.append(
-            "<h3>Findings</h3>"
+            "<h3>Findings</h3><p class='note'>Verdicts by the protocol's rule (docs/protocol.md): holds when "
+            "the 95% interval clears the claim's boundary on the claimed side (and every seed agrees), fails "
+            "when it lies on the other side, inconclusive otherwise.</p>"
+            + (f'<div class="figs">{plot}</div>' if plot else "")
             + table(
-                ["finding", "holds", "numbers"],
-                [[f["finding"], VERDICT[f["holds"]], f["detail"]] for f in findings],
+                ["id", "finding", "paper", "verdict", "difference [95% CI]"],
+                [[f["id"], f["finding"], f.get("paper", ""), f["verdict"], f["text"]] for f in findings],
             )
         )
     return Section("results", "Training and evaluation results", "".join(body))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 from ..engine.local import iter_pool_samples
@@ -17,12 +18,17 @@ def truth_stats(pool: Pool | str, top: int = 10) -> dict:
     words = co_words = 0
     co_counter: Counter = Counter()
     kinds: Counter = Counter()
+    backgrounds: Counter = Counter()
+    styles: Counter = Counter()
     for row in iter_pool_samples(pool):
         truth = (row["meta"] or {}).get("synth")
         if truth is None or row["caption"] is None:
             continue
         n += 1
         kinds[truth["kind"]] += 1
+        if truth["kind"] != "parrot":
+            backgrounds[truth.get("background")] += 1
+            styles[truth.get("style", "filled")] += 1
         written = [t["text"] for t in truth["texts"]]
         m = co_embedded(row["caption"], written)
         words += len(m["caption_tokens"])
@@ -36,7 +42,12 @@ def truth_stats(pool: Pool | str, top: int = 10) -> dict:
         n_full += m["cotr"] == 1.0
     if n == 0:
         raise ValueError(f"{pool.root} has no synthetic ground truth (.json 'synth' records)")
+    marker = pool.root / "synth.json"
+    cfg = json.loads(marker.read_text()).get("config", {}) if marker.exists() else {}
     return {
+        "world": {k: cfg.get(k) for k in ("backgrounds", "p_outline", "caption_mode", "plain_background") if k in cfg},
+        "backgrounds": dict(backgrounds),
+        "styles": dict(styles),
         "samples": n,
         "kinds": dict(kinds),
         "share_with_text": n_text / n,
@@ -52,8 +63,15 @@ def truth_stats(pool: Pool | str, top: int = 10) -> dict:
 
 def format_truth_stats(s: dict) -> str:
     top = ", ".join(f"{w} ({c})" for w, c in s["top_co_emb_words"])
+    n_obj = max(1, sum(s.get("styles", {}).values()))
+    world = ", ".join(f"{k}={v}" for k, v in s.get("world", {}).items())
     return "\n".join(
         [
+            f"world parameters                     {world}",
+            "backgrounds (object images)          "
+            + ", ".join(f"{k} {100 * v / n_obj:.1f}%" for k, v in sorted(s.get("backgrounds", {}).items())),
+            "styles (object images)               "
+            + ", ".join(f"{k} {100 * v / n_obj:.1f}%" for k, v in sorted(s.get("styles", {}).items())),
             f"samples                              {s['samples']}  "
             f"({', '.join(f'{k}: {v}' for k, v in sorted(s['kinds'].items()))})",
             f"images with text                     {100 * s['share_with_text']:.1f}%",

@@ -25,7 +25,7 @@ from . import render
 from .render import COLORS, SHAPES
 
 TRAIN_BACKGROUNDS = ("plain", "stripes", "checker", "dots", "gradient")
-SHIFT_BACKGROUNDS = ("noise", "waves", "bricks")  # never used in the training pool
+SHIFT_BACKGROUNDS = ("noise", "waves", "bricks")  # in no training pool unless `backgrounds` lists them
 FONTS = ("DejaVuSans-Bold.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSans.ttf", "DejaVuSansMono-Bold.ttf")
 
 OBJECT_TEMPLATES = (
@@ -53,6 +53,10 @@ PARROT_TEMPLATES = (  # object images whose caption spells the written text
     "{text} sticker",
 )
 PURE_TEMPLATES = ("{text}", "{text}", "{text}", "{text} logo", "{text} sign", "the word {text}")
+CAPTION_MODES = ("full", "classname")  # classname: a stand-in for label supervision (Fang et al.)
+# Parameters added after pools were made: left out of the config digest while at their defaults, so a pool
+# made before they existed keeps its uids and resumes.
+LATE_DEFAULTS = {"backgrounds": TRAIN_BACKGROUNDS, "p_outline": 0.0, "caption_mode": "full"}
 ZEROSHOT_TEMPLATES = ("a {c}", "a photo of a {c}", "{c}", "a {c} shape", "the {c} icon", "{c} clip art")
 
 
@@ -74,6 +78,9 @@ class WorldConfig:
     plain_background: float = 0.4  # share of plain backgrounds
     pattern_contrast: tuple[float, float] = (0.1, 0.5)
     textured_objects: float = 0.2  # share of striped / dotted fills
+    backgrounds: tuple[str, ...] = TRAIN_BACKGROUNDS  # pattern kinds of the pool and in-distribution sets
+    p_outline: float = 0.0  # object images drawn as outline sketches (a second style, as in shift-sketch)
+    caption_mode: str = "full"  # full (templates), or classname: object captions are the class name only
     # text
     p_text: float = 0.4  # object images that also carry text
     p_pure_parrot: float = 0.1  # images with only text on a background, captioned by that text
@@ -107,8 +114,16 @@ class WorldConfig:
             "p_class_word",
             "p_sign",
             "max_text_width",
+            "p_outline",
         ):
             frac(n)
+        unknown_bg = [b for b in self.backgrounds if b not in TRAIN_BACKGROUNDS + SHIFT_BACKGROUNDS]
+        if not self.backgrounds or unknown_bg:
+            raise ValueError(
+                f"synth: backgrounds must be a non-empty list of {', '.join(TRAIN_BACKGROUNDS + SHIFT_BACKGROUNDS)}"
+            )
+        if self.caption_mode not in CAPTION_MODES:
+            raise ValueError(f"synth: caption_mode is one of {', '.join(CAPTION_MODES)}, not {self.caption_mode!r}")
         if self.p_text + self.p_pure_parrot > 1:
             raise ValueError("synth: p_text + p_pure_parrot must be <= 1")
         if self.image_size < 16 or self.image_size > 2048:
@@ -188,6 +203,7 @@ class Scene:
     radius: float = 0.0
     angle: float = 0.0
     texture: str = "solid"
+    outline: bool = False  # drawn as an outline sketch (p_outline)
     texts: list = field(default_factory=list)  # dicts: text, font, size, x, y, angle, color, plate
     seed: int = 0
 
@@ -305,6 +321,7 @@ def _overlap(a: dict, cfg: WorldConfig, b: dict) -> bool:
 def render_scene(cfg: WorldConfig, sc: Scene, outline: bool = False, invert: bool = False) -> tuple[Image.Image, list]:
     """Draw a scene; returns the image and the text ground truth (text, quad, height px, angle, font)."""
     S = cfg.image_size
+    outline = outline or sc.outline
     rng = np.random.default_rng(sc.seed)
     if outline:
         img = Image.new("RGB", (S, S), (250, 250, 250))
@@ -352,7 +369,9 @@ def make_pool_sample(cfg: WorldConfig, rng: np.random.Generator) -> tuple[Image.
     else:
         kind = "object"
     label = -1 if kind == "parrot" else int(rng.integers(len(cfg.classes)))
-    sc = sample_scene(cfg, rng, kind, label)
+    sc = sample_scene(cfg, rng, kind, label, backgrounds=cfg.backgrounds)
+    if cfg.p_outline and kind != "parrot":  # no draw at 0: the default world's samples stay as they were
+        sc.outline = bool(rng.random() < cfg.p_outline)
     if kind != "object":
         n = int(rng.integers(cfg.words_per_image[0], cfg.words_per_image[1] + 1))
         for _ in range(max(1, n)):
@@ -384,12 +403,15 @@ def make_pool_sample(cfg: WorldConfig, rng: np.random.Generator) -> tuple[Image.
         caption = str(rng.choice(PARROT_TEMPLATES)).format(text=" ".join(parroted), **attrs)
     else:
         caption = str(rng.choice(OBJECT_TEMPLATES)).format(**attrs)
+    if cfg.caption_mode == "classname" and kind != "parrot":
+        caption, parroted = attrs["cls"], []  # the label only: no description, no spelled text
     gt = {
         "kind": kind,
         "label": label,
         "class": attrs["cls"] or None,
         "color": sc.color or None,
         "background": sc.bg_kind,
+        "style": "outline" if sc.outline else "filled",
         "texts": truth,
         "parroted": parroted,
     }
@@ -413,7 +435,7 @@ def make_eval_sample(
 ) -> tuple[Image.Image, dict]:
     """An evaluation image of class `label`; every variant of one rng state shows the same scene."""
     words = cfg.words()
-    bgs = SHIFT_BACKGROUNDS if variant == "shift-background" else TRAIN_BACKGROUNDS
+    bgs = SHIFT_BACKGROUNDS if variant == "shift-background" else cfg.backgrounds
     sc = sample_scene(cfg, rng, "object", label, backgrounds=bgs)
     if variant == "shift-background" and sc.bg_kind == "plain":
         sc.bg_kind = str(rng.choice(SHIFT_BACKGROUNDS))
@@ -436,5 +458,10 @@ def sample_uid(namespace: str, index: int) -> str:
 
 
 def config_digest(cfg: WorldConfig, seed: int) -> str:
-    blob = json.dumps({"cfg": dataclasses.asdict(cfg), "seed": seed}, sort_keys=True, default=list)
+    d = dataclasses.asdict(cfg)
+    for k, v in LATE_DEFAULTS.items():
+        same = tuple(d[k]) == v if isinstance(v, tuple) else d[k] == v
+        if same:
+            del d[k]
+    blob = json.dumps({"cfg": d, "seed": seed}, sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
