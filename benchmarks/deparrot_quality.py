@@ -10,7 +10,8 @@ de-parroting itself, not OCR errors. Printed:
   there it is one of the spelled words, and removing it is what residual CoTR 0 requires;
 - pure-text images left with nothing that describes anything but the text (null, or only words such as
   "sign", "logo"): target >= 95%;
-- invented-text rate of rewrite (outputs that claim something is written: quotes, "that says", "the word");
+- invented-text rate of rewrite (outputs that claim something is written: quotes, "that says", "the word"),
+  and the share of rewrites that add content words the caption did not have (the model cannot see the image);
 - throughput: strip captions per CPU-second of one core (target >= 20,000; CPU time, so other work on a
   shared machine does not count against it; wall clock printed beside it), and as a ratio against the
   parrot operator's CoTR on the same captions (the work every pool already pays); rewrite captions/s with the real Gemma
@@ -157,6 +158,9 @@ def main(argv=None) -> int:
         rewritten = [c for c, m in zip(res["deparrot_caption"], modes) if m == "rewrite"]
         fallback = sum(m == "strip-fallback" for m in modes)
         invented = sum(claims_text(c) for c in rewritten)
+        # content the model added: words of the rewrite that describe something and are not in the caption
+        added = [set(content_words(c)) - set(tokens(truth[u][0], keep_non_latin=True))
+                 for (u, _), c, m in zip(picked, res["deparrot_caption"], modes) if m == "rewrite"]
         keep_rw = keep_rw_n = 0
         for (u, _), c, m in zip(picked, res["deparrot_caption"], modes):
             cls = truth[u][1]["class"]
@@ -168,7 +172,8 @@ def main(argv=None) -> int:
               f"({n / rw_s:.2f} captions/s, {rw.stats['calls']} model calls, {rw.stats['calls'] / rw_s:.2f} calls/s; "
               f"model load {load_s:.1f}s); needed the strip fallback {100 * fallback / max(1, n):.1f}%; "
               f"max residual CoTR {max(res['residual_cotr']):.4f}; invented text {100 * invented / max(1, len(rewritten)):.1f}% "
-              f"of {len(rewritten)} rewrites; class word kept {100 * keep_rw / max(1, keep_rw_n):.1f}% of {keep_rw_n}")
+              f"of {len(rewritten)} rewrites; class word kept {100 * keep_rw / max(1, keep_rw_n):.1f}% of {keep_rw_n}; "
+              f"rewrites adding content words not in the caption {100 * sum(map(bool, added)) / max(1, len(added)):.1f}%")
         ok &= max(res["residual_cotr"]) == 0.0
         print("  last rejection of the captions that fell back: "
               + ", ".join(f"{r} ({c})" for r, c in rw.stats["reasons"].most_common()))

@@ -392,3 +392,11 @@ def test_a_backend_that_raises_costs_the_batch_its_rewrites_not_the_run():
     assert out["deparrot_caption"] == ["a red circle", None]
     assert out["deparrot_mode"] == ["strip-fallback", "strip"] and out["error"] == [None, None]
     assert sum(op.stats["reasons"].values()) == 1
+
+
+def test_co_emb_from_other_texts_is_checked_not_trusted():
+    # the parrot stage's words do not occur in this caption, the spotted text does: still no spelled word out
+    r = deparrot_strip("a red hello", ["hello"], ["zebra"], CotrOptions())
+    assert r["deparrot_caption"] == "a red" and r["residual_cotr"] == 0.0
+    # co_emb words absent, nothing spelled: unchanged
+    assert deparrot_strip("a red ball", ["hello"], ["zebra"], CotrOptions())["deparrot_mode"] == "none"

@@ -132,15 +132,14 @@ def deparrot_counts(pool: Pool | str, stage: str = "deparrot") -> dict:
     """Samples per mode, null captions and removed words of a finished stage (report and summaries)."""
     pool = pool if isinstance(pool, Pool) else Pool(pool)
     df = pool.load(stage, columns=["deparrot_caption", "deparrot_mode", "removed_words", "residual_cotr"])
-    removed = [w for ws in df["removed_words"] for w in (ws if ws is not None else [])]
+    removed = sum(len(ws) for ws in df["removed_words"] if ws is not None)
     return {
         "samples": len(df),
         "modes": df["deparrot_mode"].value_counts().to_dict(),
         "null": int(df["deparrot_caption"].isna().sum()),
         "kept": int(df["deparrot_caption"].notna().sum()),
-        "removed_words": len(removed),
+        "removed_words": int(removed),
         "max_residual_cotr": float(df["residual_cotr"].max()) if len(df) else 0.0,
-        "removed": removed,
     }
 
 

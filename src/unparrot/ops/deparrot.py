@@ -166,9 +166,14 @@ def deparrot_strip(caption: str, texts, co_emb, opt: CotrOptions = CotrOptions()
     if not texts or not caption:
         return unchanged
     spelled = set(co_embedded(caption, texts, opt)["co_emb"] if co_emb is None else co_emb)
-    s = strip_caption(caption, spelled, opt, min_words) if spelled else None
-    if s is None or not s.changed:
+    if not spelled:
         return unchanged
+    s = strip_caption(caption, spelled, opt, min_words)
+    if not s.changed:  # spelled tokens that are no word of the caption: co_emb came from other texts
+        again = co_embedded(caption, texts, opt)["co_emb"]
+        if not again:
+            return unchanged
+        s = strip_caption(caption, set(again), opt, min_words)
     out, removed, residual = s.caption, list(s.removed), 0.0
     for _ in range(4):
         if out is None:
@@ -250,6 +255,9 @@ def _seed(*parts) -> int:
 
 
 class Deparrot(Operator):
+    """The stage's operator: strip every row, then (rewrite mode) rewrite the rows strip changed and left
+    describable, through the backend and the cache; parameters are recorded with the stage."""
+
     needs = ("caption",)
     version = 1
 
@@ -320,7 +328,8 @@ class Deparrot(Operator):
         strips: dict[int, dict] = {}
 
         def strip_row(i):
-            r = deparrot_strip(captions[i], _as_list(texts[i]), None if co[i] is None else _as_list(co[i]), self.opt, self.min_words)
+            words = None if co[i] is None else _as_list(co[i])
+            r = deparrot_strip(captions[i], _as_list(texts[i]), words, self.opt, self.min_words)
             strips[i] = r
             return r
 
