@@ -455,7 +455,7 @@ def seeds_summary(outs: list[str | os.PathLike], protocol: str | None = None) ->
     lines += verdict_lines(verdicts(outs, proto))
     first = int(proto.verdict.get("report_seeds_from", 0))
     fresh = [o for o, m in zip(outs, metas) if m.get("seed", -1) >= first]
-    if first and proto.chosen_on_results:
+    if first and proto.chosen_on_results and len(fresh) < len(outs):
         lines += ["", f"over the seeds >= {first} only (settings were chosen on earlier seeds; "
                   "protocols/demo.yaml `chosen_on_results`):"]
         lines += verdict_lines(verdicts(fresh, proto)) if fresh else ["  no such run among these"]
