@@ -49,7 +49,7 @@ def test_small_demo_end_to_end_and_resume(tmp_path):
         assert f["verdict"] in ("holds", "fails", "inconclusive", "not run")
         assert f"[{f['verdict']}] {f['id']}" in r.stdout
         if f["verdict"] != "not run":
-            assert f["low"] <= f["estimate"] <= f["high"]
+            assert f["low"] <= f["high"] and f["text"].startswith(f"{f['estimate']:+.4f} [")
     needs_random = {f["id"] for f in PROTO.findings if "random" in (f.get("treatment"), f.get("control"))}
     assert all(by[i]["verdict"] == "not run" for i in needs_random)  # small trains no random model
     # the ER design ran in miniature: a separate family (with its checkpoints) and three treatments

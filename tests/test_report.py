@@ -103,3 +103,16 @@ def test_curation_sections_render_in_chromium(synth_pool, tmp_path):
     assert {"less-is-more", "t-mars", "cotr", "parrot-debiased"} <= set(headings)
     assert "What each recipe removed (random examples)" in headings
     assert len(images) >= 10 and all(ok and w > 0 for ok, w in images)
+
+
+def test_verdict_plot_shows_measured_findings_only():
+    from unparrot.report.results_section import verdict_plot
+
+    claim = {"direction": "+", "margin": 0.0}
+    fs = [{"id": "a", "verdict": "holds", "estimate": 0.1, "low": 0.05, "high": 0.15, "claim": claim},
+          {"id": "b", "verdict": "inconclusive", "estimate": 0.0, "low": -0.02, "high": 0.03,
+           "claim": {"direction": "0", "margin": 0.03}},
+          {"id": "c", "verdict": "not run"}]
+    tag = verdict_plot(fs)
+    assert tag.startswith("<img") and "base64" in tag
+    assert verdict_plot([{"id": "c", "verdict": "not run"}]) is None

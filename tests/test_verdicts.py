@@ -31,6 +31,7 @@ def test_known_shift_holds_none_is_inconclusive_reversed_fails():
     small = judge(paired_difference(t, c, n_boot=400), Claim("+"))
     assert small.verdict == "inconclusive" and small.interval.estimate == pytest.approx(0.01)
     assert small.needs["items_per_seed"] > 2000 and small.needs["seeds"] > 10  # it needs much more data
+    assert small.needs["would"] == "hold" and "to hold it would need" in small.line()
     down = judge(paired_difference(*_seeds(-0.15), n_boot=400), Claim("+"))
     assert down.verdict == "fails" and down.interval.high < 0
     assert judge(paired_difference(*_seeds(-0.15), n_boot=400), Claim("-")).verdict == "holds"

@@ -242,10 +242,10 @@ def demo(
         progress=False,
     )
     _say("      " + e.line())
-    c = cluster(pool, dedup_fraction=0.1, progress=False)  # tiny-model cosines have no absolute scale
+    c = cluster(pool, dedup_fraction=proto.curation["dedup_fraction"], progress=False)
     _say("      " + c.line())
     clip_scores = pool.load("embed", columns=["clip_score"])["clip_score"].to_numpy()
-    thr = float(np.quantile(clip_scores, 0.3))
+    thr = float(np.quantile(clip_scores, proto.curation["min_clip_score_quantile"]))
     sel["clip-score"] = select(pool, "clip-score")
     sel["parrot-debiased"] = select(pool, "parrot-debiased", overrides={"min_clip_score": round(thr, 4)})
     sel["t-mars"] = select(pool, "t-mars", size_like="less-is-more")
@@ -313,6 +313,7 @@ def demo(
         "size": size,
         "seed": seed,
         "protocol": proto.path,
+        "protocol_sha256": _digest(proto.path),
         "findings": found,
         "minutes": round((time.time() - clock.t0) / 60, 1),
         "report": str(path),
@@ -320,6 +321,13 @@ def demo(
     (out / "demo.json").write_text(json.dumps(summary, indent=1))
     _say(f"done in {clock}: report {path}")
     return summary
+
+
+def _digest(path: str) -> str:
+    """The protocol file's digest: runs pooled by --summarize must have been run under the same protocol."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def _er_worlds(out: Path, proto, cfg, runs: dict, seed: int, workers: int) -> dict:
@@ -443,6 +451,10 @@ def seeds_summary(outs: list[str | os.PathLike], protocol: str | None = None) ->
     order = list(proto.models)
     models = sorted(dict.fromkeys(m for r in runs for m in r), key=lambda m: (order.index(m) if m in order else 99, m))
     lines = [f"{len(outs)} runs: {', '.join(str(o) for o in outs)}; protocol {proto.name} ({proto.path})", ""]
+    shas = {m.get("protocol_sha256") for m in metas} - {None}
+    if len(shas) > 1 or (shas and _digest(proto.path) not in shas):
+        lines[-1:] = ["WARNING: these runs were made under different versions of the protocol file (see its "
+                      "`changes`); their pooled verdicts mix protocols", ""]
     lines += ["| model | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for m in models:
         cells = []
@@ -455,7 +467,7 @@ def seeds_summary(outs: list[str | os.PathLike], protocol: str | None = None) ->
     lines += verdict_lines(verdicts(outs, proto))
     first = int(proto.verdict.get("report_seeds_from", 0))
     fresh = [o for o, m in zip(outs, metas) if m.get("seed", -1) >= first]
-    if first and proto.chosen_on_results:
+    if first and proto.chosen_on_results and len(fresh) < len(outs):
         lines += ["", f"over the seeds >= {first} only (settings were chosen on earlier seeds; "
                   "protocols/demo.yaml `chosen_on_results`):"]
         lines += verdict_lines(verdicts(fresh, proto)) if fresh else ["  no such run among these"]

@@ -49,6 +49,7 @@ class Protocol:
     models: dict  # name -> {"subset": recipe name or YAML, "rewrites": bool, "train_args": extra `train` flags}
     sizes: dict  # name -> DemoSize
     findings: list
+    curation: dict  # min_clip_score_quantile, dedup_fraction
     er: dict = field(default_factory=dict)
     changes: list = field(default_factory=list)
     chosen_on_results: list = field(default_factory=list)
@@ -108,6 +109,7 @@ def load_protocol(name_or_path: str | os.PathLike = "demo") -> Protocol:
         sizes=sizes,
         findings=d["findings"],
         er=d.get("er") or {},
+        curation=d["curation"],
         changes=d.get("changes") or [],
         chosen_on_results=d.get("chosen_on_results") or [],
     )

@@ -44,7 +44,8 @@ class Claim:
         m = self.margin
         if self.direction == "0":
             return f"|difference| < {m:g}"
-        return f"difference {'>' if self.direction == '+' else '<'} {(-m if self.direction == '+' else m):+g}"
+        bound = f"{-m if self.direction == '+' else m:+g}" if m else "0"
+        return f"difference {'>' if self.direction == '+' else '<'} {bound}"
 
 
 @dataclass
@@ -215,9 +216,22 @@ def needed(iv: Interval, claim: Claim) -> dict:
     room = S * target - var_s
     items = math.ceil(n * var_w / room) if room > 0 and var_w > 0 else None
     out["seeds"], out["items_per_seed"] = seeds, items
-    parts = [f"~{seeds} seeds" if seeds is not None else "seeds: unknown from one seed (no seed spread measured)"]
-    parts.append(f"~{items:,} items per seed" if items is not None else "more items alone would not do")
-    out["text"] = f"effect {iv.estimate:+.4f}; a difference of this size would need " + " or ".join(parts)
+    far = 100  # beyond 100x the data the estimate is as good as "no amount of data"
+    if seeds is None:
+        parts = ["seeds: unknown from one seed (no seed spread measured)"]
+    else:
+        parts = [f"~{seeds} seeds" if seeds <= far * S else f"over {far * S} seeds"]
+    if items is None:
+        parts.append("more items alone would not do")
+    else:
+        parts.append(f"~{items:,} items per seed" if items <= far * n else f"over {far * n:,} items per seed")
+    if claim.direction == "0":
+        outcome = "hold" if abs(iv.estimate) < m else "fail"
+    else:
+        outcome = "hold" if (iv.estimate > -m if claim.direction == "+" else iv.estimate < m) else "fail"
+    out["would"] = outcome
+    out["text"] = (f"effect {iv.estimate:+.4f}; for a difference of this size to {outcome} it would need "
+                   + " or ".join(parts))
     return out
 
 
