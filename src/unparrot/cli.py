@@ -382,7 +382,7 @@ def cmd_audit(a):
     from .evaluate.audit import AuditConfig, audit
 
     cfg = {f.name: getattr(a, f.name) for f in _audit_fields() if getattr(a, f.name) is not None}
-    summaries = audit(AuditConfig.from_dict({**cfg, "models": a.models, "progress": not a.quiet}))
+    summaries = audit(AuditConfig(**cfg, models=a.models, progress=not a.quiet))
     if len(summaries) > 1:
         print(f"comparison: {summaries[0]['comparison']}")
 

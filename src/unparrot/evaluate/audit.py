@@ -17,7 +17,6 @@ All inputs are checked before a model is loaded; checkpoints load with `weights_
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import heapq
 import itertools
@@ -97,14 +96,6 @@ class AuditConfig:
                 raise ValueError(f"font {f!r} not found (DejaVu fonts ship with matplotlib; or a .ttf path)") from None
         return self
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "AuditConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        bad = set(d) - names
-        if bad:
-            raise TypeError(f"unknown audit options {sorted(bad)}")
-        return cls(**d)
-
 
 OPTION_HELP = {
     "model": "architecture of checkpoint files that do not record it (unparrot train's checkpoints do)",
@@ -125,7 +116,7 @@ OPTION_HELP = {
     "max_images": "images of the labelled set (a seeded subset when larger)",
     "builtin_per_class": "images per class of the built-in synthetic set",
     "carried_fraction": "a pair is carried by its text when masking takes this share of its score margin",
-    "bootstrap": "bootstrap resamples per 95% interval",
+    "bootstrap": "bootstrap resamples per 95 percent interval",
     "seed": "seed of every random choice and of the bootstrap",
     "device": "cpu, cuda or cuda:N",
     "batch_size": "images per forward pass",
@@ -165,8 +156,12 @@ def load_vocabulary(path: str | os.PathLike | None = None, top: int = 200) -> li
         import csv
 
         with open(p, newline="", encoding="utf-8") as f:
-            rows = [(i + 1, r[0] if r else "") for i, r in enumerate(csv.reader(f))]
-        rows = [(n, w) for n, w in rows if not (n == 1 and w == "ngram")]
+            table = list(csv.reader(f, delimiter="\t" if p.suffix.lower() == ".tsv" else ","))
+
+        def header(r):  # "ngram,count" (unparrot vocab) or any first row whose count is not a number
+            return r and (r[0] == "ngram" or (len(r) > 1 and not r[1].strip().replace(".", "", 1).isdigit()))
+
+        rows = [(i + 1, r[0] if r else "") for i, r in enumerate(table) if not (i == 0 and header(r))]
     else:
         rows = [(i + 1, ln) for i, ln in enumerate(p.read_text(encoding="utf-8").splitlines()) if ln != ""]
     bad = [(n, w) for n, w in rows if not w.strip() or not _latin(w)]
