@@ -3,6 +3,8 @@
 import hashlib
 import time
 
+import numpy as np
+
 from unparrot.io.decode import open_image
 from unparrot.ops.base import Operator, column, map_rows
 
@@ -24,3 +26,124 @@ class SlowDigest(Operator):
             return {"digest": hashlib.sha256(images[i]).hexdigest()[:16], "w": im.width}
 
         return map_rows(row, len(images), ["digest", "w"])
+
+
+class HeldDigest(SlowDigest):
+    """SlowDigest that, while the file `hold` exists, stops in every shard not named in `free` after
+    announcing itself (touches `<hold>.<shard>.waiting`). A test that waits for the announcements knows
+    exactly which shards are finished when it kills a worker, on a fast machine or a slow one."""
+
+    def __init__(self, hold: str = "", free: tuple = (), delay: float = 0.0):
+        super().__init__(delay)
+        self.hold, self.free = hold, tuple(free)
+
+    def __call__(self, batch):
+        import os
+        from pathlib import Path
+
+        shard = batch["shard"][0]
+        if self.hold and shard not in self.free and os.path.exists(self.hold):
+            Path(f"{self.hold}.{shard}.waiting").touch()
+            while os.path.exists(self.hold):
+                time.sleep(0.02)
+        return super().__call__(batch)
+
+
+def assert_close_scaled(a, b, rel: float = 1e-5, what: str = ""):
+    """|a - b| <= rel * max|a|, computed in float64: a tolerance that scales with the values compared.
+
+    Float32 results differ between machines in the last bits (summation order of threads and CPU kernels);
+    an absolute tolerance holds for values of one size only. A real difference (a resumed run that lost its
+    optimizer state, one step more or less) is orders of magnitude above `rel`."""
+    a = np.asarray(a.detach().double() if hasattr(a, "detach") else a, np.float64)
+    b = np.asarray(b.detach().double() if hasattr(b, "detach") else b, np.float64)
+    assert a.shape == b.shape, (what, a.shape, b.shape)
+    scale = float(np.abs(a).max()) if a.size else 0.0
+    diff = float(np.abs(a - b).max()) if a.size else 0.0
+    assert diff <= rel * scale, f"{what}: largest difference {diff:.3g} > {rel:g} x largest value {scale:.3g}"
+
+
+KILLED = 137  # the exit code of a child killed by run_killed (as a shell reports SIGKILL)
+
+
+def count_renames(fn) -> int:
+    """How many os.replace calls fn() makes (each one the moment a finished temp file becomes visible)."""
+    import os
+
+    real, n = os.replace, [0]
+
+    def counting(*a, **k):
+        n[0] += 1
+        return real(*a, **k)
+
+    os.replace = counting
+    try:
+        fn()
+    finally:
+        os.replace = real
+    return n[0]
+
+
+def run_killed(fn, n: int) -> int:
+    """Run fn() in a forked child that dies just before its n-th os.replace, by os._exit: no `finally`, no
+    `except BaseException` cleanup, no atexit, like a SIGKILL landing between a temp file's last byte and
+    its rename. Returns the child's exit code: KILLED, or 0 when fn finished first (1: it raised)."""
+    import os
+    import traceback
+
+    pid = os.fork()
+    if pid == 0:  # the child never returns into the test
+        import signal
+        import sys
+
+        code = 0
+        signal.alarm(600)  # a hang fails the test (as a SIGALRM exit) instead of stopping the suite
+        # OpenMP thread pools do not survive fork: the child runs single-threaded
+        if "faiss" in sys.modules:
+            sys.modules["faiss"].omp_set_num_threads(1)
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(1)
+        try:
+            real, seen = os.replace, [0]
+
+            def dying(*a, **k):
+                seen[0] += 1
+                if seen[0] == n:
+                    os._exit(KILLED)
+                return real(*a, **k)
+
+            os.replace = dying
+            fn()
+        except BaseException:  # noqa: BLE001
+            traceback.print_exc()
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def kill_points(total: int, k: int, seed: int) -> list[int]:
+    """k distinct rename numbers in 1..total, seeded: where run_killed strikes."""
+    rng = np.random.default_rng(seed)
+    return sorted(int(x) + 1 for x in rng.choice(total, size=min(k, total), replace=False))
+
+
+def tree_bytes(root, skip=()) -> dict:
+    """{relative path: content} of every file under root (skipping paths that start with an entry of skip):
+    the bytes, or for a tar shard its members' names and bytes in order (header mtimes are the time of
+    writing, so two equal reshards differ there only)."""
+    import tarfile
+    from pathlib import Path
+
+    def content(p):
+        if p.suffix != ".tar":
+            return p.read_bytes()
+        with tarfile.open(p) as tf:
+            return [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
+
+    root = Path(root)
+    return {
+        str(p.relative_to(root)): content(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not str(p.relative_to(root)).startswith(tuple(skip))
+    }

@@ -149,15 +149,22 @@ def test_resume_after_killed_worker(tmp_path):
     shutil.copytree(src, killed)
     shutil.copytree(src, clean)
     env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{ROOT / 'src'}"}
+    hold = tmp_path / "hold"
+    hold.touch()
+    free = ["000000", "000001"]
+    params = {"hold": str(hold), "free": free}
+    assert [s.id for s in Pool(killed).shards()][:2] == free
     cmd = [
         sys.executable,
         "-m",
         "unparrot",
         "run",
         str(killed),
-        "helpers:SlowDigest",
+        "helpers:HeldDigest",
         "--param",
-        "delay=0.01",
+        f"hold={hold}",
+        "--param",
+        f"free={json.dumps(free)}",
         "--stage",
         "d",
         "--workers",
@@ -167,11 +174,14 @@ def test_resume_after_killed_worker(tmp_path):
         "--quiet",
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
     pool = Pool(killed)
-    while time.time() < deadline and len(pool.done_shards("d")) < 2:
+    # both workers announce that they wait in a held shard: the two free shards are done, no other is.
+    # (the limit is a safety net against a hang, not a measure of speed)
+    limit = time.monotonic() + 600
+    while len(list(tmp_path.glob("hold.*.waiting"))) < 2 and proc.poll() is None and time.monotonic() < limit:
         time.sleep(0.05)
-    assert 2 <= len(pool.done_shards("d")) < 8, "the run finished before it could be interrupted"
+    assert len(list(tmp_path.glob("hold.*.waiting"))) == 2, proc.communicate(timeout=60)
+    assert pool.done_shards("d") == free
     workers = [c for c in _children(proc.pid) if "resource_tracker" not in open(f"/proc/{c}/cmdline").read()]
     assert workers
     os.kill(workers[-1], signal.SIGKILL)
@@ -179,14 +189,16 @@ def test_resume_after_killed_worker(tmp_path):
     assert proc.returncode != 0
     assert "rerun the same command to resume" in err
     done_before = len(pool.done_shards("d"))
-    assert done_before < 8
+    assert done_before == 2
     # no half-written files are visible as done
     for sid in pool.done_shards("d"):
         pq.read_table(pool.column_path("d", sid))
-    s = run_stage(killed, "helpers:SlowDigest", {"delay": 0.01}, stage="d", workers=2, batch_size=10, progress=False)
+    hold.unlink()
+    s = run_stage(killed, "helpers:HeldDigest", params, stage="d", workers=2, batch_size=10, progress=False)
     assert s.skipped == done_before and s.n_ok == 400
-    c = run_stage(clean, "helpers:SlowDigest", {"delay": 0.01}, stage="d", workers=2, batch_size=10, progress=False)
+    c = run_stage(clean, "helpers:HeldDigest", params, stage="d", workers=2, batch_size=10, progress=False)
     assert c.n_ok == 400
+    assert sorted(Pool(clean).done_shards("d")) == sorted(pool.done_shards("d"))
     for sid in Pool(clean).done_shards("d"):
         assert pq.read_table(pool.column_path("d", sid)).equals(pq.read_table(Pool(clean).column_path("d", sid)))
     assert not list((killed / "columns" / "d").glob(".*tmp"))

@@ -101,3 +101,14 @@ def test_no_eval_ever():
     tree = parse("has_text == false or clip_score > 0.3")
     assert columns_of(tree) == {"has_text", "clip_score"}
     assert "lambda" not in repr(tree) and all(isinstance(x, (tuple, str, float, bool, list, type(None))) for x in tree)
+
+
+def test_string_literals_keep_their_unicode():
+    """Regression: literals were decoded with unicode_escape, so "café" became 'cafÃ©' and never matched."""
+    cols = {"caption": np.array(["café", "naïve", 'say "hi"\\n'], dtype=object)}
+    assert ev('caption == "café"', cols, 3).tolist() == [True, False, False]
+    assert ev("caption == 'naïve'", cols, 3).tolist() == [False, True, False]
+    assert ev(r'caption == "say \"hi\"\\n"', cols, 3).tolist() == [False, False, True]
+    assert parse(r'"a\tb"') == ("lit", "a\tb", "str")
+    with pytest.raises(ExprError, match=r"unknown escape \\x"):
+        parse(r'caption == "\x41"')

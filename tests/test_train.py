@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import assert_close_scaled
 from unparrot.engine.local import iter_pool_samples
 from unparrot.io.reshard import reshard
 from unparrot.pool import Pool, write_subset
@@ -76,10 +77,29 @@ def test_resume_is_exact(shards, tmp_path):
     assert resumed["steps"] == 12
     a, b = _losses(tmp_path / "full"), _losses(tmp_path / "part")
     assert len(a) == len(b) == 12
-    assert np.allclose(a, b, rtol=0, atol=1e-6), (a, b)
+    assert_close_scaled(a, b, 1e-5, "losses")
     wa = torch.load(full["checkpoint"], weights_only=True)["state_dict"]
     wb = torch.load(resumed["checkpoint"], weights_only=True)["state_dict"]
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert_close_scaled(wa[k], wb[k], 1e-5, k)
+
+
+def test_resuming_a_finished_run_changes_nothing(shards, tmp_path):
+    """Regression: `--resume latest` on a finished run failed with `samples_seen`, rewrote final.pt at one
+    step past the end and summary.json with loss NaN. Also after a kill between final.pt and summary.json."""
+    done = train(_cfg(shards, tmp_path / "r", samples=16 * 3))
+    run = tmp_path / "r"
+    files = {p: p.read_bytes() for p in [run / "summary.json", run / "metrics.jsonl", *run.glob("checkpoints/*.pt")]}
+    again = train(_cfg(shards, run, samples=16 * 3, resume="latest"))
+    assert again == done
+    assert {p: p.read_bytes() for p in files} == files
+    (run / "summary.json").unlink()  # killed after the final checkpoint, before its summary
+    rebuilt = train(_cfg(shards, run, samples=16 * 3, resume="latest"))
+    assert rebuilt["steps"] == 3 and rebuilt["loss"] == done["loss"] and rebuilt["samples_seen"] == 48
+    assert rebuilt["checkpoint"] == done["checkpoint"]
+    assert {p: p.read_bytes() for p in files if p.suffix != ".json"} == {k: v for k, v in files.items() if k.suffix != ".json"}
+    assert torch.load(run / "checkpoints" / "final.pt", weights_only=True)["step"] == 3
 
 
 def test_global_order_is_independent_of_layout(shards):
@@ -171,7 +191,7 @@ def test_ddp_two_processes_match_one(shards, tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(a) == len(b) == 6
-    assert np.allclose(a, b, rtol=0, atol=2e-4), (a, b)
+    assert_close_scaled(a, b, 1e-4, "losses")  # two processes: the gradient all-reduce sums in another order
     sa = json.loads((tmp_path / "one" / "summary.json").read_text())
     sb = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert sa["samples_seen"] == sb["samples_seen"] == 96 and sb["world_size"] == 2

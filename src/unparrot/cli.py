@@ -138,6 +138,15 @@ def cmd_info(a):
         print(format_truth_stats(truth_stats(pool)))
 
 
+def cmd_verify(a):
+    from .verify import verify
+
+    rep = verify(a.pool)
+    print(rep.line())
+    if not rep.ok:
+        raise SystemExit(1)
+
+
 # ---- profiling ----------------------------------------------------------------------------------
 def _stage_cmd(op):
     def cmd(a):
@@ -569,6 +578,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("pool")
     sp.add_argument("--truth", action="store_true", help="also print synthetic ground-truth statistics")
 
+    sp = add(
+        "verify",
+        cmd_verify,
+        "check a pool's files against each other without recomputing",
+        "Check every stage's column, error and embedding files against the shards, the subsets against the "
+        "pool, and look for files left by interrupted writes. Exits 1 naming each file with a problem.",
+    )
+    sp.add_argument("pool")
+
     for op, helptext in (
         ("spot", "text spotting (OCR) per image: boxes, texts, has_text, text_area"),
         ("parrot", "co-embedded words and CoTR per caption (needs spot)"),
@@ -890,6 +908,18 @@ def _version() -> str:
     return __version__
 
 
+def _user_errors() -> tuple:
+    """What a user's input or machine can cause (bad arguments, files, disks, servers, checkpoints, YAML):
+    reported in one line. OSError covers read-only folders, a full disk (ENOSPC) and ConnectionError."""
+    import pickle
+
+    return (ValueError, KeyError, TypeError, OSError, RuntimeError, ImportError, EOFError,
+            pickle.UnpicklingError, yaml.YAMLError)
+
+
+USER_ERRORS = _user_errors()
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
@@ -903,10 +933,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError, RuntimeError, ImportError) as e:
+    except USER_ERRORS as e:
         if os.environ.get("UNPARROT_DEBUG"):
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        msg = " ".join(str(msg).split())  # one line, whatever the exception's text looks like
         print(f"unparrot {a.command}: error: {msg}  (UNPARROT_DEBUG=1 shows a traceback)", file=sys.stderr)
         return 1
     return 0

@@ -19,6 +19,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -74,6 +75,20 @@ def _atomic(path: Path):
         raise
 
 
+def remove_stale_temp(*folders: Path) -> int:
+    """Remove the temporary files (`.<name>.<random>.tmp`, see _tmp_beside) that a killed writer left in
+    `folders` (recursively), so a rerun ends with exactly the files of an uninterrupted run. Only for
+    folders no other running process writes to. Returns how many were removed."""
+    n = 0
+    for d in folders:
+        if Path(d).is_dir():
+            for p in Path(d).rglob(".*.tmp"):
+                if p.is_file():
+                    p.unlink(missing_ok=True)
+                    n += 1
+    return n
+
+
 def atomic_write_bytes(path: Path, data: bytes):
     with _atomic(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
@@ -87,6 +102,38 @@ def atomic_write_table(path: Path, table: pa.Table):
 def atomic_save_npy(path: Path, arr: np.ndarray):
     with _atomic(path) as tmp, open(tmp, "wb") as f:
         np.save(f, arr)
+
+
+@contextmanager
+def stage_aside(root: Path, stage: str):
+    """Build a whole-pool stage's column folder aside and swap it in only once it is complete.
+
+    Yields `columns/.<stage>.new`; on success the old `columns/<stage>` (if any) is renamed away, the new
+    folder renamed into its place and the old one removed. A killed run leaves either the old stage or
+    none (never a mix of shards from two runs, nor a part of one); its leftovers are removed by the next run."""
+    cols = Path(root) / "columns"
+    new, old, cur = cols / f".{stage}.new", cols / f".{stage}.old", cols / stage
+    for d in (new, old):
+        shutil.rmtree(d, ignore_errors=True)
+    new.mkdir(parents=True)
+    try:
+        yield new
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    if cur.exists():
+        os.replace(cur, old)
+    os.replace(new, cur)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+SOURCE_KEY = b"unparrot.source"  # column-file metadata: the stat of the shard it was made from
+
+
+def source_stamp(path: str | os.PathLike) -> str:
+    """Size and mtime (ns) of a shard file: cheap, and changed by any repair or replacement of the file."""
+    st = os.stat(path)
+    return json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns})
 
 
 # in columns/<stage>/: the engines' cross-shard duplicate check has gone over every shard written so far
@@ -150,7 +197,8 @@ class Pool:
 
     def stages(self) -> list[str]:
         d = self.root / "columns"
-        return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.exists() else []
+        # (dot-folders are stages being built aside, see stage_aside)
+        return sorted(p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")) if d.exists() else []
 
     def stage_info(self, stage: str) -> dict | None:
         p = self.root / "columns" / stage / "_stage.json"
@@ -170,6 +218,7 @@ class Pool:
         errors: Sequence[dict] = (),
         schema: dict | None = None,
         embedding_dims: dict | None = None,
+        source: str | None = None,
     ):
         """Write one shard's output: errors, then embeddings, then the column file (the 'done' marker).
 
@@ -178,6 +227,8 @@ class Pool:
         a shard where no sample could be processed (an empty or corrupt tar, routine in img2dataset output)
         still gets every column, typed, and 0-row embeddings, so later stages and `select` find them.
         New output makes the stage's cross-shard duplicate check due again (its stamp is removed first).
+        `source` (the shard's tar) has its size and mtime recorded in the column file, so a shard repaired
+        or replaced later is processed again (see `changed_shards`).
         """
         (self.root / "columns" / stage / CROSS_SHARD_STAMP).unlink(missing_ok=True)
         write_errors(self.error_path(stage, shard), stage, shard, errors)
@@ -193,7 +244,10 @@ class Pool:
             else:
                 table_cols[name] = values
         types = {"uid": pa.string(), "key": pa.string(), **(schema or {})}
-        atomic_write_table(self.column_path(stage, shard), to_arrow(table_cols, types))
+        table = to_arrow(table_cols, types)
+        if source is not None:
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), SOURCE_KEY: source_stamp(source)})
+        atomic_write_table(self.column_path(stage, shard), table)
 
     def stage_schema(self, stage: str) -> pa.Schema | None:
         """The column schema of a stage: that of its first shard with rows (a 0-row file written by an
@@ -204,6 +258,22 @@ class Pool:
             if meta.num_rows:
                 return meta.schema.to_arrow_schema()
         return pq.read_schema(self.column_path(stage, done[0])) if done else None
+
+    def changed_shards(self, stage: str, shards: Iterable[Shard]) -> list[str]:
+        """Ids of the done `shards` whose tar is no longer the one the stage's output was made from (its size
+        or mtime differ from the record in the column file; output without a record counts as current)."""
+        out = []
+        for sh in shards:
+            p = self.column_path(stage, sh.id)
+            if not p.exists():
+                continue
+            rec = (pq.read_schema(p).metadata or {}).get(SOURCE_KEY)
+            try:
+                if rec is not None and rec.decode() != source_stamp(sh.path):
+                    out.append(sh.id)
+            except OSError:  # the shard is gone: its output stays, the engines report the missing shard
+                pass
+        return out
 
     def read_columns(self, stage: str, shard: str, columns: Sequence[str] | None = None) -> pa.Table:
         """One shard's columns. A 0-row file that lacks some of them (an empty shard's output from an

@@ -57,7 +57,10 @@ def summarize(
     pool = pool if isinstance(pool, Pool) else Pool(pool)
     df = pool.load([spot_stage, parrot_stage], columns=["has_text", "text_area", "cotr", "co_emb"], how="inner")
     n = len(df)
-    errors = len(pool.errors(spot_stage).dropna(subset=["uid"])) + len(pool.errors(parrot_stage).dropna(subset=["uid"]))
+    # a sample spot cannot read is an error row in parrot too ("no 'spot' output"): count samples, not rows
+    errors = len(
+        {(r.shard, r.key) for st in (spot_stage, parrot_stage) for r in pool.errors(st).dropna(subset=["uid"]).itertuples()}
+    )
     has = df["has_text"].astype(bool).to_numpy() if n else np.zeros(0, bool)
     cotr = df["cotr"].astype(float).to_numpy() if n else np.zeros(0)
     co = Counter(w for ws in df["co_emb"] for w in (ws if ws is not None else ()))

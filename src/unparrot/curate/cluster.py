@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ..pool import Pool, atomic_save_npy, atomic_write_bytes, to_arrow, atomic_write_table
+from ..pool import Pool, atomic_save_npy, atomic_write_bytes, atomic_write_table, stage_aside, to_arrow
 
 
 @dataclass
@@ -294,25 +294,6 @@ def cluster(
         dup_idx[members] = dups
     uid_arr = np.array(uids, dtype=object)
     dup_of = np.where(dup_idx >= 0, uid_arr[np.maximum(dup_idx, 0)], None)
-    start = 0
-    for sid, size in zip(shard_ids, sizes):
-        sl = slice(start, start + size)
-        keys = pool.read_columns(embed_stage, sid, ["key"]).column("key").to_pylist()
-        atomic_write_table(
-            pool.column_path(stage, sid),
-            to_arrow(
-                {
-                    "uid": uids[sl],
-                    "key": keys,
-                    "cluster": labels[sl].astype(np.int32),
-                    "dist_to_centroid": dist[sl].astype(np.float32),
-                    "dup_of": list(dup_of[sl]),
-                    "keep_dedup": keep_mask[sl],
-                },
-                CLUSTER_SCHEMA,
-            ),
-        )
-        start += size
     params = {
         "dedup_fraction": dedup_fraction,
         "embed_stage": embed_stage,
@@ -325,10 +306,29 @@ def cluster(
         "keep": keep,
         "centroids": centroids,
     }
-    atomic_write_bytes(
-        pool.root / "columns" / stage / "_stage.json",
-        json.dumps({"op": "cluster", "version": 1, "params": params}, indent=1).encode(),
-    )
+    start = 0
+    with stage_aside(pool.root, stage) as new:  # all shards and the record, or nothing (a killed run)
+        for sid, size in zip(shard_ids, sizes):
+            sl = slice(start, start + size)
+            keys = pool.read_columns(embed_stage, sid, ["key"]).column("key").to_pylist()
+            atomic_write_table(
+                new / f"{sid}.parquet",
+                to_arrow(
+                    {
+                        "uid": uids[sl],
+                        "key": keys,
+                        "cluster": labels[sl].astype(np.int32),
+                        "dist_to_centroid": dist[sl].astype(np.float32),
+                        "dup_of": list(dup_of[sl]),
+                        "keep_dedup": keep_mask[sl],
+                    },
+                    CLUSTER_SCHEMA,
+                ),
+            )
+            start += size
+        atomic_write_bytes(
+            new / "_stage.json", json.dumps({"op": "cluster", "version": 1, "params": params}, indent=1).encode()
+        )
     counts = np.bincount(labels, minlength=len(cents))
     return ClusterSummary(
         stage, n, len(cents), int(keep_mask.sum()), int(n - keep_mask.sum()), time.time() - t0, int(counts.max())

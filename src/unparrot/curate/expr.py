@@ -58,6 +58,29 @@ def tokenize(text: str) -> list[Token]:
     return out
 
 
+ESCAPES = {"\\": "\\", '"': '"', "'": "'", "n": "\n", "t": "\t"}
+
+
+def unescape(body: str, pos: int, text: str) -> str:
+    """A string literal's text: only \\\\, \\", \\', \\n and \\t are escapes, every other character stands for
+    itself (not Python's unicode_escape, which reads UTF-8 text as Latin-1: "café" would never match)."""
+    out, i = [], 0
+    while i < len(body):
+        c = body[i]
+        if c == "\\":
+            nxt = body[i + 1 : i + 2]
+            if nxt not in ESCAPES:
+                raise ExprError(
+                    f"unknown escape \\{nxt} at position {pos + 1 + i} in {text!r} (escapes: \\\\ \\\" \\' \\n \\t)"
+                )
+            out.append(ESCAPES[nxt])
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
 class Parser:
     def __init__(self, text: str):
         self.text, self.toks, self.i = text, tokenize(text), 0
@@ -140,7 +163,7 @@ class Parser:
             return ("lit", float(t.value), "num")
         if t.kind == "str":
             self.take()
-            return ("lit", bytes(t.value[1:-1], "utf-8").decode("unicode_escape"), "str")
+            return ("lit", unescape(t.value[1:-1], t.pos, self.text), "str")
         if t.kind == "op" and t.value == "(":
             self.take()
             node = self.or_()
@@ -183,7 +206,10 @@ class Parser:
 def parse(text: str):
     if not isinstance(text, str):
         raise ExprError(f"an expression must be a string, got {type(text).__name__}: {text!r}")
-    return Parser(text).parse()
+    try:
+        return Parser(text).parse()
+    except RecursionError:  # the parser recurses per parenthesis / unary minus: say so, as an ExprError
+        raise ExprError(f"expression nested too deeply ({len(text)} characters): {text[:60]!r}...") from None
 
 
 def columns_of(node) -> set[str]:

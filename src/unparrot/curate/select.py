@@ -279,7 +279,12 @@ def select(
         {c for s, t in steps if t is not None for c in columns_of(s.tree)}
         | ({rec.rank_by} if rec.rank_by and rec.rank_by != "random" else set())
     )
+    check_complete(pool, sorted({where[c] for c in needed} | ({where["has_text"]} if "has_text" in where else set())))
     t0 = time.time()
+    path = Path(out) if out else pool.subset_path(name)
+    for f in (path, path.with_suffix(".json")):  # temp files a killed select of this subset left
+        for stale in path.parent.glob(f".{f.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
     cols, uids, shards = _load(pool, needed, where)
     n = len(uids)
     mask = np.ones(n, bool)
@@ -336,8 +341,6 @@ def select(
             }
         )
     kept = [u for u, k in zip(uids, mask) if k]
-    path = Path(out) if out else pool.subset_path(name)
-    write_subset(path, kept)
     stats = {
         "recipe": rec.name,
         "description": rec.description,
@@ -353,11 +356,40 @@ def select(
         else {},
     }
     if "has_text" in types:
-        ht = _load(pool, ["has_text"], where)[0]["has_text"]
-        stats["share_with_text_pool"] = float(np.nanmean(_as_float(ht)))
-        stats["share_with_text_subset"] = float(np.nanmean(_as_float(ht[mask]))) if mask.any() else 0.0
+        # over the recipe's rows (a sample `spot` kept but another stage lost is not in them, and back)
+        ht = _as_float(_aligned(pool, "has_text", where, uids))
+        stats["share_with_text_pool"] = float(np.nanmean(ht)) if n and not np.isnan(ht).all() else float("nan")
+        stats["share_with_text_subset"] = float(np.nanmean(ht[mask])) if mask.any() and not np.isnan(ht[mask]).all() else 0.0
+    # everything is computed before anything is written; the subset (what reshard reads) comes last, so a
+    # killed select never leaves a subset file without its funnel
     atomic_write_bytes(path.with_suffix(".json"), json.dumps(stats, indent=1).encode())
+    write_subset(path, kept)
     return Selection(name, kept, funnel, n, str(path), stats)
+
+
+def check_complete(pool: Pool, stages) -> None:
+    """Refuse stages that do not cover every shard of the pool (killed, or run on some shards only): their
+    missing rows would count as removed by the recipe's conditions."""
+    stages = list(stages)
+    # a pool of columns only (no shards) is checked against the union of its stages' shards
+    all_ids = [s.id for s in pool.shards()] or sorted(set().union(*(pool.done_shards(st) for st in stages)))
+    for st in stages:
+        done = set(pool.done_shards(st))
+        missing = [sid for sid in all_ids if sid not in done]
+        if missing:
+            raise RuntimeError(
+                f"stage {st!r} is incomplete: no output for {len(missing)} of {len(all_ids)} shards "
+                f"(e.g. {missing[0]}); rerun the command that makes it to finish it, then select"
+            )
+
+
+def _aligned(pool: Pool, column: str, where: dict[str, str], uids: list) -> np.ndarray:
+    """`column` for exactly the rows `uids`, in their order (None where its stage has no row)."""
+    import pandas as pd
+
+    df = _load(pool, [column], where)
+    got = pd.DataFrame({"uid": df[1], column: df[0][column]})
+    return pd.DataFrame({"uid": uids}).merge(got, on="uid", how="left")[column].to_numpy(dtype=object)
 
 
 def _as_float(v):

@@ -24,7 +24,7 @@ from ..io.samples import parse_sample
 from ..io.tar import ShardProblem, count_samples, iter_samples
 from ..ops import get_op
 from ..ops.base import Outputs
-from ..pool import Pool, Shard, to_arrow, atomic_write_table, write_errors
+from ..pool import Pool, Shard, atomic_write_table, remove_stale_temp, to_arrow, write_errors
 from ..progress import progress_bar
 
 
@@ -202,7 +202,9 @@ def process_shard(
     if "uid" not in columns:
         columns = {"uid": [], "key": []}
     o = outputs or Outputs()
-    pool.write_columns(stage, shard.id, columns, errors, schema=o.columns, embedding_dims=o.embeddings)
+    pool.write_columns(
+        stage, shard.id, columns, errors, schema=o.columns, embedding_dims=o.embeddings, source=shard.path
+    )
     return res
 
 
@@ -242,6 +244,7 @@ def _check_stage(pool: Pool, stage: str, record: dict, overwrite: bool):
             f"{json.dumps(record, sort_keys=True)}: pass overwrite=True (--overwrite) to recompute it, or "
             f"name the new output differently (--stage NAME)"
         )
+    remove_stale_temp(*(pool.root / sub / stage for sub in ("columns", "errors", "embeddings")))
     p = pool.root / "columns" / stage / "_stage.json"
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(record, sort_keys=True, indent=1))
@@ -269,7 +272,8 @@ def prepare_stage(pool: Pool, op: str, params: dict, stage: str, shards, overwri
                 f"{len(missing)} shard(s), e.g. {missing[0]}"
             )
     _check_stage(pool, stage, record, overwrite)
-    done = set(pool.done_shards(stage))
+    # a shard repaired or replaced since its output was written is done again
+    done = set(pool.done_shards(stage)) - set(pool.changed_shards(stage, all_shards))
     return op_cls, all_shards, [s for s in all_shards if s.id not in done]
 
 

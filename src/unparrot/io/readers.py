@@ -76,6 +76,24 @@ def _resolve(base: Path, rel: str) -> Path:
     return p if p.is_absolute() else base / p
 
 
+def _read_under(root: Path, rel: str) -> tuple[bytes | None, str | None]:
+    """The image file a table names, only if it lies under `root` (image_root, default the table's folder)
+    once `..` and symlinks are resolved: a table is input, and `../../etc/passwd` must not become a sample."""
+    p = _resolve(root, rel)
+    real, top = os.path.realpath(p), os.path.realpath(root)
+    if os.path.commonpath([real, top]) != top:
+        return None, f"image path {rel!r} is outside the image root {top} (pass image_root= a folder that holds it)"
+    return _read_file(p)
+
+
+def _caption(cap, col: str) -> tuple[str | None, str | None]:
+    """(caption, problem): a caption is text or absent; a number, list or object is an error row (its
+    string form, "[1, 2]", is no caption)."""
+    if cap is None or isinstance(cap, str):
+        return cap, None
+    return None, f"caption in column {col!r} is a {type(cap).__name__}, not text"
+
+
 def read_parquet(
     path: str | os.PathLike,
     image_col: str | None = None,
@@ -108,7 +126,7 @@ def read_parquet(
                 if isinstance(v, dict):  # HF datasets Image feature
                     data = v.get("bytes")
                     if data is None and v.get("path"):
-                        data, problem = _read_file(_resolve(root, v["path"]))
+                        data, problem = _read_under(root, v["path"])
                     ext = _ext_of(v.get("path") or "", data)
                 elif isinstance(v, (bytes, bytearray)):
                     data = bytes(v)
@@ -122,11 +140,10 @@ def read_parquet(
                 if not p:
                     problem = f"empty image path in column {pcol!r}"
                 else:
-                    data, problem = _read_file(_resolve(root, str(p)))
+                    data, problem = _read_under(root, str(p))
                     ext = _ext_of(str(p), data)
-            if cap is not None and not isinstance(cap, str):
-                cap = str(cap)
-            yield Record(data, cap, meta, ext, problem, src)
+            cap, cap_problem = _caption(cap, ccol)
+            yield Record(data, cap, meta, ext, problem or cap_problem, src)
 
 
 def _jsonable(v) -> bool:
@@ -162,11 +179,12 @@ def read_table(
         p = rec.get(pcol)
         cap = rec.get(ccol)
         meta = {k: v for k, v in rec.items() if k not in (pcol, ccol) and _jsonable(v)}
+        cap, cap_problem = _caption(cap, ccol)
         if not p:
             yield Record(None, cap, meta, "jpg", f"empty image path in column {pcol!r}", src)
             continue
-        data, problem = _read_file(_resolve(root, str(p)))
-        yield Record(data, None if cap is None else str(cap), meta, _ext_of(str(p), data), problem, src)
+        data, problem = _read_under(root, str(p)) if cap_problem is None else (None, cap_problem)
+        yield Record(data, cap, meta, _ext_of(str(p), data), problem, src)
 
 
 def _csv_rows(path: Path, sep: str):
@@ -249,12 +267,12 @@ def read_imagenet_captions(
         if not fn:
             yield Record(None, cap, meta, "jpg", "record without a filename", src)
             continue
-        cands = ([root / wnid / fn] if wnid else []) + [root / fn]
-        hit = next((c for c in cands if c.exists()), None)
+        cands = ([Path(str(wnid)) / str(fn)] if wnid else []) + [Path(str(fn))]
+        hit = next((c for c in cands if (root / c).exists()), None)
         if hit is None:
             yield Record(None, cap, meta, "jpg", f"image {fn} not found under {root}", src)
             continue
-        data, problem = _read_file(hit)
+        data, problem = _read_under(root, str(hit))
         yield Record(data, cap, meta, _ext_of(fn, data), problem, src)
 
 

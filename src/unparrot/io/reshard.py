@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,12 +114,16 @@ def reshard(
         if not pool.done_shards(spot_stage):
             raise FileNotFoundError(f"mask_text needs the {spot_stage!r} stage (run `unparrot profile` first)")
     out = Path(out)
+    part = out / PARTIAL
+    if (part / "reshard.json").exists():  # killed while moving a finished reshard into place: finish that
+        return _move_into_place(out)
     if any((out / "shards").glob("*.tar")):
         raise FileExistsError(f"{out}/shards already holds shards; reshard writes into an empty folder")
+    shutil.rmtree(part, ignore_errors=True)  # a killed reshard: start over (the output is deterministic)
     t0 = time.time()
     errors, written, found = [], 0, set()
     bar = progress_bar(total=len(sub), desc="reshard", unit="sample", disable=not progress)
-    with ShardWriter(str(out / "shards" / "{:05d}.tar"), max_count=shard_size) as w:
+    with ShardWriter(str(part / "shards" / "{:05d}.tar"), max_count=shard_size) as w:
         for sh in pool.shards():
             extra = {}
             for st, cols in wanted.items():
@@ -147,13 +152,41 @@ def reshard(
             bar.refresh()
     bar.close()
     if w.written:  # sizes.json + {shard}_stats.json: open_clip_train and DataComp's resharder read them
-        write_size_files(out / "shards")
-    write_errors(out / "errors" / "reshard" / "reshard.parquet", "reshard", "", errors)
+        write_size_files(part / "shards")
+    write_errors(part / "errors" / "reshard" / "reshard.parquet", "reshard", "", errors)
     summary = ReshardSummary(
         str(out), len(sub), written, len(sub) - len(found), len(errors), len(w.written), time.time() - t0
     )
-    atomic_write_bytes(out / "reshard.json", json.dumps({"pool": str(pool.root), **summary.__dict__}).encode())
-    return summary
+    atomic_write_bytes(part / "reshard.json", json.dumps({"pool": str(pool.root), **summary.__dict__}).encode())
+    return _move_into_place(out)
+
+
+# everything a reshard writes goes to OUT/.reshard.partial/ first; OUT/shards appears only once complete
+PARTIAL = ".reshard.partial"
+
+
+def unfinished(folder: str | os.PathLike) -> bool:
+    """True for a reshard output folder whose reshard has not finished (killed, or still running)."""
+    return (Path(folder) / PARTIAL).exists()
+
+
+def _move_into_place(out: Path) -> ReshardSummary:
+    """Rename a finished reshard from OUT/.reshard.partial into OUT: shards, errors, then the completion
+    record `reshard.json`. Each step is skipped once done, so a run killed in here is finished by the next."""
+    part = out / PARTIAL
+    record = json.loads((part / "reshard.json").read_text())
+    for name in ("shards", "errors/reshard"):
+        src, dst = part / name, out / name
+        if src.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if dst.exists() and not any(dst.iterdir()):
+                dst.rmdir()
+            elif dst.exists() and name != "shards":
+                shutil.rmtree(dst)
+            os.replace(src, dst)
+    os.replace(part / "reshard.json", out / "reshard.json")
+    shutil.rmtree(part, ignore_errors=True)
+    return ReshardSummary(**{k: v for k, v in record.items() if k in ReshardSummary.__dataclass_fields__})
 
 
 def _write_batch(items, shard_id, sub, w, wanted, extra, boxes, masker, errors, found, caption_src=None,
@@ -208,7 +241,12 @@ def _write_batch(items, shard_id, sub, w, wanted, extra, boxes, masker, errors, 
                     {"uid": row["uid"], "key": row["key"], "shard": shard_id, "reason": f"cannot mask image: {e}"}
                 )
                 continue
-        members["json"] = json.dumps(meta, ensure_ascii=False, default=str)
+        text = json.dumps(meta, ensure_ascii=False, default=str)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from a "\ud800" escape: keep it escaped
+            text = json.dumps(meta, default=str)
+        members["json"] = text
         w.write(row["key"], members)
         n += 1
     return n

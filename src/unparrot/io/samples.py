@@ -31,12 +31,22 @@ def content_uid(image: bytes | None, caption: str | None) -> str:
     return h.hexdigest()[:32]
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def normalize_uid(value) -> tuple[str, str | None]:
-    """Return (uid, source_uid): DataComp-style uids pass through, other ids are hashed to 128 bits."""
+    """Return (uid, source_uid): DataComp-style uids pass through, other ids are hashed to 128 bits.
+    (A lone surrogate from a JSON escape is hashed as such; the kept source_uid is made printable.)"""
     s = str(value).strip()
     if _HEX32.match(s):
         return s.lower(), None
-    return hashlib.sha256(("uid:" + s).encode("utf-8")).hexdigest()[:32], s
+    uid = hashlib.sha256(("uid:" + s).encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return uid, s if _encodable(s) else s.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 def parse_sample(raw: RawSample, shard: str, max_caption_chars: int = MAX_CAPTION_CHARS) -> dict:
@@ -65,6 +75,8 @@ def parse_sample(raw: RawSample, shard: str, max_caption_chars: int = MAX_CAPTIO
                 meta = {}
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             problems["meta"] = f"invalid .json: {e}"
+        except RecursionError:  # [[[[...]]]] deeper than Python's stack
+            problems["meta"] = "invalid .json: nested too deeply"
     caption = None
     if "txt" in m:
         try:
@@ -75,6 +87,9 @@ def parse_sample(raw: RawSample, shard: str, max_caption_chars: int = MAX_CAPTIO
         caption = meta["caption"]
     else:
         problems["caption"] = "missing caption (no .txt member and no 'caption' in .json)"
+    if caption is not None and not _encodable(caption):  # a .json "\ud800" escape: no UTF-8 form
+        problems["caption"] = "caption is not valid Unicode (a lone surrogate)"
+        caption = None
     if caption is not None:
         caption = caption.strip()
         if len(caption) > max_caption_chars:

@@ -149,6 +149,8 @@ def _parse_pax(data: bytes) -> dict[str, str]:
         if sp < 0:
             break
         length = int(data[i:sp])
+        if length <= sp - i:  # a record shorter than its own length field: would loop forever
+            raise TarFormatError(f"corrupt tar: bad pax record length {length}")
         rec = data[sp + 1 : i + length - 1]
         k, _, v = rec.partition(b"=")
         out[k.decode()] = v.decode("utf-8", "surrogateescape")

@@ -60,6 +60,9 @@ class RewriteSummary:
     def line(self) -> str:
         work = self.seconds - self.setup_seconds
         if self.shards and self.skipped == self.shards:
+            if self.failed:  # earlier failures are what a rerun is usually for
+                return (f"{self.stage}: {self.shards} shards already done ({self.n_in} samples), {self.failed} "
+                        "rewrites failed: retry_failed=True (--retry-failed) tries them again")
             return (f"{self.stage}: {self.shards} shards already done ({self.n_in} samples); "
                     "nothing to rewrite (delete columns/rewrite to redo)")
         rate = self.generated / work if work > 0 and self.generated else 0.0
@@ -193,7 +196,7 @@ def rewrite(pool: Pool | str, backend: str = "llama-cpp", k: int = 4, styles: Se
         if source is not None:  # recorded only when used, so existing stages keep their record
             record["params"]["caption_column"] = ".".join(source)
         _check_stage(pool, stage, record, overwrite)
-        done = set(pool.done_shards(stage))
+        done = set(pool.done_shards(stage)) - set(pool.changed_shards(stage, all_shards))
         todo = [s for s in all_shards if retry_failed or s.id not in done]
         summary = RewriteSummary(stage=stage, backend=backend, model=be.model_id, shards=len(all_shards),
                                  skipped=len(all_shards) - len(todo), error_dir=str(pool.root / "errors" / stage))
@@ -254,7 +257,7 @@ def rewrite(pool: Pool | str, backend: str = "llama-cpp", k: int = 4, styles: Se
                     for c, v in (("uid", r["uid"]), ("key", r["key"]), ("rewrites", texts),
                                  ("rewrite_styles", labels), ("rewrite_failures", fails)):
                         cols[c].append(v)
-                pool.write_columns(stage, sh.id, cols, errors[sh.id], schema=REWRITE_SCHEMA)
+                pool.write_columns(stage, sh.id, cols, errors[sh.id], schema=REWRITE_SCHEMA, source=sh.path)
             reasons: dict[str, int] = {}
             for t in tasks.values():
                 e = cache.get(t.key)
@@ -272,6 +275,14 @@ def rewrite(pool: Pool | str, backend: str = "llama-cpp", k: int = 4, styles: Se
 
     counts = stage_counts(pool, stage, [s.id for s in all_shards])
     summary.n_in, summary.n_ok, summary.n_err = counts["n_in"], counts["n_ok"], counts["n_err"]
+    if summary.shards and summary.skipped == summary.shards:  # nothing ran: the failures on record
+        summary.failed = sum(
+            1
+            for sid in pool.done_shards(stage)
+            for fs in pool.read_columns(stage, sid, ["rewrite_failures"]).column("rewrite_failures").to_pylist()
+            for f in fs or ()
+            if "not selected (max_captions" not in f
+        )
     summary.seconds, summary.setup_seconds = time.time() - t0, setup
     return summary
 

@@ -67,6 +67,11 @@ class CompletionClient:
         self._local.conn = None
 
     def _exchange(self, method: str, path: str, body: dict | None) -> tuple[int, dict, bytes]:
+        """One request and its whole response within `timeout` seconds, however the server sends it.
+
+        The socket timeout bounds each wait for a byte, but a server that drips a byte now and then never
+        trips it (one buffered read() waits for the whole Content-Length). So a timer shuts the socket down
+        at the deadline: the blocked read returns at once and the attempt ends as a timeout."""
         deadline = time.monotonic() + self.timeout
         headers = {"Accept": "application/json", "Connection": "keep-alive"}
         data = None
@@ -76,24 +81,47 @@ class CompletionClient:
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         conn = self._conn()
+        expired = threading.Event()
+
+        def cut():
+            expired.set()
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        timer = threading.Timer(self.timeout, cut)
+        timer.daemon = True
+        timer.start()
         try:
             conn.request(method, self._path + path, body=data, headers=headers)
             resp = conn.getresponse()
             chunks = []
             while True:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"response not complete after {self.timeout:.0f}s")
+                    expired.set()
+                    break
                 chunk = resp.read(65536)  # (read1 would leave the response open at its end: no keep-alive)
                 if not chunk:
                     break
                 chunks.append(chunk)
+            if expired.is_set():
+                raise TimeoutError(f"response not complete after {self.timeout:g}s")
             hdrs = {k.lower(): v for k, v in resp.getheaders()}
             if hdrs.get("connection", "").lower() == "close":
                 self._drop_conn()
             return resp.status, hdrs, b"".join(chunks)
-        except BaseException:
+        except BaseException as e:
             self._drop_conn()  # a half-read connection cannot be reused
+            if expired.is_set() and not isinstance(e, TimeoutError):
+                raise TimeoutError(f"response not complete after {self.timeout:g}s") from e
             raise
+        finally:
+            timer.cancel()
+            if expired.is_set():  # cut after the last byte: the socket is shut, do not reuse it
+                self._drop_conn()
 
     # ---- with retries ----------------------------------------------------------------------------
     def request(self, method: str, path: str, body: dict | None = None,

@@ -36,11 +36,14 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 
 def resolve_shards(spec: str | Sequence[str]) -> list[str]:
     """Tar paths from a pool/reshard folder, a folder of tars, a glob or a brace pattern (or a list)."""
+    from ..io.reshard import unfinished
     from ..pool import Pool, _list_source
 
     specs = [spec] if isinstance(spec, str) else list(spec)
     out = []
     for s in specs:
+        if os.path.isdir(s) and unfinished(s):
+            raise RuntimeError(f"{s}: its reshard did not finish (no completion record); rerun the reshard command")
         if os.path.isdir(s) and (
             os.path.isdir(os.path.join(s, "shards")) or os.path.exists(os.path.join(s, "pool.yaml"))
         ):

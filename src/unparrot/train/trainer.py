@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..pool import atomic_write_bytes
+
 
 @dataclass
 class TrainConfig:
@@ -263,6 +265,8 @@ def train(cfg: TrainConfig | dict) -> dict:
     steps = cfg.steps
     warmup = int(cfg.warmup * steps) if cfg.warmup < 1 else int(cfg.warmup)
     stop = min(steps, cfg.stop_at_step) if cfg.stop_at_step else steps
+    if start_step >= stop:  # a finished run resumed: nothing to do, nothing rewritten
+        return _finished_summary(out, cfg, resume_path, start_step, steps, world, rank == 0)
     precision = cfg.precision if cfg.precision != "auto" else ("amp" if device.startswith("cuda") else "fp32")
     autocast = (
         torch.autocast(device_type="cuda", dtype=torch.bfloat16)
@@ -322,7 +326,7 @@ def train(cfg: TrainConfig | dict) -> dict:
     micro = cfg.batch_size // cfg.accum // world
     t_prev = time.perf_counter()
     step = start_step
-    for step, images, texts in loader:
+    for step, images, texts in _plain_worker_errors(loader):
         t_got = time.perf_counter()
         wait = t_got - t_prev
         lr = lr_at(step, cfg.lr, warmup, steps)
@@ -398,7 +402,61 @@ def train(cfg: TrainConfig | dict) -> dict:
         "model": cfg.model,
     }
     if is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1).encode())
+    return summary
+
+
+def _plain_worker_errors(loader):
+    """Iterate `loader`; a data worker's error is re-raised with its own one-line message. (DataLoader puts
+    the worker's whole traceback into the message it re-raises, which a command line cannot show as one
+    line; the chained exception keeps it for UNPARROT_DEBUG=1.)"""
+    it = iter(loader)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except Exception as e:
+            text = str(e)
+            if "Original Traceback" not in text:
+                raise
+            last = text.rstrip().splitlines()[-1]
+            msg = f"in a data worker: {last.split(': ', 1)[1] if ': ' in last else last}"
+            try:
+                err = type(e)(msg)
+            except Exception:  # noqa: BLE001 - an exception type that wants other arguments
+                err = RuntimeError(msg)
+            raise err from e
+        yield item
+
+
+def _finished_summary(out: Path, cfg: TrainConfig, resume_path, step: int, steps: int, world: int, is_main: bool):
+    """The summary of a run that already reached `step`: its summary.json, or (killed between the final
+    checkpoint and summary.json) one rebuilt from its metrics and written. Checkpoints and metrics are
+    left as they are, so resuming a finished run any number of times changes nothing."""
+    p = out / "summary.json"
+    if p.exists():
+        summary = json.loads(p.read_text())
+        if summary.get("steps") == step:
+            return summary
+    last = {"loss": float("nan")}
+    metrics = out / "metrics.jsonl"
+    for ln in metrics.read_text().splitlines() if metrics.exists() else []:
+        if ln and json.loads(ln).get("step") == step:
+            last = json.loads(ln)
+    d = out / "checkpoints"
+    path = d / ("final.pt" if step >= steps else f"step_{step:07d}.pt")
+    summary = {
+        **last,
+        "steps": step,
+        "planned_steps": steps,
+        "checkpoint": str(path if path.exists() else resume_path),
+        "seconds": 0.0,
+        "world_size": world,
+        "model": cfg.model,
+    }
+    if is_main:
+        atomic_write_bytes(p, json.dumps(summary, indent=1).encode())
     return summary
 
 
