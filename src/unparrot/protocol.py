@@ -336,7 +336,8 @@ def verdicts(runs: list[str | os.PathLike], p: Protocol) -> list[dict]:
     v = p.verdict
     out = []
     for f in p.findings:
-        base = {k: f.get(k) for k in ("id", "finding", "paper", "metric", "treatment", "control", "ratio")}
+        base = {k: f.get(k) for k in ("id", "finding", "paper", "metric", "treatment", "control")}
+        base.update({k: f[k] for k in ("ratio", "control_set") if k in f})
         groups, used = finding_groups([Path(r) for r in runs], p, f)
         if not groups:
             out.append({**base, "verdict": "not run", "text": "not measured at this size / in these runs"})
@@ -366,5 +367,7 @@ def verdict_lines(vs: list[dict]) -> list[str]:
         who = {"er": f"ER of {x['treatment']} vs the family's line", "text_share": f"{x['treatment']} subset - pool",
                "kept_ratio": f"{x['treatment']} kept / {x.get('control')} kept - {x.get('ratio')}"}
         who = who.get(x["metric"], f"{x['treatment']} - {x.get('control')}")
+        if x.get("control_set"):
+            who += f", each net of {x['control_set']}"
         lines.append(f"  [{x['verdict']}] {x['id']} ({x['metric']}, {who}): {x['finding']}\n      {x['text']}")
     return lines
