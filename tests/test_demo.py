@@ -9,6 +9,8 @@ import sys
 import pytest
 
 from unparrot.demo import demo, model_numbers, seeds_summary
+from unparrot.io.tar import RawSample, iter_samples
+from unparrot.pool import Pool
 from unparrot.protocol import load_protocol
 
 PROTO = load_protocol("demo")
@@ -52,6 +54,7 @@ def test_small_demo_end_to_end_and_resume(tmp_path):
             assert f["low"] <= f["high"] and f["text"].startswith(f"{f['estimate']:+.4f} [")
     needs_random = {f["id"] for f in PROTO.findings if "random" in (f.get("treatment"), f.get("control"))}
     assert all(by[i]["verdict"] == "not run" for i in needs_random)  # small trains no random model
+    check_deparrot_model(out, r.stdout, by)
     # the ER design ran in miniature: a separate family (with its checkpoints) and three treatments
     points = json.loads((out / "er" / "points.json").read_text())
     assert len(points["family_points"]) > len(PROTO.er["family"]) and len(points["treatments"]) == 3
@@ -77,3 +80,28 @@ def test_small_demo_end_to_end_and_resume(tmp_path):
     assert "pooled verdicts over 2 runs" in table
     for f in summary["findings"]:
         assert f"] {f['id']} (" in table
+
+
+def check_deparrot_model(out, stdout: str, by: dict):
+    """The deparrot model trained on shards whose captions are the deparrot stage's, its samples kept are
+    in the table, and its findings were measured (a helper, so a finished demo folder can be checked)."""
+    assert "deparrot" in PROTO.sizes["small"].models and (out / "runs" / "deparrot" / "checkpoints" / "final.pt").exists()
+    pool = Pool(out / "pool")
+    dp = pool.load("deparrot", columns=["deparrot_caption", "deparrot_mode"]).set_index("uid")
+    new, mode = dp["deparrot_caption"].to_dict(), dp["deparrot_mode"].to_dict()
+    shards = sorted((out / "subsets" / "deparrot@deparrot_caption" / "shards").glob("*.tar"))
+    assert shards
+    seen, changed = 0, 0
+    for sh in shards:
+        for x in iter_samples(sh):
+            assert isinstance(x, RawSample)
+            uid = json.loads(x.members["json"])["uid"]
+            txt = x.members["txt"].decode()
+            assert new[uid] is not None and txt == new[uid]  # the de-parroted caption, never a null one
+            seen += 1
+            changed += mode[uid] == "strip"
+    kept = json.loads(pool.subset_path("deparrot").with_suffix(".json").read_text())["kept"]
+    assert changed > 0  # parroted captions kept their images, with the spelled words taken out
+    assert seen == kept and f"| deparrot | deparrot ({kept}), captions: deparrot_caption |" in stdout
+    for i in ("deparrot-keeps", "deparrot-reads-attack", "deparrot-reads-sync", "deparrot-sees", "deparrot-sees-shifts"):
+        assert by[i]["verdict"] in ("holds", "fails", "inconclusive"), i

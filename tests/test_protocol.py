@@ -107,3 +107,79 @@ def test_er_verdict_against_a_separate_family(tmp_path):
     assert vs["er-diverse-covered"]["verdict"] == "holds" and 0.1 < vs["er-diverse-covered"]["estimate"] < 0.2
     assert vs["er-size"]["verdict"] == "holds" and abs(vs["er-size"]["estimate"]) < 0.02
     assert vs["er-language"]["verdict"] == "holds"
+
+
+def test_deparrot_model_and_its_findings_are_in_the_protocol(tmp_path):
+    p = load_protocol("demo")
+    assert p.models["deparrot"] == {"subset": "deparrot", "rewrites": False, "train_args": [],
+                                    "caption_column": "deparrot_caption"}
+    assert "deparrot" in p.sizes["small"].models and "deparrot" in p.sizes["full"].models
+    assert "deparrot" not in p.sizes["default"].models  # protocol decision: make demo keeps its budget
+    by = {f["id"]: f for f in p.findings}
+    keeps = by["deparrot-keeps"]
+    assert (keeps["metric"], keeps["claim"], keeps["ratio"], keeps["control"]) == ("kept_ratio", "+", 1.25, "parrot-debiased")
+    for i, metric in (("deparrot-reads-attack", "attack_success"), ("deparrot-reads-sync", "sync_gap")):
+        assert (by[i]["metric"], by[i]["claim"], by[i]["control"]) == (metric, "-", "parrot-debiased")
+        assert p.claim(by[i]).margin > 0  # "no more than": non-inferiority, not "less than"
+    assert by["deparrot-reads-attack"]["control_set"] == "attack-control"
+    for i in ("deparrot-sees", "deparrot-sees-shifts"):
+        assert (by[i]["claim"], by[i]["control"], p.claim(by[i]).margin) == ("+", "all", 0.044)
+    assert by["deparrot-sees-shifts"]["set"] == ["shift-background", "shift-sketch", "shift-invert"]
+    with pytest.raises(ValueError, match="caption_column"):  # rewrites of the original captions re-parrot
+        load_protocol(_edited(tmp_path, lambda d: d["models"]["deparrot"].update(rewrites=True)))
+    with pytest.raises(ValueError, match="ratio"):
+        load_protocol(_edited(tmp_path, lambda d: by_id(d, "deparrot-keeps").pop("ratio")))
+    with pytest.raises(ValueError, match="control_set"):
+        load_protocol(_edited(tmp_path, lambda d: by_id(d, "deparrot-sees").update(control_set="attack-control")))
+
+
+def by_id(d: dict, i: str) -> dict:
+    return next(f for f in d["findings"] if f["id"] == i)
+
+
+def test_attack_success_net_of_the_control_word_and_shifts_averaged_per_image(tmp_path):
+    """A deparrot model that names the written wrong class on 30% of attacked images but just as often
+    when a non-class word stands there is not reading (net zero): the "no more than" claim holds; one
+    that names it only when the class name is written fails. Shift accuracy is per image over 3 sets."""
+    n = 500
+    wrong = (np.arange(n) % 10 + 1) % 10
+    occluded = np.arange(n) % 10 < 3
+    p = load_protocol("demo")
+    p.verdict = dict(p.verdict, n_boot=200)
+    out = {}
+    for case, control_names in (("occlusion", True), ("reading", False)):
+        run = tmp_path / case
+        _zeroshot(run, "parrot-debiased", "attack", np.ones(n), attack=wrong)  # correct: never reads
+        _zeroshot(run, "parrot-debiased", "attack-control", np.ones(n))
+        label = np.arange(n) % 10
+        for d, names in (("attack", True), ("attack-control", control_names)):
+            pred = np.where(occluded & names, wrong, label)
+            write_outcomes(run / "results", "deparrot", "zeroshot", d, {
+                "key": np.array([f"s{i:05d}" for i in range(n)]), "label": label, "pred": pred,
+                "attack_label": wrong if d == "attack" else np.full(n, -1)})
+        for d in ("shift-background", "shift-sketch", "shift-invert"):
+            _zeroshot(run, "all", d, np.arange(n) % 2 == 0)
+            _zeroshot(run, "deparrot", d, (np.arange(n) % 2 == 0) if case == "occlusion" else np.zeros(n))
+        out[case] = {v["id"]: v for v in verdicts([run], p)}
+    assert out["occlusion"]["deparrot-reads-attack"]["verdict"] == "holds"
+    assert out["occlusion"]["deparrot-reads-attack"]["estimate"] == 0.0
+    assert out["reading"]["deparrot-reads-attack"]["verdict"] == "fails"
+    assert abs(out["reading"]["deparrot-reads-attack"]["estimate"] - 0.3) < 1e-9
+    shifts = out["occlusion"]["deparrot-sees-shifts"]
+    assert shifts["verdict"] == "holds" and shifts["n_items"] == [n]  # images, not images x sets
+    assert out["reading"]["deparrot-sees-shifts"]["verdict"] == "fails"
+    assert out["occlusion"]["deparrot-keeps"]["verdict"] == "not run"  # no pool in these runs
+
+
+def test_kept_ratio_statistic_against_the_claimed_ratio():
+    from unparrot.evaluate.verdicts import Claim, bootstrap, judge
+    from unparrot.protocol import kept_ratio_statistic
+
+    stat = kept_ratio_statistic(1.25)
+    pool = np.arange(2000)
+    control = (pool % 4 < 2).astype(float)  # half the pool
+    for share, verdict in ((0.75, "holds"), (0.55, "fails")):
+        treatment = (pool < share * len(pool)).astype(float)
+        iv = bootstrap([{"treatment": treatment, "control": control}], stat, 200)
+        assert abs(iv.estimate - (share / 0.5 - 1.25)) < 1e-9
+        assert judge(iv, Claim("+")).verdict == verdict

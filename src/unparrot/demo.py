@@ -5,9 +5,11 @@ written before the runs. Stages (each resumable; everything stays in OUT/):
  1. a synthetic web pool (`learnable` preset, tuned so a tiny CPU CLIP can learn shapes and reading) and
     its evaluation sets; at sizes with the effective-robustness design also its worlds (narrow, diverse,
     narrow with class-name captions);
- 2. profile it with the real OCR (rapidocr), train a baseline CLIP on everything, score the pool with
-    it (CLIP score and masked CLIP score), cluster and dedup;
- 3. subsets with the recipes; caption rewrites with the local LLM (unique captions, cached);
+ 2. profile it with the real OCR (rapidocr), de-parrot the captions (the deparrot stage, strip), train a
+    baseline CLIP on everything, score the pool with it (CLIP score and masked CLIP score), cluster and
+    dedup;
+ 3. subsets with the recipes; caption rewrites with the local LLM (unique captions, cached); a model
+    with a `caption_column` (deparrot) trains on shards whose captions come from that column;
  4. one model per subset with the same number of samples seen, plus LaCLIP (all data + rewrites), and the
     ER baseline family and treatments;
  5. evaluate: clean zero-shot, attacked accuracy and attack success, Sync score, shifted sets, with
@@ -133,6 +135,7 @@ def demo(
     er_runs = proto.er_runs(size)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .curate.cluster import cluster
+    from .deparrot import deparrot, deparrot_counts
     from .curate.select import select
     from .engine import run_stage
     from .io.reshard import reshard
@@ -170,6 +173,10 @@ def demo(
     prof = profile(pool, workers=workers, progress=False)
     for line in prof.line().splitlines()[2:]:
         _say("      " + line.strip())
+    dp = deparrot(pool, progress=False)  # strip: deterministic, ~1 s per 10k captions
+    n = deparrot_counts(pool)
+    _say(f"      {dp.line()}: {n['modes'].get('strip', 0)} captions de-parroted, {n['null']} left with nothing "
+         f"describable (null), {n['removed_words']} words removed, max residual CoTR {n['max_residual_cotr']:g}")
     voc = vocab(pool, top=w["sync_words"], stopwords=True, min_len=2)
     words = [x for x, _ in voc["caption_1gram"]]
     ev = pool_dir / "eval"
@@ -178,9 +185,11 @@ def demo(
     templates = (ev / "clean" / "zeroshot_classification_templates.txt").read_text().splitlines()
     vocab_file.write_text("\n".join(words + classnames + templates) + "\n")
 
-    def subset(name: str) -> Path:
-        """Reshard a selected subset once (with rewrites when available) for training."""
-        d = out / "subsets" / name
+    def subset(name: str, caption_column: str | None = None) -> Path:
+        """Reshard a selected subset once (with rewrites when available) for training; with
+        `caption_column` each sample's .txt is that column (a folder of its own: the same recipe may
+        train another model on the original captions)."""
+        d = out / "subsets" / (f"{name}@{caption_column}" if caption_column else name)
         if not (d / "reshard.json").exists():
             cols = ["rewrites"] if pool.done_shards("rewrite") else None
             if d.exists():
@@ -188,12 +197,14 @@ def demo(
 
                 shutil.rmtree(d)
             path = sel[name].path if name in sel else pool.subset_path(name)
-            reshard(pool, path, d, shard_size=cfg.shard_size, columns=cols, progress=False)
+            reshard(pool, path, d, shard_size=cfg.shard_size, columns=cols, progress=False,
+                    caption_column=caption_column)
         return d
 
     def job(name: str):
         run = out / "runs" / name
-        argv = _train_argv(str(subset(MODELS[name]["subset"])), run, cfg.steps, seed, tr, vocab_file,
+        argv = _train_argv(str(subset(MODELS[name]["subset"], MODELS[name]["caption_column"])), run, cfg.steps,
+                           seed, tr, vocab_file,
                            max(100, cfg.steps // 6), rewrites=MODELS[name]["rewrites"])
         return (name, argv + [str(a) for a in MODELS[name]["train_args"]], run)
 
@@ -248,10 +259,12 @@ def demo(
     thr = float(np.quantile(clip_scores, proto.curation["min_clip_score_quantile"]))
     sel["clip-score"] = select(pool, "clip-score")
     sel["parrot-debiased"] = select(pool, "parrot-debiased", overrides={"min_clip_score": round(thr, 4)})
+    # the same CLIP-score threshold (of the original caption) and dedup, so only the text rule differs
+    sel["deparrot"] = select(pool, "deparrot", overrides={"min_clip_score": round(thr, 4)})
     sel["t-mars"] = select(pool, "t-mars", size_like="less-is-more")
     sel["cotr"] = select(pool, "cotr")
     sel["random"] = select(pool, "random", size_like="parrot-debiased")
-    for k in ("clip-score", "parrot-debiased", "t-mars", "cotr", "random"):
+    for k in ("clip-score", "parrot-debiased", "t-mars", "cotr", "random", "deparrot"):
         _say("      " + sel[k].line())
     for m in chosen:  # a model the protocol adds on another recipe (a built-in name or a recipe YAML)
         r = MODELS[m]["subset"]
@@ -414,6 +427,8 @@ def demo_table(out: Path, pool, chosen, models: dict) -> str:
         meta = pool.subset_path(recipe).with_suffix(".json")
         kept = json.loads(meta.read_text())["kept"] if meta.exists() else ""
         subset = f"{recipe} ({kept})" + (" + rewrites" if models[m]["rewrites"] else "")
+        if models[m].get("caption_column"):
+            subset += f", captions: {models[m]['caption_column']}"
         vals = [_fmt(k, nums.get(m, {}).get(k, float("nan"))) for k in COLUMNS]
         rows.append("| " + " | ".join([m, subset, *vals]) + " |")
     return "\n".join(rows)

@@ -20,7 +20,7 @@ import yaml
 
 from .evaluate.verdicts import Claim, bootstrap, judge, mean_difference
 
-METRICS = ("acc", "attack_success", "sync_gap", "text_share", "er")
+METRICS = ("acc", "attack_success", "sync_gap", "text_share", "kept_ratio", "er")
 PROTOCOLS = Path(__file__).parent / "protocols"
 
 
@@ -46,7 +46,8 @@ class Protocol:
     verdict: dict
     world: dict
     train: dict
-    models: dict  # name -> {"subset": recipe name or YAML, "rewrites": bool, "train_args": extra `train` flags}
+    models: dict  # name -> {"subset": recipe name or YAML, "rewrites": bool, "train_args": extra `train` flags,
+    #                        "caption_column": the column the shards' .txt comes from (None: the caption)}
     sizes: dict  # name -> DemoSize
     findings: list
     curation: dict  # min_clip_score_quantile, dedup_fraction
@@ -96,7 +97,8 @@ def load_protocol(name_or_path: str | os.PathLike = "demo") -> Protocol:
             raise ValueError(f"protocol {p}: size {k}: unknown keys {sorted(bad)}")
         sizes[k] = DemoSize(**{**v, "models": tuple(v["models"])})
     models = {
-        m: {"subset": v["subset"], "rewrites": bool(v.get("rewrites", False)), "train_args": list(v.get("train_args", []))}
+        m: {"subset": v["subset"], "rewrites": bool(v.get("rewrites", False)), "train_args": list(v.get("train_args", [])),
+            "caption_column": v.get("caption_column")}
         for m, v in d["models"].items()
     }
     proto = Protocol(
@@ -124,6 +126,10 @@ def _check(p: Protocol):
         bad = [m for m in cfg.models if m not in p.models]
         if bad:
             raise ValueError(f"protocol {p.path}: size {s} trains unknown models {bad}")
+    for m, v in p.models.items():
+        if v["caption_column"] and v["rewrites"]:  # rewrites are of the original captions: they would re-parrot
+            raise ValueError(f"protocol {p.path}: model {m}: rewrites are of the original captions; they do not "
+                             "combine with caption_column")
     for w in {r["world"] for g in ("family", "treatments") for r in p.er.get(g, {}).values()}:
         if w not in p.er.get("worlds", {}):
             raise ValueError(f"protocol {p.path}: ER world {w!r} is not defined under er.worlds")
@@ -145,6 +151,10 @@ def _check(p: Protocol):
             if f["treatment"] not in p.models:
                 raise ValueError(f"{where}: unknown model {f['treatment']!r}")
         else:
+            if f["metric"] == "kept_ratio" and not float(f.get("ratio", 0)) > 0:
+                raise ValueError(f"{where}: metric kept_ratio needs a ratio > 0 (treatment kept / control kept)")
+            if f.get("control_set") and f["metric"] != "attack_success":
+                raise ValueError(f"{where}: control_set is an option of metric attack_success")
             for role in ("treatment", "control"):
                 if f.get(role) not in p.models:
                     raise ValueError(f"{where}: {role} {f.get(role)!r} is not a model of the protocol")
@@ -153,20 +163,6 @@ def _check(p: Protocol):
 
 
 # ---- per-item data of one finding in one run ----------------------------------------------------------
-def _aligned(a: dict, b: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the items both outcome records have, by key (the same images, whatever the order)."""
-    ka, kb = a["key"].tolist(), b["key"].tolist()
-    if ka == kb:
-        idx = np.arange(len(ka))
-        return idx, idx
-    pos = {k: i for i, k in enumerate(kb)}
-    common = [(i, pos[k]) for i, k in enumerate(ka) if k in pos]
-    if not common:
-        raise ValueError("treatment and control were evaluated on no common items")
-    ia, ib = zip(*common)
-    return np.array(ia), np.array(ib)
-
-
 def _per_item(o: dict, metric: str) -> np.ndarray:
     if metric == "acc":
         return (o["pred"] == o["label"]).astype(float)
@@ -176,16 +172,46 @@ def _per_item(o: dict, metric: str) -> np.ndarray:
     return (o["matched"] - o["mismatched"]).astype(float)  # sync_gap
 
 
-def _paired(run: Path, f: dict) -> dict | None:
+def _item_values(res: Path, model: str, f: dict) -> dict | None:
+    """Item key -> the model's outcome for the finding (nan: not scored); None when it was not evaluated.
+
+    A list of sets gives, per image, the mean over them (the shifted sets show the same scenes, so the
+    image, not the image-and-set, is the item the bootstrap draws). `control_set` (attack success) gives
+    attack success minus the rate the same wrong class is named when a non-class word stands in the same
+    place (the same scene and key in both sets): an occluding word that is not read scores zero."""
     from .evaluate.results import read_outcomes
 
-    task, dataset = ("sync", "rendered-vocab") if f["metric"] == "sync_gap" else ("zeroshot", f.get("set", "attack"))
-    t = read_outcomes(run / "results", f["treatment"], task, dataset)
-    c = read_outcomes(run / "results", f["control"], task, dataset)
+    if f["metric"] == "sync_gap":
+        o = read_outcomes(res, model, "sync", "rendered-vocab")
+        return None if o is None else dict(zip(o["key"].tolist(), _per_item(o, "sync_gap")))
+    sets = f.get("set", "attack")
+    sets = [sets] if isinstance(sets, str) else list(sets)
+    outs = [read_outcomes(res, model, "zeroshot", d) for d in sets]
+    if any(o is None for o in outs):
+        return None
+    per = [dict(zip(o["key"].tolist(), _per_item(o, f["metric"]))) for o in outs]
+    keys = [k for k in per[0] if all(k in d for d in per[1:])]
+    vals = {k: float(np.mean([d[k] for d in per])) for k in keys}
+    if f.get("control_set"):
+        c = read_outcomes(res, model, "zeroshot", f["control_set"])
+        if c is None:
+            return None
+        named = dict(zip(c["key"].tolist(), c["pred"].tolist()))
+        target = dict(zip(outs[0]["key"].tolist(), outs[0]["attack_label"].tolist()))
+        vals = {k: v - float(named[k] == target[k]) for k, v in vals.items() if k in named}
+    return vals
+
+
+def _paired(run: Path, f: dict) -> dict | None:
+    """The treatment's and the control's outcomes on the items both were scored on (matched by key)."""
+    t = _item_values(run / "results", f["treatment"], f)
+    c = _item_values(run / "results", f["control"], f)
     if t is None or c is None:
         return None
-    it, ic = _aligned(t, c)
-    tv, cv = _per_item(t, f["metric"])[it], _per_item(c, f["metric"])[ic]
+    common = [k for k in t if k in c]
+    if not common:
+        raise ValueError("treatment and control were evaluated on no common items")
+    tv, cv = np.array([t[k] for k in common]), np.array([c[k] for k in common])
     keep = ~(np.isnan(tv) | np.isnan(cv))
     return {"treatment": tv[keep], "control": cv[keep]}
 
@@ -211,6 +237,32 @@ def text_share_difference(g: dict) -> float:
     """Share of text-bearing images in the subset minus in the whole pool."""
     inside = g["in_subset"] > 0
     return float(g["has_text"][inside].mean() - g["has_text"].mean()) if inside.any() else float("nan")
+
+
+def _kept(run: Path, p: "Protocol", f: dict) -> dict | None:
+    """Per pool sample: in the treatment model's subset, in the control model's (their recipes' subsets)."""
+    from .pool import Pool, read_subset, subset_contains
+
+    if not (run / "pool").is_dir():
+        return None
+    pool = Pool(run / "pool")
+    subs = [pool.subset_path(p.models[f[r]]["subset"]) for r in ("treatment", "control")]
+    if not all(x.exists() for x in subs) or not pool.done_shards("spot"):
+        return None
+    uids = pool.load("spot", columns=["has_text"])["uid"].tolist()  # every profiled pool sample
+    t, c = (subset_contains(read_subset(x), uids).astype(float) for x in subs)
+    return {"treatment": t, "control": c}
+
+
+def kept_ratio_statistic(ratio: float):
+    """Samples the treatment's subset keeps over the control's, minus the claimed `ratio` (a "+" claim
+    with margin 0 then says "keeps at least ratio x as many")."""
+
+    def stat(g: dict) -> float:
+        kept = g["control"].sum()
+        return float(g["treatment"].sum() / kept - ratio) if kept else float("nan")
+
+    return stat
 
 
 def _er(run: Path, p: Protocol, f: dict) -> dict | None:
@@ -269,6 +321,8 @@ def finding_groups(runs: list[Path], p: Protocol, f: dict) -> tuple[list[dict], 
             g = _er(r, p, f)
         elif f["metric"] == "text_share":
             g = _text_share(r, f)
+        elif f["metric"] == "kept_ratio":
+            g = _kept(r, p, f)
         else:
             g = _paired(r, f)
         if g is not None:
@@ -283,6 +337,7 @@ def verdicts(runs: list[str | os.PathLike], p: Protocol) -> list[dict]:
     out = []
     for f in p.findings:
         base = {k: f.get(k) for k in ("id", "finding", "paper", "metric", "treatment", "control")}
+        base.update({k: f[k] for k in ("ratio", "control_set") if k in f})
         groups, used = finding_groups([Path(r) for r in runs], p, f)
         if not groups:
             out.append({**base, "verdict": "not run", "text": "not measured at this size / in these runs"})
@@ -295,6 +350,8 @@ def verdicts(runs: list[str | os.PathLike], p: Protocol) -> list[dict]:
             groups = [{"C": g["C"]} for g in groups]
         elif f["metric"] == "text_share":
             stat = text_share_difference
+        elif f["metric"] == "kept_ratio":
+            stat = kept_ratio_statistic(float(f["ratio"]))
         else:
             stat = mean_difference
         iv = bootstrap(groups, stat, int(v["n_boot"]), float(v["confidence"]), int(v["boot_seed"]))
@@ -307,7 +364,10 @@ def verdict_lines(vs: list[dict]) -> list[str]:
     """One printed line per finding: [verdict] id: finding -- estimate [CI] (...)."""
     lines = []
     for x in vs:
-        who = {"er": f"ER of {x['treatment']} vs the family's line", "text_share": f"{x['treatment']} subset - pool"}
+        who = {"er": f"ER of {x['treatment']} vs the family's line", "text_share": f"{x['treatment']} subset - pool",
+               "kept_ratio": f"{x['treatment']} kept / {x.get('control')} kept - {x.get('ratio')}"}
         who = who.get(x["metric"], f"{x['treatment']} - {x.get('control')}")
+        if x.get("control_set"):
+            who += f", each net of {x['control_set']}"
         lines.append(f"  [{x['verdict']}] {x['id']} ({x['metric']}, {who}): {x['finding']}\n      {x['text']}")
     return lines
