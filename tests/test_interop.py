@@ -52,27 +52,46 @@ def _check_schemas(pool: Pool, stage: str, empty=("00003", "00004")):
             assert e.shape == (0, np.load(p).shape[1]), (stage, sid, p.name)
 
 
-def _stages_over_broken_shards(pool: Pool, engine: str):
-    """Every per-sample stage, then the whole-pool ones, over a pool with an empty and a corrupt shard."""
+def _ops_over_broken_shards(pool: Pool, engine: str, stages=("inspect", "spot", "parrot", "embed", "aesthetic")):
+    """Per-sample stages over a pool with an empty and a corrupt shard: every shard gets the full schema."""
     import torch
 
-    from unparrot.curate.cluster import cluster
-    from unparrot.curate.select import select
     from unparrot.ops.aesthetic import aesthetic_mlp
-    from unparrot.profile import summarize
 
     kw = {"engine": engine, "workers": 2 if engine == "ray" else 1, "progress": False}
-    run(pool, "inspect", **kw)
-    run(pool, "spot", {"backend": "oracle"}, **kw)
-    s = run(pool, "parrot", **kw)  # reads spot's `texts` from every shard, the empty ones included
-    assert s.n_ok == 300 and any("00004" in p for p in pool.errors("spot")["shard"])
-    run(pool, "embed", {"model": "unparrot-rn-tiny", "masked": True}, **kw)
     torch.manual_seed(0)
     weights = pool.root / "mlp.pth"
     torch.save(aesthetic_mlp(128).state_dict(), weights)
-    run(pool, "aesthetic", {"weights": str(weights)}, **kw)
-    for stage in ("inspect", "spot", "parrot", "embed", "aesthetic"):
+    params = {"spot": {"backend": "oracle"}, "embed": {"model": "unparrot-rn-tiny", "masked": True},
+              "aesthetic": {"weights": str(weights)}}
+    for stage in stages:
+        s = run(pool, stage, params.get(stage), **kw)  # parrot reads spot's `texts` from the empty shards too
+        assert s.n_ok == 300, stage
         _check_schemas(pool, stage)
+    assert any("00004" in p for p in pool.errors("spot")["shard"])
+
+
+def test_empty_and_corrupt_shards_profile_and_select(synth_pool, tmp_path):
+    """The issue's failure, fast: `profile` and `select` over an empty and a corrupt shard."""
+    from unparrot.curate.select import select
+    from unparrot.profile import profile
+
+    pool = _with_broken_shards(synth_pool, tmp_path / "p")
+    summary = profile(pool, backend="oracle", workers=1, progress=False)
+    assert summary.samples == 300
+    for stage in ("spot", "parrot"):
+        _check_schemas(pool, stage)
+    assert select(pool, "less-is-more").pool_rows == 300
+
+
+@pytest.mark.slow
+def test_empty_and_corrupt_shards_carry_the_stage_schema_local(synth_pool, tmp_path):
+    from unparrot.curate.cluster import cluster
+    from unparrot.curate.select import select
+    from unparrot.profile import summarize
+
+    pool = _with_broken_shards(synth_pool, tmp_path / "p")
+    _ops_over_broken_shards(pool, "local")
     cluster(pool, k=3, progress=False)
     _check_schemas(pool, "cluster")
     summary = summarize(pool)  # profile's numbers: stopped with "no column 'texts' (shard 00002)" before
@@ -83,14 +102,25 @@ def _stages_over_broken_shards(pool: Pool, engine: str):
     assert out.written == len(sel.uids)
 
 
-def test_empty_and_corrupt_shards_carry_the_stage_schema_local(synth_pool, tmp_path):
-    _stages_over_broken_shards(_with_broken_shards(synth_pool, tmp_path / "p"), "local")
-
-
 @pytest.mark.slow
 def test_empty_and_corrupt_shards_carry_the_stage_schema_ray(synth_pool, tmp_path):
+    """The Ray engine's own paths: no group for an empty tar, a batch of only a corrupt shard's problem row,
+    list columns (spot), inputs read from empty shards (parrot), float columns and embeddings (embed)."""
     pytest.importorskip("ray")
-    _stages_over_broken_shards(_with_broken_shards(synth_pool, tmp_path / "p"), "ray")
+    _ops_over_broken_shards(_with_broken_shards(synth_pool, tmp_path / "p"), "ray", ("spot", "parrot", "embed"))
+
+
+def test_rewrite_gives_an_empty_shard_its_columns(tmp_path, monkeypatch):
+    from test_rewrite import Counting, make_pool
+    from unparrot.rewrite import BACKENDS, rewrite
+
+    monkeypatch.setitem(BACKENDS, "counting", Counting)
+    Counting.calls, Counting.explode_after = 0, None
+    pool = Pool(make_pool(tmp_path / "p", ["a red ball", "blue box"], shards=1))
+    write_tar(pool.root / "shards" / "00003.tar", [])
+    (pool.root / "shards" / "00004.tar").write_bytes(b"this is not a tar file" * 40)
+    assert rewrite(pool, backend="counting", k=1, progress=False).n_ok == 2
+    _check_schemas(pool, "rewrite")
 
 
 def test_ingest_resolves_relative_patterns_against_the_current_directory(tmp_path, monkeypatch):
@@ -234,9 +264,60 @@ def test_select_names_the_command_that_makes_a_missing_column(synth_pool, tmp_pa
     assert "unparrot profile" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("order", ["unparrot, open_clip", "open_clip, unparrot"])
-def test_import_unparrot_registers_the_model_configs(order):
-    code = f"import {order}; print(open_clip.get_model_config('unparrot-rn-tiny-v1k')['text_cfg']['vocab_size'])"
+def test_export_gives_open_clip_the_same_model_and_tokenizer(synth_pool, tmp_path):
+    """A dense-vocabulary checkpoint exported as an open_clip folder: open_clip alone (no unparrot config,
+    no dense tokenizer) rebuilds model, transform and tokenizer and computes the same embeddings."""
+    import io
+
+    import open_clip
+    import torch
+    from PIL import Image
+
+    from unparrot.models import build_vocab, export_open_clip, load_clip
+
+    torch.manual_seed(0)
+    vocab = build_vocab(["a photo of a ring", "a red disk"])
+    ours = load_clip("unparrot-rn-tiny-v1k", vocab=vocab)
+    ck = tmp_path / "final.pt"
+    torch.save({"name": "unparrot-rn-tiny-v1k", "state_dict": ours.model.state_dict(), "unparrot_vocab": vocab}, ck)
+    folder = f"local-dir:{export_open_clip(ck, tmp_path / 'open_clip')}"
+    assert cli(["export", str(ck), str(tmp_path / "cli")]) == 0
+    assert json.loads((tmp_path / "cli" / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"][
+        "vocab_size"] == 49408
+    model, _, preprocess = open_clip.create_model_and_transforms(folder)
+    model.eval()
+    tok = open_clip.get_tokenizer(folder)
+    assert isinstance(tok, open_clip.tokenizer.SimpleTokenizer) and tok.context_length == 32
+    texts = ["a photo of a ring", "qwertyuiop zebra", ""]  # in the vocabulary, outside it, empty
+    ids = tok(texts)
+    assert int(ids.max()) == 49407  # open_clip's BPE ids: "index out of range" in the 1,024-row table before
+    with torch.no_grad():
+        a, b = ours.model.encode_text(ours.tokenizer(texts)), model.encode_text(ids)
+        im = Image.open(io.BytesIO(next(iter_pool_samples(Pool(synth_pool)))["image"]))
+        x = preprocess(im)[None]
+        assert torch.equal(x, ours.preprocess(im)[None])
+        ia, ib = ours.model.encode_image(x), model.encode_image(x)
+    assert torch.allclose(a, b, rtol=0, atol=1e-6 * float(a.abs().max()))
+    assert torch.allclose(ia, ib, rtol=0, atol=1e-6 * float(ia.abs().max()))
+    # unparrot loads the folder too, and a checkpoint file over it (open_clip alone ignores `pretrained`)
+    again = load_clip(folder)
+    with torch.no_grad():
+        c = again.model.encode_text(again.tokenizer(texts))
+    assert torch.allclose(c, b, rtol=0, atol=1e-6 * float(b.abs().max()))
+    zero = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    torch.save({"state_dict": zero}, tmp_path / "zero.pt")
+    assert float(load_clip(folder, str(tmp_path / "zero.pt")).model.visual.conv1.weight.detach().abs().sum()) == 0.0
+
+
+@pytest.mark.slow
+def test_import_unparrot_registers_the_model_configs():
+    """Both import orders, each in a fresh interpreter (run side by side)."""
     env = {"PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert p.returncode == 0 and p.stdout.strip() == "1024", p.stderr[-2000:]
+    procs = []
+    for order in ("unparrot, open_clip", "open_clip, unparrot"):
+        code = f"import {order}; print(open_clip.get_model_config('unparrot-rn-tiny-v1k')['text_cfg']['vocab_size'])"
+        procs.append(subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env=env))
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0 and out.strip() == "1024", err[-2000:]

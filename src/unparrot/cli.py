@@ -308,6 +308,13 @@ def cmd_train(a):
         )
 
 
+def cmd_export(a):
+    from .models import export_open_clip
+
+    out = export_open_clip(a.checkpoint, a.out, **({"model": a.model} if a.model else {}))
+    print(f"export: {out} (open_clip, open_clip_train, CLIP_benchmark: --model local-dir:{out})")
+
+
 # ---- evaluation -----------------------------------------------------------------------------------
 def _named_paths(items: list[str] | None) -> dict:
     out = {}
@@ -791,6 +798,18 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.trainer import OPTION_HELP, TrainConfig
 
     add_config_flags(sp, TrainConfig, OPTION_HELP, skip=("train_data", "progress"))
+
+    sp = add(
+        "export",
+        cmd_export,
+        "write a checkpoint as a folder open_clip's own loaders read (local-dir:OUT)",
+        "OUT/open_clip_config.json + OUT/open_clip_model.safetensors: open_clip.create_model_and_transforms and "
+        "get_tokenizer('local-dir:OUT') rebuild model and tokenizer without unparrot (dense-vocabulary models get "
+        "open_clip's full token table). `unparrot train` writes RUN/open_clip/ at the end.",
+    )
+    sp.add_argument("checkpoint", help="checkpoint file (unparrot train's or open_clip_train's)")
+    sp.add_argument("out", help="output folder")
+    sp.add_argument("--model", help="architecture (default: the checkpoint's `name`)")
 
     sp = add(
         "evaluate",

@@ -173,8 +173,8 @@ def load_clip(
 
     `pretrained` is an open_clip tag (needs the hub, unreachable offline), a local checkpoint file, or
     omitted for `hf-hub:`/`local-dir:` names (a checkpoint file given with them, e.g. open_clip_train's
-    `epoch_N.pt` after fine-tuning an exported folder, is loaded over the folder's weights). A checkpoint that does not fit the architecture is a
-    ValueError naming the mismatching tensors.
+    `epoch_N.pt` after fine-tuning an exported folder, is loaded over the folder's weights). A checkpoint
+    that does not fit the architecture is a ValueError naming the mismatching tensors.
     """
     register_configs()
     import open_clip

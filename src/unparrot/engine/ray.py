@@ -13,6 +13,7 @@ import json
 import time
 
 import numpy as np
+import pyarrow as pa
 
 from ..ops import get_op
 from ..ops.base import Outputs
@@ -27,12 +28,12 @@ def _read_shard(item, root: str, inputs_spec: dict, needs: tuple):
     pool = Pool(root)
     shard = Shard(item["shard"], item["path"])
     for pos, (row, reason, problem) in enumerate(shard_rows(pool, shard, needs, inputs_spec)):
-        if row is None:
+        if row is None:  # "" not None: Arrow turns None into a float NaN, which no string column takes
             yield {
                 "_pos": pos,
                 "shard": shard.id,
-                "uid": None,
-                "key": problem.after_key,
+                "uid": "",
+                "key": problem.after_key or "",
                 "image": b"",
                 "image_ext": "",
                 "caption": "",
@@ -64,6 +65,7 @@ class _RunOp:
 
     def __init__(self, op: str, params: dict):
         self.op = get_op(op)(**params)
+        self.outputs = get_op(op).outputs(params)
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["_pos"])
@@ -78,6 +80,7 @@ class _RunOp:
             "_sample": batch["_sample"],
         }
         errors = list(reasons)
+        cols: dict = {}
         if ok:
             sub = {k: [batch[k][i] for i in ok] for k in batch if not k.startswith("_")}
             sub["meta"] = [json.loads(m) for m in sub["meta"]]
@@ -91,11 +94,26 @@ class _RunOp:
                 if isinstance(v, np.ndarray) and v.ndim == 2:
                     full = np.zeros((n, v.shape[1]), v.dtype)
                     full[ok] = v
+                elif isinstance(v, np.ndarray) and v.dtype.kind == "f":  # NaN where no value: stays a float
+                    full = np.full(n, np.nan, v.dtype)
+                    full[ok] = v
                 else:
                     full = np.empty(n, dtype=object)
                     for j, i in enumerate(ok):
                         full[i] = v[j]
-                result[k] = full
+                cols[k] = full
+        # the blocks of a shard's group are concatenated: every batch carries the operator's declared
+        # columns, in the declared order and with the same types, even one where no row could be processed
+        for k, t in self.outputs.columns.items():
+            if k not in cols:
+                floating = pa.types.is_floating(t)
+                cols[k] = np.full(n, np.nan, t.to_pandas_dtype()) if floating else np.empty(n, dtype=object)
+        for k, d in self.outputs.embeddings.items():
+            if k not in cols:
+                cols[k] = np.zeros((n, d), np.float32)
+        declared = [*self.outputs.columns, *self.outputs.embeddings]
+        result.update({k: cols[k] for k in declared if k in cols})
+        result.update({k: v for k, v in cols.items() if k not in declared})
         result["_error"] = np.array(errors, dtype=object)
         return result
 
@@ -109,8 +127,10 @@ def _writer(root: str, stage: str, outputs: Outputs):
         for i in order:
             e = group["_error"][i]
             if isinstance(e, str) and e:
-                uid = group["uid"][i] if group["_sample"][i] else None
-                errors.append({"uid": uid, "key": group["key"][i], "reason": str(e)})
+                sample = group["_sample"][i]
+                uid = group["uid"][i] if sample else None
+                key = group["key"][i] if sample or group["key"][i] else None  # "" stands for None
+                errors.append({"uid": uid, "key": key, "reason": str(e)})
             else:
                 keep.append(i)
         cols = {"uid": [group["uid"][i] for i in keep], "key": [group["key"][i] for i in keep]}
