@@ -175,8 +175,10 @@ def demo(
         _say("      " + line.strip())
     dp = deparrot(pool, progress=False)  # strip: deterministic, ~1 s per 10k captions
     n = deparrot_counts(pool)
-    _say(f"      {dp.line()}: {n['modes'].get('strip', 0)} captions de-parroted, {n['null']} left with nothing "
-         f"describable (null), {n['removed_words']} words removed, max residual CoTR {n['max_residual_cotr']:g}")
+    strip = n["modes"].get("strip", 0)  # null captions come only from strip (mode none passes unchanged)
+    _say(f"      {dp.line()}: {strip} captions spelled their image's text: {strip - n['null']} keep a "
+         f"de-parroted caption, {n['null']} are left with nothing describable (null); {n['removed_words']} "
+         f"words removed, max residual CoTR {n['max_residual_cotr']:g}")
     voc = vocab(pool, top=w["sync_words"], stopwords=True, min_len=2)
     words = [x for x, _ in voc["caption_1gram"]]
     ev = pool_dir / "eval"
