@@ -63,7 +63,7 @@ def test_select_over_stages_holding_different_rows(tmp_path):
 def test_select_writes_its_subset_only_complete(tmp_path, monkeypatch):
     """Regression: the subset .npy (what reshard reads) was written before the funnel, so a select that
     failed after it left a subset without its .json. Now everything is computed first, the .npy last."""
-    pool, _, _ = _columns_pool(tmp_path / "p")
+    pool, _, _ = _columns_pool(tmp_path / "p", lost=())
 
     def full_disk(path, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
@@ -77,7 +77,7 @@ def test_select_writes_its_subset_only_complete(tmp_path, monkeypatch):
 def test_select_refuses_an_incomplete_stage(tmp_path):
     """Regression: a stage with output for some shards only (killed, or run on a few) was used, and its
     missing rows counted as removed by the recipe's conditions."""
-    pool, _, _ = _columns_pool(tmp_path / "p")
+    pool, _, _ = _columns_pool(tmp_path / "p", lost=())
     pool.column_path("parrot", "b").unlink()
     with pytest.raises(RuntimeError, match="'parrot' is incomplete: no output for 1 of 2 shards"):
         select(pool, "cotr")
@@ -86,7 +86,7 @@ def test_select_refuses_an_incomplete_stage(tmp_path):
 
 
 def test_killed_select_leaves_nothing_half_made(tmp_path):
-    pool, _, _ = _columns_pool(tmp_path / "p")
+    pool, _, _ = _columns_pool(tmp_path / "p", lost=())
     clean = tmp_path / "clean"
     shutil.copytree(pool.root, clean)
     select(Pool(clean), "clip-score")
