@@ -242,6 +242,7 @@ def _one_line(capsys, argv, *expect):
     return err
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     """Regression: OSError (read-only folder, full disk), ConnectionError, a garbage or empty --pretrained
     and YAML errors ended in tracebacks."""
@@ -278,3 +279,16 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
         _one_line(capsys, ["run", str(pool), "inspect", "--workers", "1", "--quiet", "--overwrite"], text)
         _one_line(capsys, ["rewrite", str(pool), "--backend", "eda", "--quiet"], text)
     monkeypatch.setattr(tempfile, "mkstemp", real)
+
+
+@pytest.mark.slow
+def test_train_on_an_empty_tar_fails_in_one_line(tmp_path, capsys):
+    """Regression: the data worker's whole traceback was inside the error message."""
+    import tarfile
+
+    (tmp_path / "d" / "shards").mkdir(parents=True)
+    tarfile.open(tmp_path / "d" / "shards" / "00000.tar", "w").close()
+    err = _one_line(capsys, ["train", str(tmp_path / "d"), "--out", str(tmp_path / "run"), "--model",
+                             "unparrot-vit-tiny", "--samples", "32", "--batch-size", "16", "--workers", "1",
+                             "--quiet"], "in a data worker: no readable samples")
+    assert "Original Traceback" not in err
