@@ -292,3 +292,32 @@ def test_train_on_an_empty_tar_fails_in_one_line(tmp_path, capsys):
                              "unparrot-vit-tiny", "--samples", "32", "--batch-size", "16", "--workers", "1",
                              "--quiet"], "in a data worker: no readable samples")
     assert "Original Traceback" not in err
+
+
+# ---- verify -------------------------------------------------------------------------------------
+def test_verify_names_every_inconsistent_file(synth_pool, tmp_path, capsys):
+    p = shutil.copytree(synth_pool, tmp_path / "p")
+    run_stage(p, "inspect", progress=False)
+    pool = Pool(p)
+    sids = pool.done_shards("inspect")
+    uids = pool.load("inspect")["uid"].tolist()
+    select(pool, {"name": "some", "where": []})
+    assert main(["verify", str(p)]) == 0
+    assert ": ok" in capsys.readouterr().out
+    t = pq.read_table(pool.column_path("inspect", sids[0]))
+    pq.write_table(t.slice(0, 10), pool.column_path("inspect", sids[0]))  # rows lost, errors not written
+    pool.embedding_path("inspect", sids[1], "image").parent.mkdir(parents=True)
+    np.save(pool.embedding_path("inspect", sids[1], "image"), np.zeros((3, 2), np.float16))  # misaligned
+    np.save(pool.subset_path("some"), read_subset(pool.subset_path("some"))[:5])  # .json says otherwise
+    from unparrot.pool import write_subset
+
+    write_subset(pool.subset_path("alien"), ["f" * 32] + uids[:2])
+    (p / "columns" / "inspect" / ".x.parquet.abc.tmp").write_bytes(b"")
+    assert main(["verify", str(p)]) == 1
+    out = capsys.readouterr().out
+    assert f"inspect/{sids[0]}.parquet: 10 rows + 0 error rows do not account for the shard's 100 samples" in out
+    assert f"{sids[1]}.image.npy: 3 rows for the column file's 100" in out
+    assert "some.json: says 300 kept, some.npy holds 5" in out
+    assert "alien.npy: 1 of 3 uids are not in the pool" in out and "alien.json: missing" in out
+    assert ".x.parquet.abc.tmp: left by an interrupted write" in out
+    assert sorted(u8_to_uids(read_subset(pool.subset_path("alien")))) == sorted(["f" * 32] + uids[:2])
