@@ -147,3 +147,20 @@ def tree_bytes(root, skip=()) -> dict:
         for p in sorted(root.rglob("*"))
         if p.is_file() and not str(p.relative_to(root)).startswith(tuple(skip))
     }
+
+
+class HidesShard(SlowDigest):
+    """SlowDigest that, at its first batch, moves the file `victim` aside (to `victim + ".aside"`), once
+    (`victim + ".once"` remembers it): a shard that disappears while the stage runs."""
+
+    def __init__(self, victim: str = "", delay: float = 0.0):
+        super().__init__(delay)
+        self.victim = victim
+
+    def __call__(self, batch):
+        import os
+
+        if self.victim and not os.path.exists(self.victim + ".once"):
+            open(self.victim + ".once", "w").close()
+            os.replace(self.victim, self.victim + ".aside")
+        return super().__call__(batch)

@@ -321,3 +321,23 @@ def test_verify_names_every_inconsistent_file(synth_pool, tmp_path, capsys):
     assert "alien.npy: 1 of 3 uids are not in the pool" in out and "alien.json: missing" in out
     assert ".x.parquet.abc.tmp: left by an interrupted write" in out
     assert sorted(u8_to_uids(read_subset(pool.subset_path("alien")))) == sorted(["f" * 32] + uids[:2])
+
+
+# ---- faults -------------------------------------------------------------------------------------
+def test_a_shard_that_disappears_mid_run(synth_pool, tmp_path, capsys):
+    """One line naming the missing shard; the shards done are kept and complete, none looks done that is
+    not; once the shard is back the same command finishes the stage."""
+    p = shutil.copytree(synth_pool, tmp_path / "p")
+    victim = sorted((p / "shards").glob("*.tar"))[-1]
+    argv = ["run", str(p), "helpers:HidesShard", "--param", f"victim={victim}", "--stage", "d", "--workers", "1",
+            "--quiet"]
+    err = _one_line(capsys, argv, str(victim))
+    assert "No such file" in err
+    pool = Pool(p)
+    assert pool.done_shards("d") == [s.id for s in pool.shards()][:2]
+    assert not list(p.rglob(".*.tmp"))
+    assert verify(p).ok  # what is there is consistent (the pool has two shards now)
+    (victim.parent / (victim.name + ".aside")).rename(victim)
+    assert main(argv) == 0
+    assert "300 samples: 300 processed" in capsys.readouterr().out
+    assert verify(p).ok, verify(p).line()
