@@ -99,7 +99,11 @@ class _RunOp:
         return result
 
 
-def _writer(root: str, stage: str):
+def _writer(root: str, stage: str, paths: dict | None = None):
+    """`paths` (shard id -> tar) lets each column file record its tar's size and mtime, as the local
+    engine's do, so a shard repaired later is processed again."""
+    paths = paths or {}
+
     def write(group: dict) -> dict:
         pool = Pool(root)
         order = np.argsort(np.asarray(group["_pos"]))
@@ -121,7 +125,7 @@ def _writer(root: str, stage: str):
                 cols[k] = v[keep]
             else:
                 cols[k] = [_plain(v[i]) for i in keep]
-        pool.write_columns(stage, sid, cols, errors)
+        pool.write_columns(stage, sid, cols, errors, source=paths.get(sid))
         return {"shard": np.array([sid]), "rows": np.array([len(keep)])}
 
     return write
@@ -186,7 +190,8 @@ def run_stage_ray(
             num_gpus=num_gpus or None,
             batch_format="numpy",
         )
-        out.groupby("shard").map_groups(_writer(str(pool.root), stage), batch_format="numpy").materialize()
+        write = _writer(str(pool.root), stage, {s.id: s.path for s in todo})
+        out.groupby("shard").map_groups(write, batch_format="numpy").materialize()
     _move_cross_shard_duplicates(pool, stage)
     counts = stage_counts(pool, stage, [s.id for s in all_shards])
     errs = pool.errors(stage)
