@@ -211,15 +211,21 @@ class Pool:
         return sorted(str(p.relative_to(d))[: -len(".parquet")] for p in d.rglob("*.parquet"))
 
     def write_columns(
-        self, stage: str, shard: str, columns: dict, errors: Sequence[dict] = (), source: str | None = None
+        self,
+        stage: str,
+        shard: str,
+        columns: dict,
+        errors: Sequence[dict] = (),
+        source: str | None = None,
+        stamp: str | None = None,
     ):
         """Write one shard's output: errors, then embeddings, then the column file (the 'done' marker).
 
         2-D float arrays among `columns` are embeddings: saved as float16 .npy aligned with the rows.
         New output makes the stage's cross-shard duplicate check due again (its stamp is removed first).
         `source` (the shard's tar) has its size and mtime recorded in the column file, so a shard repaired
-        or replaced later is processed again (see `changed_shards`).
-        """
+        or replaced later is processed again (see `changed_shards`); `stamp` is that record taken when the
+        shard was opened (then a shard replaced while it was processed is redone as well)."""
         (self.root / "columns" / stage / CROSS_SHARD_STAMP).unlink(missing_ok=True)
         write_errors(self.error_path(stage, shard), stage, shard, errors)
         table_cols = {}
@@ -229,8 +235,9 @@ class Pool:
             else:
                 table_cols[name] = values
         table = to_arrow(table_cols)
-        if source is not None:
-            table = table.replace_schema_metadata({**(table.schema.metadata or {}), SOURCE_KEY: source_stamp(source)})
+        if stamp is not None or source is not None:
+            rec = stamp if stamp is not None else source_stamp(source)
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), SOURCE_KEY: rec})
         atomic_write_table(self.column_path(stage, shard), table)
 
     def changed_shards(self, stage: str, shards: Iterable[Shard]) -> list[str]:

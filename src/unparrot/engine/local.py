@@ -23,7 +23,7 @@ import numpy as np
 from ..io.samples import parse_sample
 from ..io.tar import ShardProblem, count_samples, iter_samples
 from ..ops import get_op
-from ..pool import Pool, Shard, atomic_write_table, remove_stale_temp, to_arrow, write_errors
+from ..pool import Pool, Shard, atomic_write_table, remove_stale_temp, source_stamp, to_arrow, write_errors
 from ..progress import progress_bar
 
 
@@ -123,6 +123,7 @@ def process_shard(
 ) -> ShardResult:
     """Run `op` over one shard and write its columns and errors. Returns the shard's counts."""
     res = ShardResult(shard.id)
+    stamp = source_stamp(shard.path) if os.path.exists(shard.path) else None  # the tar as it is read
     input_cols = [c for cols in op.inputs.values() for c in cols if c != "uid"]
     errors: list[dict] = []
     out_cols: dict[str, list] = {}
@@ -189,7 +190,7 @@ def process_shard(
         columns[k] = np.concatenate(v) if v and isinstance(v[0], np.ndarray) and v[0].ndim == 2 else v
     if "uid" not in columns:
         columns = {"uid": [], "key": []}
-    pool.write_columns(stage, shard.id, columns, errors, source=shard.path)
+    pool.write_columns(stage, shard.id, columns, errors, stamp=stamp)
     return res
 
 
