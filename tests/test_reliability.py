@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import jpeg_bytes, write_tar
-from helpers import KILLED, count_renames, kill_points, run_killed, tree_bytes
+from helpers import KILLED, count_renames, count_temp_files, kill_points, run_killed, tree_bytes
 from unparrot.cli import main
 from unparrot.curate.cluster import cluster
 from unparrot.curate.select import select
@@ -127,9 +127,12 @@ def test_stage_rerun_removes_temp_files_of_a_killed_run(synth_pool, tmp_path):
     run_stage(clean, "inspect", progress=False)
     want = {d: tree_bytes(clean / d / "inspect") for d in ("columns", "errors")}
     total = count_renames(lambda: run_stage(shutil.copytree(synth_pool, tmp_path / "c"), "inspect", progress=False))
-    for n in kill_points(total, 3, seed=12):
-        p = shutil.copytree(synth_pool, tmp_path / f"k{n}")
-        assert run_killed(lambda: run_stage(p, "inspect", progress=False), n) == KILLED
+    temps = count_temp_files(lambda: run_stage(shutil.copytree(synth_pool, tmp_path / "t"), "inspect", progress=False))
+    points = [(n, "replace") for n in kill_points(total, 3, seed=12)]
+    points += [(n, "mkstemp") for n in kill_points(temps, 2, seed=13)]  # in the middle of a write
+    for n, at in points:
+        p = shutil.copytree(synth_pool, tmp_path / f"k{n}{at}")
+        assert run_killed(lambda: run_stage(p, "inspect", progress=False), n, at) == KILLED
         assert list(p.rglob(".*.tmp"))
         assert not verify(p).ok  # the temp file is named
         run_stage(p, "inspect", progress=False)
