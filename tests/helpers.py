@@ -84,11 +84,31 @@ def count_renames(fn) -> int:
     return n[0]
 
 
-def run_killed(fn, n: int) -> int:
-    """Run fn() in a forked child that dies just before its n-th os.replace, by os._exit: no `finally`, no
-    `except BaseException` cleanup, no atexit, like a SIGKILL landing between a temp file's last byte and
-    its rename. Returns the child's exit code: KILLED, or 0 when fn finished first (1: it raised)."""
+def count_temp_files(fn) -> int:
+    """How many temp files (tempfile.mkstemp, what every atomic writer starts with) fn() creates."""
+    import tempfile
+
+    real, n = tempfile.mkstemp, [0]
+
+    def counting(*a, **k):
+        n[0] += 1
+        return real(*a, **k)
+
+    tempfile.mkstemp = counting
+    try:
+        fn()
+    finally:
+        tempfile.mkstemp = real
+    return n[0]
+
+
+def run_killed(fn, n: int, at: str = "replace") -> int:
+    """Run fn() in a forked child that dies just before its n-th os.replace (at="replace"), or just after
+    creating its n-th temp file, before a byte is in it (at="mkstemp": in the middle of a write), by
+    os._exit: no `finally`, no `except BaseException` cleanup, no atexit, like a SIGKILL landing there.
+    Returns the child's exit code: KILLED, or 0 when fn finished first (1: it raised)."""
     import os
+    import tempfile
     import traceback
 
     pid = os.fork()
@@ -104,15 +124,21 @@ def run_killed(fn, n: int) -> int:
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(1)
         try:
-            real, seen = os.replace, [0]
+            real, seen = (os.replace if at == "replace" else tempfile.mkstemp), [0]
 
             def dying(*a, **k):
                 seen[0] += 1
+                if seen[0] == n and at == "replace":
+                    os._exit(KILLED)
+                out = real(*a, **k)
                 if seen[0] == n:
                     os._exit(KILLED)
-                return real(*a, **k)
+                return out
 
-            os.replace = dying
+            if at == "replace":
+                os.replace = dying
+            else:
+                tempfile.mkstemp = dying
             fn()
         except BaseException:  # noqa: BLE001
             traceback.print_exc()
@@ -147,3 +173,20 @@ def tree_bytes(root, skip=()) -> dict:
         for p in sorted(root.rglob("*"))
         if p.is_file() and not str(p.relative_to(root)).startswith(tuple(skip))
     }
+
+
+class HidesShard(SlowDigest):
+    """SlowDigest that, at its first batch, moves the file `victim` aside (to `victim + ".aside"`), once
+    (`victim + ".once"` remembers it): a shard that disappears while the stage runs."""
+
+    def __init__(self, victim: str = "", delay: float = 0.0):
+        super().__init__(delay)
+        self.victim = victim
+
+    def __call__(self, batch):
+        import os
+
+        if self.victim and not os.path.exists(self.victim + ".once"):
+            open(self.victim + ".once", "w").close()
+            os.replace(self.victim, self.victim + ".aside")
+        return super().__call__(batch)

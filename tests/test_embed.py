@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import assert_close_scaled
 from unparrot.engine import run_stage
 from unparrot.io.reshard import reshard
 from unparrot.engine.local import iter_pool_samples
@@ -54,14 +55,18 @@ def test_embed_stage(synth_pool, tmp_path, tiny_ckpt):
     _, txt = pool.embeddings("embed", "text")
     img, txt = np.concatenate(img).astype(np.float32), np.concatenate(txt).astype(np.float32)
     assert uids == df["uid"].tolist()
+    # unit vectors stored as float16 (relative precision 2**-11): norms and dot products are off by ~1e-3
     assert np.allclose(np.linalg.norm(img, axis=1), 1, atol=2e-3)
     assert np.allclose((img * txt).sum(1), df["clip_score"], atol=3e-3)
     no_text = ~df["has_text"].to_numpy(bool)
-    assert np.allclose(df["masked_clip_score"][no_text], df["clip_score"][no_text], atol=1e-5)
-    assert not np.allclose(df["masked_clip_score"][~no_text], df["clip_score"][~no_text], atol=1e-5)
-    # the same numbers from one worker (determinism across engines)
+    score, masked = df["clip_score"].to_numpy(), df["masked_clip_score"].to_numpy()
+    # float32 results of other batches / thread counts: a tolerance scaled to the scores' size
+    tol = 1e-4 * np.abs(score).max()
+    assert_close_scaled(score[no_text], masked[no_text], 1e-4, "no text: masking changes nothing")
+    assert (np.abs(masked - score)[~no_text] > tol).mean() > 0.5  # masking text changes the score
+    # the same numbers from one worker, other threads (determinism across engines)
     run_stage(pool, "embed", {"model": "unparrot-rn-tiny", "pretrained": tiny_ckpt}, stage="embed1", progress=False)
-    assert np.allclose(pool.load("embed1")["clip_score"], df["clip_score"], atol=1e-5)
+    assert_close_scaled(score, pool.load("embed1")["clip_score"].to_numpy(), 1e-4, "one worker")
 
 
 def test_masks():
@@ -106,7 +111,7 @@ def test_aesthetic_released_format(tmp_path, synth_pool):
     x = x / x.norm(dim=1, keepdim=True)
     with torch.no_grad():
         want = mlp.eval()(x).squeeze(-1).numpy()
-    assert np.allclose(pool.load("aesthetic")["aesthetic"], want, atol=1e-4)
+    assert_close_scaled(want, pool.load("aesthetic")["aesthetic"].to_numpy(), 1e-4, "aesthetic")
     big = aesthetic_mlp(768)
     torch.save(big.state_dict(), tmp_path / "l14.pth")
     with pytest.raises(ValueError, match="expects 768-d"):

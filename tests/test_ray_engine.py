@@ -24,6 +24,9 @@ def test_ray_engine_matches_local(synth_pool, tmp_path):
     for stage in ("spot", "parrot"):
         for sid in a.done_shards(stage):
             assert pq.read_table(a.column_path(stage, sid)).equals(pq.read_table(b.column_path(stage, sid)))
+            # both record the shard they were made from (copies keep mtimes), so both redo a repaired shard
+            meta = pq.read_schema(b.column_path(stage, sid)).metadata
+            assert meta == pq.read_schema(a.column_path(stage, sid)).metadata and b"unparrot.source" in meta
     again = run(b, "parrot", engine="ray", workers=2, progress=False)
     assert again.skipped == 3  # finished shards are skipped
     bad_local = _bad_input_pool(tmp_path / "bl")

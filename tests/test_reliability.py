@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import jpeg_bytes, write_tar
-from helpers import KILLED, count_renames, kill_points, run_killed, tree_bytes
+from helpers import KILLED, count_renames, count_temp_files, kill_points, run_killed, tree_bytes
 from unparrot.cli import main
 from unparrot.curate.cluster import cluster
 from unparrot.curate.select import select
@@ -63,7 +63,7 @@ def test_select_over_stages_holding_different_rows(tmp_path):
 def test_select_writes_its_subset_only_complete(tmp_path, monkeypatch):
     """Regression: the subset .npy (what reshard reads) was written before the funnel, so a select that
     failed after it left a subset without its .json. Now everything is computed first, the .npy last."""
-    pool, _, _ = _columns_pool(tmp_path / "p")
+    pool, _, _ = _columns_pool(tmp_path / "p", lost=())
 
     def full_disk(path, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
@@ -77,7 +77,7 @@ def test_select_writes_its_subset_only_complete(tmp_path, monkeypatch):
 def test_select_refuses_an_incomplete_stage(tmp_path):
     """Regression: a stage with output for some shards only (killed, or run on a few) was used, and its
     missing rows counted as removed by the recipe's conditions."""
-    pool, _, _ = _columns_pool(tmp_path / "p")
+    pool, _, _ = _columns_pool(tmp_path / "p", lost=())
     pool.column_path("parrot", "b").unlink()
     with pytest.raises(RuntimeError, match="'parrot' is incomplete: no output for 1 of 2 shards"):
         select(pool, "cotr")
@@ -86,7 +86,7 @@ def test_select_refuses_an_incomplete_stage(tmp_path):
 
 
 def test_killed_select_leaves_nothing_half_made(tmp_path):
-    pool, _, _ = _columns_pool(tmp_path / "p")
+    pool, _, _ = _columns_pool(tmp_path / "p", lost=())
     clean = tmp_path / "clean"
     shutil.copytree(pool.root, clean)
     select(Pool(clean), "clip-score")
@@ -127,9 +127,12 @@ def test_stage_rerun_removes_temp_files_of_a_killed_run(synth_pool, tmp_path):
     run_stage(clean, "inspect", progress=False)
     want = {d: tree_bytes(clean / d / "inspect") for d in ("columns", "errors")}
     total = count_renames(lambda: run_stage(shutil.copytree(synth_pool, tmp_path / "c"), "inspect", progress=False))
-    for n in kill_points(total, 3, seed=12):
-        p = shutil.copytree(synth_pool, tmp_path / f"k{n}")
-        assert run_killed(lambda: run_stage(p, "inspect", progress=False), n) == KILLED
+    temps = count_temp_files(lambda: run_stage(shutil.copytree(synth_pool, tmp_path / "t"), "inspect", progress=False))
+    points = [(n, "replace") for n in kill_points(total, 3, seed=12)]
+    points += [(n, "mkstemp") for n in kill_points(temps, 2, seed=13)]  # in the middle of a write
+    for n, at in points:
+        p = shutil.copytree(synth_pool, tmp_path / f"k{n}{at}")
+        assert run_killed(lambda: run_stage(p, "inspect", progress=False), n, at) == KILLED
         assert list(p.rglob(".*.tmp"))
         assert not verify(p).ok  # the temp file is named
         run_stage(p, "inspect", progress=False)
@@ -242,6 +245,7 @@ def _one_line(capsys, argv, *expect):
     return err
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     """Regression: OSError (read-only folder, full disk), ConnectionError, a garbage or empty --pretrained
     and YAML errors ended in tracebacks."""
@@ -278,3 +282,65 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
         _one_line(capsys, ["run", str(pool), "inspect", "--workers", "1", "--quiet", "--overwrite"], text)
         _one_line(capsys, ["rewrite", str(pool), "--backend", "eda", "--quiet"], text)
     monkeypatch.setattr(tempfile, "mkstemp", real)
+
+
+@pytest.mark.slow
+def test_train_on_an_empty_tar_fails_in_one_line(tmp_path, capsys):
+    """Regression: the data worker's whole traceback was inside the error message."""
+    import tarfile
+
+    (tmp_path / "d" / "shards").mkdir(parents=True)
+    tarfile.open(tmp_path / "d" / "shards" / "00000.tar", "w").close()
+    err = _one_line(capsys, ["train", str(tmp_path / "d"), "--out", str(tmp_path / "run"), "--model",
+                             "unparrot-vit-tiny", "--samples", "32", "--batch-size", "16", "--workers", "1",
+                             "--quiet"], "in a data worker: no readable samples")
+    assert "Original Traceback" not in err
+
+
+# ---- verify -------------------------------------------------------------------------------------
+def test_verify_names_every_inconsistent_file(synth_pool, tmp_path, capsys):
+    p = shutil.copytree(synth_pool, tmp_path / "p")
+    run_stage(p, "inspect", progress=False)
+    pool = Pool(p)
+    sids = pool.done_shards("inspect")
+    uids = pool.load("inspect")["uid"].tolist()
+    select(pool, {"name": "some", "where": []})
+    assert main(["verify", str(p)]) == 0
+    assert ": ok" in capsys.readouterr().out
+    t = pq.read_table(pool.column_path("inspect", sids[0]))
+    pq.write_table(t.slice(0, 10), pool.column_path("inspect", sids[0]))  # rows lost, errors not written
+    pool.embedding_path("inspect", sids[1], "image").parent.mkdir(parents=True)
+    np.save(pool.embedding_path("inspect", sids[1], "image"), np.zeros((3, 2), np.float16))  # misaligned
+    np.save(pool.subset_path("some"), read_subset(pool.subset_path("some"))[:5])  # .json says otherwise
+    from unparrot.pool import write_subset
+
+    write_subset(pool.subset_path("alien"), ["f" * 32] + uids[:2])
+    (p / "columns" / "inspect" / ".x.parquet.abc.tmp").write_bytes(b"")
+    assert main(["verify", str(p)]) == 1
+    out = capsys.readouterr().out
+    assert f"inspect/{sids[0]}.parquet: 10 rows + 0 error rows do not account for the shard's 100 samples" in out
+    assert f"{sids[1]}.image.npy: 3 rows for the column file's 100" in out
+    assert "some.json: says 300 kept, some.npy holds 5" in out
+    assert "alien.npy: 1 of 3 uids are not in the pool" in out and "alien.json: missing" in out
+    assert ".x.parquet.abc.tmp: left by an interrupted write" in out
+    assert sorted(u8_to_uids(read_subset(pool.subset_path("alien")))) == sorted(["f" * 32] + uids[:2])
+
+
+# ---- faults -------------------------------------------------------------------------------------
+def test_a_shard_that_disappears_mid_run(synth_pool, tmp_path, capsys):
+    """One line naming the missing shard; the shards done are kept and complete, none looks done that is
+    not; once the shard is back the same command finishes the stage."""
+    p = shutil.copytree(synth_pool, tmp_path / "p")
+    victim = sorted((p / "shards").glob("*.tar"))[-1]
+    argv = ["run", str(p), "helpers:HidesShard", "--param", f"victim={victim}", "--stage", "d", "--workers", "1",
+            "--quiet"]
+    err = _one_line(capsys, argv, str(victim))
+    assert "No such file" in err
+    pool = Pool(p)
+    assert pool.done_shards("d") == [s.id for s in pool.shards()][:2]
+    assert not list(p.rglob(".*.tmp"))
+    assert verify(p).ok  # what is there is consistent (the pool has two shards now)
+    (victim.parent / (victim.name + ".aside")).rename(victim)
+    assert main(argv) == 0
+    assert "300 samples: 300 processed" in capsys.readouterr().out
+    assert verify(p).ok, verify(p).line()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_close_scaled
+from helpers import KILLED, assert_close_scaled, count_renames, kill_points, run_killed
 from unparrot.engine.local import iter_pool_samples
 from unparrot.io.reshard import reshard
 from unparrot.pool import Pool, write_subset
@@ -100,6 +100,28 @@ def test_resuming_a_finished_run_changes_nothing(shards, tmp_path):
     assert rebuilt["checkpoint"] == done["checkpoint"]
     assert {p: p.read_bytes() for p in files if p.suffix != ".json"} == {k: v for k, v in files.items() if k.suffix != ".json"}
     assert torch.load(run / "checkpoints" / "final.pt", weights_only=True)["step"] == 3
+
+
+@pytest.mark.slow
+def test_killed_at_random_renames_resumes_to_the_same_run(shards, tmp_path):
+    """Crash-resume: train killed just before its n-th rename (a checkpoint, the `latest` link or the
+    summary; n seeded), then `--resume latest` until done, equals an uninterrupted run: the loss curve and
+    the final weights (same machine: a tolerance scaled to each tensor, see helpers.assert_close_scaled)."""
+    kw = dict(samples=16 * 4, checkpoint_every=1)
+    full = train(_cfg(shards, tmp_path / "full", **kw))
+    want = torch.load(full["checkpoint"], weights_only=True)["state_dict"]
+    total = count_renames(lambda: train(_cfg(shards, tmp_path / "count", **kw)))
+    for n in sorted(set(kill_points(total, 3, seed=21)) | {total}):  # the last: before summary.json
+        run = tmp_path / f"k{n}"
+        assert run_killed(lambda: train(_cfg(shards, run, **kw)), n) == KILLED
+        done = train(_cfg(shards, run, resume="latest" if (run / "checkpoints" / "latest.pt").exists() else None,
+                          **kw))
+        assert done["steps"] == 4 and json.loads((run / "summary.json").read_text())["steps"] == 4
+        assert_close_scaled(_losses(tmp_path / "full"), _losses(run), 1e-5, f"losses after a kill at rename {n}")
+        got = torch.load(done["checkpoint"], weights_only=True)["state_dict"]
+        for k in want:
+            assert_close_scaled(want[k], got[k], 1e-5, k)
+        assert not list(run.rglob("*.tmp"))
 
 
 def test_global_order_is_independent_of_layout(shards):

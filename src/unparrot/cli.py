@@ -143,8 +143,7 @@ def cmd_verify(a):
 
     rep = verify(a.pool)
     print(rep.line())
-    if not rep.ok:
-        raise SystemExit(1)
+    return 0 if rep.ok else 1
 
 
 # ---- profiling ----------------------------------------------------------------------------------
@@ -948,7 +947,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        a.fn(a)
+        rc = a.fn(a)  # a command may return its exit status (verify: 1 when it found problems)
     except KeyboardInterrupt:
         print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -959,7 +958,7 @@ def main(argv: list[str] | None = None) -> int:
         msg = " ".join(str(msg).split())  # one line, whatever the exception's text looks like
         print(f"unparrot {a.command}: error: {msg}  (UNPARROT_DEBUG=1 shows a traceback)", file=sys.stderr)
         return 1
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

@@ -219,6 +219,7 @@ class Pool:
         schema: dict | None = None,
         embedding_dims: dict | None = None,
         source: str | None = None,
+        stamp: str | None = None,
     ):
         """Write one shard's output: errors, then embeddings, then the column file (the 'done' marker).
 
@@ -228,8 +229,8 @@ class Pool:
         still gets every column, typed, and 0-row embeddings, so later stages and `select` find them.
         New output makes the stage's cross-shard duplicate check due again (its stamp is removed first).
         `source` (the shard's tar) has its size and mtime recorded in the column file, so a shard repaired
-        or replaced later is processed again (see `changed_shards`).
-        """
+        or replaced later is processed again (see `changed_shards`); `stamp` is that record taken when the
+        shard was opened (then a shard replaced while it was processed is redone as well)."""
         (self.root / "columns" / stage / CROSS_SHARD_STAMP).unlink(missing_ok=True)
         write_errors(self.error_path(stage, shard), stage, shard, errors)
         n = len(columns["uid"]) if "uid" in columns else 0
@@ -245,8 +246,9 @@ class Pool:
                 table_cols[name] = values
         types = {"uid": pa.string(), "key": pa.string(), **(schema or {})}
         table = to_arrow(table_cols, types)
-        if source is not None:
-            table = table.replace_schema_metadata({**(table.schema.metadata or {}), SOURCE_KEY: source_stamp(source)})
+        if stamp is not None or source is not None:
+            rec = stamp if stamp is not None else source_stamp(source)
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), SOURCE_KEY: rec})
         atomic_write_table(self.column_path(stage, shard), table)
 
     def stage_schema(self, stage: str) -> pa.Schema | None:

@@ -24,7 +24,7 @@ from ..io.samples import parse_sample
 from ..io.tar import ShardProblem, count_samples, iter_samples
 from ..ops import get_op
 from ..ops.base import Outputs
-from ..pool import Pool, Shard, atomic_write_table, remove_stale_temp, to_arrow, write_errors
+from ..pool import Pool, Shard, atomic_write_table, remove_stale_temp, source_stamp, to_arrow, write_errors
 from ..progress import progress_bar
 
 
@@ -135,6 +135,7 @@ def process_shard(
 
     `outputs` (the operator's declared columns and embeddings) types a shard with no processed sample."""
     res = ShardResult(shard.id)
+    stamp = source_stamp(shard.path) if os.path.exists(shard.path) else None  # the tar as it is read
     input_cols = [c for cols in op.inputs.values() for c in cols if c != "uid"]
     errors: list[dict] = []
     out_cols: dict[str, list] = {}
@@ -203,7 +204,7 @@ def process_shard(
         columns = {"uid": [], "key": []}
     o = outputs or Outputs()
     pool.write_columns(
-        stage, shard.id, columns, errors, schema=o.columns, embedding_dims=o.embeddings, source=shard.path
+        stage, shard.id, columns, errors, schema=o.columns, embedding_dims=o.embeddings, stamp=stamp
     )
     return res
 

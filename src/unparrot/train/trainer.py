@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..pool import atomic_write_bytes
+from ..pool import atomic_write_bytes, remove_stale_temp
 
 
 @dataclass
@@ -265,6 +265,8 @@ def train(cfg: TrainConfig | dict) -> dict:
     steps = cfg.steps
     warmup = int(cfg.warmup * steps) if cfg.warmup < 1 else int(cfg.warmup)
     stop = min(steps, cfg.stop_at_step) if cfg.stop_at_step else steps
+    if rank == 0:  # temp files of a killed run (its summary's; checkpoint temps are rewritten in place)
+        remove_stale_temp(out)
     if start_step >= stop:  # a finished run resumed: nothing to do, nothing rewritten
         return _finished_summary(out, cfg, resume_path, start_step, steps, world, rank == 0)
     precision = cfg.precision if cfg.precision != "auto" else ("amp" if device.startswith("cuda") else "fp32")
