@@ -24,3 +24,25 @@ class SlowDigest(Operator):
             return {"digest": hashlib.sha256(images[i]).hexdigest()[:16], "w": im.width}
 
         return map_rows(row, len(images), ["digest", "w"])
+
+
+class GatedDigest(SlowDigest):
+    """SlowDigest that, on shard `block_shard`, touches `marker` and waits for the file `gate` to exist:
+    a run can be killed at a known point (the earlier shards done, this one in flight)."""
+
+    def __init__(self, block_shard: str, marker: str, gate: str, delay: float = 0.0):
+        super().__init__(delay)
+        self.block_shard, self.marker, self.gate = block_shard, marker, gate
+
+    def __call__(self, batch):
+        import os
+
+        if self.block_shard in set(column(batch, "shard")) and not os.path.exists(self.gate):
+            open(self.marker, "w").close()
+            for _ in range(6000):  # bounded: the test kills this run long before
+                if os.path.exists(self.gate):
+                    break
+                time.sleep(0.1)
+            else:
+                raise RuntimeError("gate never opened")
+        return super().__call__(batch)
