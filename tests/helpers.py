@@ -46,3 +46,20 @@ class GatedDigest(SlowDigest):
             else:
                 raise RuntimeError("gate never opened")
         return super().__call__(batch)
+
+
+class DiesOnce(SlowDigest):
+    """SlowDigest whose process exits (as if killed) the first time it sees shard `die_shard`; `marker`
+    records that it did, so the retried shard goes through."""
+
+    def __init__(self, die_shard: str, marker: str, delay: float = 0.0):
+        super().__init__(delay)
+        self.die_shard, self.marker = die_shard, marker
+
+    def __call__(self, batch):
+        import os
+
+        if self.die_shard in set(column(batch, "shard")) and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(1)
+        return super().__call__(batch)

@@ -128,3 +128,20 @@ def test_ray_options_on_the_local_engine_are_a_clear_error(tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown engine"):
         run(pool, "inspect", engine="spark", progress=False)
     assert not pool.done_shards("inspect")
+
+
+@pytest.mark.slow
+def test_ray_worker_killed_mid_shard_is_restarted_and_the_shard_retried(tmp_path):
+    """An actor process that dies in a shard (killed, out of memory) is restarted and that shard redone
+    in the same run; the files equal the local engine's."""
+    a, b = _small_pool(tmp_path / "a", shards=2), _small_pool(tmp_path / "b", shards=2)
+    marker = tmp_path / "died"
+    params = {"die_shard": "sh1", "marker": str(marker)}
+    s = run(a, "helpers:DiesOnce", params, stage="d", engine="ray", workers=1, num_cpus=1, batch_size=2,
+            progress=False)
+    assert marker.exists()  # the actor did die
+    assert (s.skipped, s.n_in, s.n_ok, s.n_err) == (0, 8, 8, 0)
+    run(b, "helpers:DiesOnce", params, stage="d", batch_size=2, progress=False)
+    for sid in ("sh0", "sh1"):
+        assert pq.read_table(a.column_path("d", sid)).equals(pq.read_table(b.column_path("d", sid)))
+    assert not list((a.root / "columns" / "d").glob(".*tmp*"))
