@@ -145,3 +145,14 @@ def test_ray_worker_killed_mid_shard_is_restarted_and_the_shard_retried(tmp_path
     for sid in ("sh0", "sh1"):
         assert pq.read_table(a.column_path("d", sid)).equals(pq.read_table(b.column_path("d", sid)))
     assert not list((a.root / "columns" / "d").glob(".*tmp*"))
+
+
+@pytest.mark.slow
+def test_ray_asking_for_gpus_the_cluster_lacks_is_a_clear_error(tmp_path):
+    """An actor that can never be placed would wait forever; the engine says so instead (CPU machines)."""
+    import ray
+
+    pool = _small_pool(tmp_path / "p", shards=1, per_shard=1)
+    with pytest.raises(RuntimeError, match="GPU"):
+        run(pool, "inspect", engine="ray", workers=1, num_cpus=1, num_gpus=64, progress=False)
+    assert not ray.is_initialized() and not pool.done_shards("inspect")
