@@ -173,7 +173,9 @@ def test_bad_config_is_clear(shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one(shards, tmp_path):
+def test_ddp_two_processes_match_one_with_resume(shards, tmp_path):
+    """`train --nproc 2` (torchrun, gloo on the CPU) follows one process's loss curve at the same global
+    batch, also when it is stopped at a checkpoint and resumed with `--resume latest`."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     args = [
         str(shards),
@@ -195,22 +197,16 @@ def test_ddp_two_processes_match_one(shards, tmp_path):
         "1",
         "--quiet",
     ]
-    one = subprocess.run(
-        [sys.executable, "-m", "unparrot", "train", *args, "--out", str(tmp_path / "one")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run(
-        [sys.executable, "-m", "unparrot", "train", *args, "--out", str(tmp_path / "two"), "--nproc", "2"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
+
+    def train_cli(out, *extra):
+        p = subprocess.run([sys.executable, "-m", "unparrot", "train", *args, "--out", str(tmp_path / out), *extra],
+                           env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+
+    train_cli("one")
+    train_cli("two", "--nproc", "2", "--stop-at-step", "3", "--checkpoint-every", "3")
+    assert len(_losses(tmp_path / "two")) == 3
+    train_cli("two", "--nproc", "2", "--resume", "latest")
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(a) == len(b) == 6
     assert_close_scaled(a, b, 1e-4, "losses")  # two processes: the gradient all-reduce sums in another order

@@ -70,8 +70,17 @@ def cmd_ingest(a):
     )
 
 
+def _engine_options(a) -> dict:
+    """The engine flags of a stage command as `run()` keywords (unset flags: EngineConfig's defaults)."""
+    import dataclasses
+
+    from .engine import EngineConfig
+
+    return dataclasses.asdict(config_from_flags(a, EngineConfig))
+
+
 def _run_op(a, op: str, params: dict, batch_size: int | None = None):
-    """The stage commands: an operator over the pool with the engine, workers and stage name of `a`."""
+    """The stage commands: an operator over the pool with the engine options and stage name of `a`."""
     from .engine import run
 
     _print(
@@ -80,11 +89,10 @@ def _run_op(a, op: str, params: dict, batch_size: int | None = None):
             op,
             params,
             stage=a.stage,
-            engine=a.engine,
-            workers=a.workers,
             batch_size=batch_size or a.batch_size,
             overwrite=a.overwrite,
             progress=not a.quiet,
+            **_engine_options(a),
         )
     )
 
@@ -164,16 +172,18 @@ def cmd_profile(a):
     for k in ("det_max_side", "det_min_side", "min_score", "min_area", "min_chars"):
         if getattr(a, k) is not None:
             spot_params[k] = getattr(a, k)
+    engine = _engine_options(a)
     print(
         profile(
             a.pool,
             backend=a.backend,
-            workers=a.workers,
+            workers=engine.pop("workers"),
             batch_size=a.batch_size,
             spot_params=spot_params,
             parrot_params=_kv(a.parrot_param),
             overwrite=a.overwrite,
             progress=not a.quiet,
+            **engine,
         ).line()
     )
 
@@ -471,7 +481,8 @@ def config_from_flags(a, cls):
 def cmd_deparrot(a):
     from .deparrot import DeparrotConfig, deparrot, deparrot_counts
 
-    s = deparrot(a.pool, config_from_flags(a, DeparrotConfig), progress=not a.quiet)
+    ray = {k: getattr(a, k) for k in ("address", "num_cpus", "num_gpus") if getattr(a, k) is not None}
+    s = deparrot(a.pool, config_from_flags(a, DeparrotConfig), progress=not a.quiet, engine_options=ray)
     _print(s)
     c = deparrot_counts(a.pool, s.stage)
     modes = ", ".join(f"{k} {v}" for k, v in sorted(c["modes"].items()))
@@ -508,9 +519,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
+    from .engine import ENGINE_HELP, EngineConfig
+
     def common(sp, workers=2):
-        sp.add_argument("--workers", type=int, default=workers, help="worker processes (Ray: operator actors)")
-        sp.add_argument("--engine", default="local", help="local (worker processes) or ray (Ray Data)")
+        """A per-sample stage's engine flags, from EngineConfig; only --workers has a per-stage default."""
+        sp.add_argument("--workers", type=int, default=workers, help=ENGINE_HELP["workers"])
+        add_config_flags(sp, EngineConfig, ENGINE_HELP, skip=("workers",))
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sp = add(
@@ -528,7 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--eval-per-class", type=int, default=50, help="images per class in each evaluation set")
     sp.add_argument("--param", action="append", metavar="KEY=VALUE", help="override a world parameter")
     sp.add_argument("--stats", action="store_true", help="print ground-truth text statistics")
-    common(sp)
+    sp.add_argument("--workers", type=int, default=2, help="worker processes")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sp = add(
         "ingest",
@@ -780,6 +795,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .deparrot import OPTION_HELP as DEPARROT_HELP, DeparrotConfig
 
     add_config_flags(sp, DeparrotConfig, DEPARROT_HELP)
+    add_config_flags(sp, EngineConfig, ENGINE_HELP, skip=("engine", "workers", "threads"))
 
     sp = add(
         "train",

@@ -115,15 +115,19 @@ def operator_params(pool: Pool, cfg: DeparrotConfig) -> dict:
     return params
 
 
-def deparrot(pool: Pool | str, config: DeparrotConfig | None = None, progress: bool = True, **overrides):
-    """Run the deparrot stage over `pool` (resumable; see ops/deparrot.py) and return its StageSummary."""
+def deparrot(pool: Pool | str, config: DeparrotConfig | None = None, progress: bool = True,
+             engine_options: dict | None = None, **overrides):
+    """Run the deparrot stage over `pool` (resumable; see ops/deparrot.py) and return its StageSummary.
+
+    `engine_options`: the Ray engine's address, num_cpus, num_gpus (see engine.EngineConfig)."""
     from .engine import run
 
     cfg = dataclasses.replace(config or DeparrotConfig(), **overrides).validate()
     pool = pool if isinstance(pool, Pool) else Pool(pool)
     t0 = time.time()
     s = run(pool, "deparrot", operator_params(pool, cfg), engine=cfg.engine, stage=cfg.stage,
-            workers=cfg.workers, batch_size=cfg.batch_size, overwrite=cfg.overwrite, progress=progress)
+            workers=cfg.workers, batch_size=cfg.batch_size, overwrite=cfg.overwrite, progress=progress,
+            **(engine_options or {}))
     s.seconds = max(s.seconds, time.time() - t0)
     return s
 

@@ -1,6 +1,6 @@
 """`unparrot profile` and `unparrot vocab`: how much of a pool carries text and how much its captions parrot.
 
-`profile` runs the spot and parrot stages with the local engine and summarises their columns;
+`profile` runs the spot and parrot stages (either engine) and summarises their columns;
 `vocab` counts caption 1-grams and 2-grams and co-embedded 1-grams (the Parrot paper's vocabularies,
 reused by the Sync score).
 """
@@ -88,8 +88,11 @@ def profile(
     parrot_stage: str = "parrot",
     overwrite: bool = False,
     progress: bool = True,
+    **engine,
 ) -> ProfileSummary:
-    """Run text spotting and the parrot metrics over a pool (resumable) and summarise them."""
+    """Run text spotting and the parrot metrics over a pool (resumable) and summarise them.
+
+    `engine`: `run()`'s engine options (engine="ray", address, num_cpus, num_gpus, threads), both stages."""
     sp = {"backend": backend, **(spot_params or {})}
     pp = {"spot_stage": spot_stage, **(parrot_params or {})}
     s1 = run(
@@ -101,10 +104,10 @@ def profile(
         batch_size=batch_size,
         overwrite=overwrite,
         progress=progress,
+        **engine,
     )
-    s2 = run(
-        pool, "parrot", pp, stage=parrot_stage, workers=workers, batch_size=256, overwrite=overwrite, progress=progress
-    )
+    s2 = run(pool, "parrot", pp, stage=parrot_stage, workers=workers, batch_size=256, overwrite=overwrite,
+             progress=progress, **engine)
     out = summarize(pool, spot_stage, parrot_stage)
     out.stage_lines = [s1.line(), s2.line()]
     return out

@@ -213,7 +213,9 @@ def process_shard(
 _WORKER: dict = {}
 
 
-def _init_worker(op_name, params, threads, queue):
+def limit_threads(threads: int):
+    """Cap a worker's BLAS/OpenMP/torch threads, so `workers` x `threads` does not oversubscribe the cores
+    (both engines call it once per worker, before the operator loads)."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
     try:
@@ -222,6 +224,10 @@ def _init_worker(op_name, params, threads, queue):
         torch.set_num_threads(threads)
     except ImportError:
         pass
+
+
+def _init_worker(op_name, params, threads, queue):
+    limit_threads(threads)
     _WORKER["op"] = get_op(op_name)(**params)
     _WORKER["outputs"] = get_op(op_name).outputs(params)
     _WORKER["queue"] = queue
@@ -480,4 +486,5 @@ __all__ = [
     "iter_pool_samples",
     "to_arrow",
     "stage_counts",
+    "limit_threads",
 ]

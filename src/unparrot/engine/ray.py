@@ -1,162 +1,87 @@
-"""The cluster engine: the same operators through Ray Data (`--engine ray`), for pools beyond one machine.
+"""The cluster engine: the same operators on Ray actors (`--engine ray`), for pools beyond one machine.
 
-Shards are read by Ray tasks (one shard per task, the same parsing and checks as the local engine), the
-operator runs in an actor pool through `map_batches` (loaded once per actor; `num_gpus` per actor on a
-GPU cluster), and each shard's rows are grouped back and written with the pool's atomic per-shard files,
-so the output is identical to the local engine's and finished shards are skipped on a rerun.
-Connect to a running cluster with `address="auto"` (or `ray://...`); by default a local Ray starts.
+One actor call per shard: each of `workers` actors loads the operator once, then takes shards one at a
+time and runs the local engine's own `process_shard` on them (the same parsing, checks, error rows and
+atomic per-shard files). There is no shuffle: a shard's files are written by the actor the moment that
+shard is done, so a driver killed at 95% keeps 95% of the shards and a rerun skips them; an actor that
+dies (killed, out of memory) is restarted and its shard retried. Connect to a running cluster with
+`address="auto"` (or `ray://...`); by default a local Ray starts for the stage and stops after it.
 """
 
 from __future__ import annotations
 
-import json
+import os
+import sys
 import time
 
-import numpy as np
-import pyarrow as pa
-
 from ..ops import get_op
-from ..ops.base import Outputs
 from ..pool import Pool, Shard
-from .local import StageSummary, _move_cross_shard_duplicates, prepare_stage, shard_rows, stage_counts
+from ..progress import progress_bar
+from .local import (
+    ShardResult,
+    StageSummary,
+    _move_cross_shard_duplicates,
+    limit_threads,
+    prepare_stage,
+    process_shard,
+    stage_counts,
+)
 
-_FIELDS = ("uid", "key", "shard", "image", "image_ext", "caption")
-
-
-def _read_shard(item, root: str, inputs_spec: dict, needs: tuple):
-    """flat_map task: one shard -> its sample rows (the local engine's checks; `_reason`, `_pos` added)."""
-    pool = Pool(root)
-    shard = Shard(item["shard"], item["path"])
-    for pos, (row, reason, problem) in enumerate(shard_rows(pool, shard, needs, inputs_spec)):
-        if row is None:  # "" not None: Arrow turns None into a float NaN, which no string column takes
-            yield {
-                "_pos": pos,
-                "shard": shard.id,
-                "uid": "",
-                "key": problem.after_key or "",
-                "image": b"",
-                "image_ext": "",
-                "caption": "",
-                "meta": "{}",
-                "_reason": reason,
-                "_sample": False,
-                "_has_caption": False,
-            }
-            continue
-        out = {k: row[k] if row[k] is not None else ("" if k != "image" else b"") for k in _FIELDS}
-        out.update(
-            {
-                "_pos": pos,
-                "meta": json.dumps(row["meta"]),
-                "_reason": reason or "",
-                "_sample": True,
-                "_has_caption": row["caption"] is not None,
-            }
-        )
-        for cols in inputs_spec.values():
-            for c in cols:
-                if c != "uid":
-                    out[c] = row.get(c)
-        yield out
+# an actor that dies is restarted this many times, and the shard call it held retried (a worker kill)
+ACTOR_RESTARTS = 3
 
 
-class _RunOp:
-    """map_batches actor: the operator, loaded once, applied to the rows that have no read error."""
+class ShardWorker:
+    """Ray actor: the operator, loaded once, run over whole shards (each written when it is done)."""
 
-    def __init__(self, op: str, params: dict):
+    def __init__(self, op: str, params: dict, threads: int):
+        limit_threads(threads)
         self.op = get_op(op)(**params)
         self.outputs = get_op(op).outputs(params)
 
-    def __call__(self, batch: dict) -> dict:
-        n = len(batch["_pos"])
-        # Arrow turns None into NaN in numpy batches: no error is "" end to end
-        reasons = [r if isinstance(r, str) else "" for r in batch["_reason"]]
-        ok = [i for i in range(n) if not reasons[i]]
-        result: dict = {
-            "_pos": batch["_pos"],
-            "shard": batch["shard"],
-            "uid": batch["uid"],
-            "key": batch["key"],
-            "_sample": batch["_sample"],
-        }
-        errors = list(reasons)
-        cols: dict = {}
-        if ok:
-            sub = {k: [batch[k][i] for i in ok] for k in batch if not k.startswith("_")}
-            sub["meta"] = [json.loads(m) for m in sub["meta"]]
-            sub["caption"] = [c if h else None for c, h in zip(sub["caption"], [batch["_has_caption"][i] for i in ok])]
-            out = self.op(sub)
-            for i, e in zip(ok, out.get("error") or [None] * len(ok)):
-                errors[i] = str(e) if e else ""
-            for k, v in out.items():
-                if k == "error":
-                    continue
-                if isinstance(v, np.ndarray) and v.ndim == 2:
-                    full = np.zeros((n, v.shape[1]), v.dtype)
-                    full[ok] = v
-                elif isinstance(v, np.ndarray) and v.dtype.kind == "f":  # NaN where no value: stays a float
-                    full = np.full(n, np.nan, v.dtype)
-                    full[ok] = v
-                else:
-                    full = np.empty(n, dtype=object)
-                    for j, i in enumerate(ok):
-                        full[i] = v[j]
-                cols[k] = full
-        # the blocks of a shard's group are concatenated: every batch carries the operator's declared
-        # columns, in the declared order and with the same types, even one where no row could be processed
-        for k, t in self.outputs.columns.items():
-            if k not in cols:
-                floating = pa.types.is_floating(t)
-                cols[k] = np.full(n, np.nan, t.to_pandas_dtype()) if floating else np.empty(n, dtype=object)
-        for k, d in self.outputs.embeddings.items():
-            if k not in cols:
-                cols[k] = np.zeros((n, d), np.float32)
-        declared = [*self.outputs.columns, *self.outputs.embeddings]
-        result.update({k: cols[k] for k in declared if k in cols})
-        result.update({k: v for k, v in cols.items() if k not in declared})
-        result["_error"] = np.array(errors, dtype=object)
-        return result
+    def process(self, root: str, shard: Shard, stage: str, batch_size: int) -> ShardResult:
+        return process_shard(Pool(root), shard, self.op, stage, batch_size, outputs=self.outputs)
 
 
-def _writer(root: str, stage: str, outputs: Outputs):
-    def write(group: dict) -> dict:
-        pool = Pool(root)
-        order = np.argsort(np.asarray(group["_pos"]))
-        sid = str(group["shard"][0])
-        errors, keep = [], []
-        for i in order:
-            e = group["_error"][i]
-            if isinstance(e, str) and e:
-                sample = group["_sample"][i]
-                uid = group["uid"][i] if sample else None
-                key = group["key"][i] if sample or group["key"][i] else None  # "" stands for None
-                errors.append({"uid": uid, "key": key, "reason": str(e)})
-            else:
-                keep.append(i)
-        cols = {"uid": [group["uid"][i] for i in keep], "key": [group["key"][i] for i in keep]}
-        for k, v in group.items():
-            if k.startswith("_") or k in ("uid", "key", "shard"):
-                continue
-            v = np.asarray(v) if not isinstance(v, np.ndarray) else v
-            if v.ndim == 2 and v.dtype.kind == "f":
-                cols[k] = v[keep]
-            else:
-                cols[k] = [_plain(v[i]) for i in keep]
-        pool.write_columns(stage, sid, cols, errors, schema=outputs.columns, embedding_dims=outputs.embeddings)
-        return {"shard": np.array([sid]), "rows": np.array([len(keep)])}
+def _start_ray(address: str | None, workers: int, cpus_per_actor: float):
+    """Connect to `address`, or start a local Ray sized for the actors; True when it was started here.
 
-    return write
+    A local Ray gets the driver's sys.path (as the local engine's spawned workers do), so operators given
+    as "module:Class" import the same code; on a cluster the code must be installed on every node."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kw: dict = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    if address:
+        ray.init(address=address, **kw)
+        return False
+    # the workers inherit the raylet's environment (a runtime_env would cost a fresh worker, ~8 s here)
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    try:
+        # "local": always a new Ray of our own, never a cluster that `ray start` left running on this machine
+        ray.init(address="local", num_cpus=max(1, int(workers * cpus_per_actor)), **kw)
+    finally:
+        if before is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = before
+    return True
 
 
-def _plain(v):
-    """Ray hands back numpy scalars and arrays; parquet wants plain Python values."""
-    if isinstance(v, np.ndarray):
-        return [_plain(x) for x in v.tolist()] if v.dtype == object else v.tolist()
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    return v
+def _check_resources(num_cpus: float, num_gpus: float):
+    """Actors that can never be placed would wait forever: say so instead."""
+    import ray
+
+    have = ray.cluster_resources()
+    if num_gpus and have.get("GPU", 0) < num_gpus:
+        raise RuntimeError(
+            f"each actor asks for {num_gpus} GPU(s) but the Ray cluster has {have.get('GPU', 0)}: "
+            f"run with --num-gpus 0 (CPU) or on a cluster with GPUs"
+        )
+    if have.get("CPU", 0) < num_cpus:
+        raise RuntimeError(f"each actor asks for {num_cpus} CPU(s) but the Ray cluster has {have.get('CPU', 0)}")
 
 
 def run_stage_ray(
@@ -165,60 +90,44 @@ def run_stage_ray(
     params: dict | None = None,
     *,
     stage: str | None = None,
-    workers: int = 2,
+    workers: int = 1,
     batch_size: int = 64,
     shards: list[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
     threads: int | None = None,
     address: str | None = None,
+    num_cpus: float | None = None,
     num_gpus: float = 0.0,
 ) -> StageSummary:
-    """`run_stage` on Ray Data: `workers` operator actors (each `num_gpus`), the same files and counts."""
+    """`run_stage` on Ray: `workers` operator actors, each reserving `num_cpus` CPUs and `num_gpus` GPUs.
+
+    `workers` means what it means locally (operator copies working on shards at once). `num_cpus`
+    defaults to cores // workers on a local Ray (the local engine's split) and 1 on a cluster; `threads`
+    per actor defaults to `num_cpus`. The same files, error rows and counts as the local engine."""
     import ray
 
     pool = pool if isinstance(pool, Pool) else Pool(pool)
     params = dict(params or {})
     stage = stage or op
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     t0 = time.time()
     op_cls, all_shards, todo = prepare_stage(pool, op, params, stage, shards, overwrite)
-    inputs = op_cls.inputs_for(params)
-    outputs = op_cls.outputs(params)
+    results: list[ShardResult] = []
     if todo:
-        # locally, logical CPUs for the operator actors plus the read and write tasks (else they starve)
-        ray.init(
-            address=address,
-            ignore_reinit_error=True,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-            **({} if address else {"num_cpus": max(workers, 1) + 2}),
-        )
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = progress
-        items = ray.data.from_items([{"shard": s.id, "path": s.path} for s in todo], override_num_blocks=len(todo))
-        rows = items.flat_map(
-            _read_shard, fn_kwargs={"root": str(pool.root), "inputs_spec": inputs, "needs": tuple(op_cls.needs)}
-        )
-        out = rows.map_batches(
-            _RunOp,
-            fn_constructor_kwargs={"op": op, "params": params},
-            batch_size=batch_size,
-            compute=ray.data.ActorPoolStrategy(size=workers),
-            num_gpus=num_gpus or None,
-            batch_format="numpy",
-        )
-        out.groupby("shard").map_groups(_writer(str(pool.root), stage, outputs), batch_format="numpy").materialize()
-        for s in todo:  # a shard with no sample at all (an empty tar) reaches no group: its empty output
-            if not pool.column_path(stage, s.id).exists():
-                pool.write_columns(stage, s.id, {"uid": [], "key": []}, schema=outputs.columns,
-                                   embedding_dims=outputs.embeddings)
+        if num_cpus is None:
+            num_cpus = 1.0 if address else float(max(1, (os.cpu_count() or 1) // workers))
+        started = _start_ray(address, workers, num_cpus)
+        try:
+            _check_resources(num_cpus, num_gpus)
+            results = _run_actors(pool, todo, op, params, stage, workers, batch_size, progress,
+                                  threads or max(1, int(num_cpus)), num_cpus, num_gpus)
+        finally:
+            if started:
+                ray.shutdown()
     _move_cross_shard_duplicates(pool, stage)
     counts = stage_counts(pool, stage, [s.id for s in all_shards])
-    errs = pool.errors(stage)
-    problems = [
-        f"shard {sh}: {r}" for sh, r, u in zip(errs["shard"], errs["reason"], errs["uid"]) if u is None or u != u
-    ]
     return StageSummary(
         stage=stage,
         shards=len(all_shards),
@@ -227,6 +136,47 @@ def run_stage_ray(
         n_ok=counts["n_ok"],
         n_err=counts["n_err"],
         seconds=time.time() - t0,
-        problems=problems,
+        problems=[p for r in results for p in r.problems],
         error_dir=str(pool.root / "errors" / stage),
     )
+
+
+def _run_actors(pool, todo, op, params, stage, workers, batch_size, progress, threads, num_cpus, num_gpus):
+    """Keep every actor busy with one shard until none is left; a shard is written when its call ends."""
+    import ray
+    from ray.exceptions import RayError
+
+    actor_cls = ray.remote(ShardWorker).options(
+        num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS
+    )
+    actors = [actor_cls.remote(op, params, threads) for _ in range(min(workers, len(todo)))]
+    queue = list(todo)
+    running: dict = {}
+    results: list[ShardResult] = []
+    bar = progress_bar(total=len(todo), desc=stage, unit="shard", disable=not progress)
+
+    def submit(actor):
+        shard = queue.pop(0)
+        running[actor.process.remote(str(pool.root), shard, stage, batch_size)] = (actor, shard)
+
+    try:
+        for a in actors:
+            submit(a)
+        while running:
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            actor, shard = running.pop(ref)
+            try:
+                results.append(ray.get(ref))
+            except RayError as e:
+                raise RuntimeError(
+                    f"stage {stage!r}, shard {shard.id} failed on Ray ({type(e).__name__}: "
+                    f"{str(e).strip().splitlines()[-1]}) — finished shards are kept; rerun to resume"
+                ) from None
+            bar.update(1)
+            if queue:
+                submit(actor)
+    finally:
+        bar.close()
+        for a in actors:
+            ray.kill(a)
+    return results
