@@ -8,7 +8,7 @@ The same images: a first audit runs with the model's image forward replaced by a
 image the audit would encode and returns random embeddings, costing only the drawing), so the baseline
 forwards exactly the audit's images without knowing how the audit makes them.
 
-Run: .venv/bin/python benchmarks/audit_throughput.py [--model ViT-B-32] [--words 150] [--per-class 20]
+Run: .venv/bin/python benchmarks/audit_throughput.py [--model ViT-B-32] [--words 200] [--per-class 20]
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def bare(clip, images, batch: int, device: str) -> float:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="ViT-B-32")
-    ap.add_argument("--words", type=int, default=150, help="built-in vocabulary words (the audit's default: all)")
+    ap.add_argument("--words", type=int, default=200, help="vocab_top (the audit's default: all 137 built-in words)")
     ap.add_argument("--per-class", type=int, default=20, help="built-in set images per class (the default)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--device", default="cpu")

@@ -186,9 +186,10 @@ def test_card_json_is_clip_benchmark_shaped_and_tabulated(cards):
 
 
 def test_card_is_reproducible(cards, tmp_path):
-    """The same model and seed give the same card, numbers and intervals."""
+    """The same model and seed give the same card, numbers and intervals; drawing images in 2 threads
+    changes nothing."""
     cfg = dict(models=["unparrot-rn-tiny"], out=str(tmp_path), vocab_top=30, builtin_per_class=4, bootstrap=200,
-               font_scale=0.4, progress=False)
+               font_scale=0.4, workers=2, progress=False)
     audit(AuditConfig(**cfg))
     a = json.loads((tmp_path / "unparrot-rn-tiny-random" / "card.json").read_text())
     b = json.loads((cards / "unparrot-rn-tiny-random" / "card.json").read_text())
@@ -213,16 +214,17 @@ def test_card_and_comparison_render_in_chromium(cards, tmp_path):
 
 # ---- validity: a reader and a non-reader trained here -----------------------------------------------
 READER_STEPS = 400
-APART = ("attack success",)  # measured apart at this size (docs/audit.md); the others: direction only
+APART = ("Sync gap",)  # measured apart at this size (docs/audit.md); the others: direction only
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # two trainings: about 2 minutes each on a quiet 2-core machine, 15 on a loaded one
 def test_card_separates_a_reader_from_a_non_reader(tmp_path):
-    """Two tiny models trained for the same steps: one on text-free shape images, one on parrot data (images
-    that are only a written word of the audit's vocabulary, half of them class names, captioned by the word).
-    The reader must score above the non-reader on the Sync gap, attack success and word reading. At this size
-    only the attack success intervals are apart (measured, see docs/audit.md): the test asserts non-overlap
-    there and the direction elsewhere."""
+    """Two tiny models trained for the same steps: one on text-free shape images, one on parrot-heavy data
+    (80% images that are only a written word of the audit's vocabulary, 70% of them class names, captioned
+    by the word; 20% shapes). The reader must score above the non-reader on the Sync gap, attack success and
+    word reading. The models are too small for every interval to separate: the test asserts non-overlap
+    where it was measured (APART, see docs/audit.md) and the direction elsewhere."""
     import os
     import subprocess
     import sys
@@ -235,7 +237,7 @@ def test_card_separates_a_reader_from_a_non_reader(tmp_path):
     (tmp_path / "words.txt").write_text("\n".join(words) + "\n")
     common = dict(n=2000, preset="learnable", eval_sets=(), shard_size=500, progress=False, p_text=0.0)
     synth(tmp_path / "see", seed=0, p_pure_parrot=0.0, **common)
-    synth(tmp_path / "read", seed=1, p_pure_parrot=1.0, p_class_word=0.5, vocab_size=30, **common)
+    synth(tmp_path / "read", seed=1, p_pure_parrot=0.8, p_class_word=0.7, vocab_size=30, **common)
     root = Path(__file__).parent.parent
     env = {**os.environ, "PYTHONPATH": str(root / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     procs = []
