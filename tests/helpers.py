@@ -183,6 +183,14 @@ class HidesShard(SlowDigest):
         super().__init__(delay)
         self.victim = victim
 
+    def __call__(self, batch):
+        import os
+
+        if self.victim and not os.path.exists(self.victim + ".once"):
+            open(self.victim + ".once", "w").close()
+            os.replace(self.victim, self.victim + ".aside")
+        return super().__call__(batch)
+
 
 class GatedDigest(SlowDigest):
     """SlowDigest that, on shard `block_shard`, touches `marker` and waits for the file `gate` to exist:
@@ -216,11 +224,6 @@ class DiesOnce(SlowDigest):
 
     def __call__(self, batch):
         import os
-
-        if self.victim and not os.path.exists(self.victim + ".once"):
-            open(self.victim + ".once", "w").close()
-            os.replace(self.victim, self.victim + ".aside")
-
 
         if self.die_shard in set(column(batch, "shard")) and not os.path.exists(self.marker):
             open(self.marker, "w").close()
