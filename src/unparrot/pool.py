@@ -372,7 +372,6 @@ def list_source(src: str) -> list[tuple[str, str]]:
     return [(p, Path(p).name[:-4] if p.endswith(".tar") else Path(p).name) for p in paths]
 
 
-_list_source = list_source  # the older name, still imported by train/data.py
 
 
 def to_arrow(columns: dict, types: dict | None = None) -> pa.Table:

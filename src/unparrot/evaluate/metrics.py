@@ -58,7 +58,7 @@ def confusion_matrix(preds: np.ndarray, labels: np.ndarray, n_classes: int) -> n
 
 
 # ---- effective robustness (Fang et al.) -------------------------------------------------------------
-def _link(p, link: str):
+def link_fn(p, link: str):
     p = np.clip(np.asarray(p, float), 1e-4, 1 - 1e-4)
     if link == "logit":
         return np.log(p / (1 - p))
@@ -84,7 +84,7 @@ def _inverse(z, link: str):
 
 def fit_trend(acc_id: Sequence[float], acc_ood: Sequence[float], link: str = "logit") -> tuple[float, float]:
     """Least squares fit of link(acc_ood) = a * link(acc_id) + b over baseline models."""
-    x, y = _link(acc_id, link), _link(acc_ood, link)
+    x, y = link_fn(acc_id, link), link_fn(acc_ood, link)
     if len(x) < 2 or np.ptp(x) == 0:
         raise ValueError("fitting the robustness trend needs at least 2 baseline models with different accuracies")
     a, b = np.polyfit(x, y, 1)
@@ -93,7 +93,7 @@ def fit_trend(acc_id: Sequence[float], acc_ood: Sequence[float], link: str = "lo
 
 def effective_robustness(acc_id: float, acc_ood: float, a: float, b: float, link: str = "logit") -> float:
     """ER = acc_ood - inverse_link(a * link(acc_id) + b): accuracy above the baselines' trend line."""
-    return float(acc_ood - _inverse(a * _link(acc_id, link) + b, link))
+    return float(acc_ood - _inverse(a * link_fn(acc_id, link) + b, link))
 
 
 def mean_std(x) -> tuple[float, float]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import _link, effective_robustness, fit_trend
+from .metrics import link_fn, effective_robustness, fit_trend
 from .results import read_results, write_result
 
 
@@ -110,10 +110,10 @@ def trend_band(out, baselines, id_sets, ood_sets, link, n_boot: int = 500, confi
             for _ in range(n_boot):
                 idx = rng.integers(len(keys), size=len(keys))
                 ax, ay = X[:, idx].mean(1), Y[:, idx].mean(1)
-                if np.ptp(_link(ax, link)) == 0:
+                if np.ptp(link_fn(ax, link)) == 0:
                     continue
                 a, b = fit_trend(ax, ay, link)
-                curves.append(a * _link(grid, link) + b)
+                curves.append(a * link_fn(grid, link) + b)
             if curves:
                 q = (1 - confidence) / 2
                 lo, hi = np.quantile(np.array(curves), [q, 1 - q], axis=0)
@@ -138,20 +138,20 @@ def plot_robustness(acc, id_sets, ood_sets, fits, link, models, path, baselines=
         if baselines:
             bx = np.array([acc[m][i] for m in baselines])
             by = np.array([acc[m][o] for m in baselines])
-            ax.scatter(_link(bx, link), _link(by, link), c="#999999", s=14, label="baseline family")
+            ax.scatter(link_fn(bx, link), link_fn(by, link), c="#999999", s=14, label="baseline family")
         mx = np.array([acc[m][i] for m in models])
         my = np.array([acc[m][o] for m in models])
-        ax.scatter(_link(mx, link), _link(my, link), c="#d04a4a" if baselines else "#4a7bd0", s=24)
+        ax.scatter(link_fn(mx, link), link_fn(my, link), c="#d04a4a" if baselines else "#4a7bd0", s=24)
         for m, x, y in zip(models, mx, my):
-            ax.annotate(m, (_link(x, link), _link(y, link)), fontsize=7)
+            ax.annotate(m, (link_fn(x, link), link_fn(y, link)), fontsize=7)
         grid = np.linspace(max(xs.min() - 0.05, 0.01), min(xs.max() + 0.05, 0.99), 50)
-        ax.plot(_link(grid, link), f["a"] * _link(grid, link) + f["b"], "k--", lw=0.8)
+        ax.plot(link_fn(grid, link), f["a"] * link_fn(grid, link) + f["b"], "k--", lw=0.8)
         if band and f"{i}->{o}" in band:
             g, lo, hi = band[f"{i}->{o}"]
-            ax.fill_between(_link(g, link), lo, hi, color="#888888", alpha=0.25, lw=0, label="95% band")
+            ax.fill_between(link_fn(g, link), lo, hi, color="#888888", alpha=0.25, lw=0, label="95% band")
         ticks = np.array([0.1, 0.3, 0.5, 0.7, 0.9])
-        ax.set_xticks(_link(ticks, link), [f"{t:.1f}" for t in ticks])
-        ax.set_yticks(_link(ticks, link), [f"{t:.1f}" for t in ticks])
+        ax.set_xticks(link_fn(ticks, link), [f"{t:.1f}" for t in ticks])
+        ax.set_yticks(link_fn(ticks, link), [f"{t:.1f}" for t in ticks])
         ax.set_xlabel(f"{i} accuracy ({link} scale)")
         ax.set_ylabel(f"{o} accuracy")
         ax.set_title(f"{o} vs {i}")

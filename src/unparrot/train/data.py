@@ -37,7 +37,7 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 def resolve_shards(spec: str | Sequence[str]) -> list[str]:
     """Tar paths from a pool/reshard folder, a folder of tars, a glob or a brace pattern (or a list)."""
     from ..io.reshard import unfinished
-    from ..pool import Pool, _list_source
+    from ..pool import Pool, list_source
 
     specs = [spec] if isinstance(spec, str) else list(spec)
     out = []
@@ -49,7 +49,7 @@ def resolve_shards(spec: str | Sequence[str]) -> list[str]:
         ):
             out.extend(sh.path for sh in Pool(s).shards())
         else:
-            out.extend(p for p, _ in _list_source(s))
+            out.extend(p for p, _ in list_source(s))
     if not out:
         raise FileNotFoundError(f"no training shards found in {spec}")
     return out
