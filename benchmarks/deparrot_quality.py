@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     from unparrot.ops.parrot import Parrot
     from unparrot.pool import Pool
     from unparrot.profile import profile
-    from unparrot.text import tokens
+    from unparrot.cotr import tokens
 
     root = synthetic_pool(f"deparrot_laion_{a.n}", a.n, preset="laion")
     pool = Pool(root)

@@ -40,7 +40,7 @@ def main():
     from unparrot.engine import StageConflict, run
     from unparrot.engine.local import iter_pool_samples
     from unparrot.pool import Pool
-    from unparrot.text import co_embedded, tokens
+    from unparrot.cotr import co_embedded, tokens
 
     src = synthetic_pool(
         f"ocr-laion{a.image_size}-{a.n}", a.n, preset="laion", shard_size=max(1, a.n // 4), image_size=a.image_size

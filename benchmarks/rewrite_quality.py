@@ -30,7 +30,7 @@ TARGET_DIFFER, TARGET_KEEP = 0.90, 0.80
 def measure(pool, stage: str, meta: dict) -> dict:
     from unparrot.pool import Pool
     from unparrot.rewrite.prompt import normalized
-    from unparrot.text import tokens
+    from unparrot.cotr import tokens
 
     p = Pool(pool)
     df = p.load(stage)

@@ -14,7 +14,7 @@ from unparrot.deparrot import DeparrotConfig, deparrot, deparrot_counts
 from unparrot.ops.deparrot import Deparrot, check_deparrot, claims_text, deparrot_strip, strip_caption
 from unparrot.pool import Pool
 from unparrot.profile import profile
-from unparrot.text import CotrOptions, co_embedded, tokens
+from unparrot.cotr import CotrOptions, co_embedded, tokens
 
 
 def make_text_pool(root, items, shards=1):

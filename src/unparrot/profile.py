@@ -18,7 +18,7 @@ import numpy as np
 from .engine import run
 from .engine.local import iter_pool_samples
 from .pool import Pool
-from .text import STOPWORDS, tokens
+from .cotr import STOPWORDS, tokens
 
 
 @dataclass

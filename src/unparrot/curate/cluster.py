@@ -1,6 +1,6 @@
 """`unparrot cluster`: PCA + k-means over a pool's image embeddings, then SemDeDup within each cluster.
 
-Parrot-caption curation (METHODS.md §1): embeddings -> PCA (256) -> faiss k-means; centroids and PCA are
+Parrot-caption curation (docs/methods.md §1): embeddings -> PCA (256) -> faiss k-means; centroids and PCA are
 saved and can assign new data. Dedup (ours, SemDeDup style): within each cluster, members are visited in
 order of distance to the centroid (farthest first by default, SemDeDup's "keep hard"), and a member whose
 cosine similarity to an already *kept* member exceeds 1 - eps is dropped as a duplicate of the most
@@ -195,7 +195,7 @@ CLUSTER_SCHEMA = {
     "keep_dedup": pa.bool_(),
 }
 
-# faiss k-means settings by name: `fast` (ours, the defaults) or the Parrot paper's LAION run (METHODS.md §1)
+# faiss k-means settings by name: `fast` (ours, the defaults) or the Parrot paper's LAION run (docs/methods.md §1)
 KMEANS = {
     "fast": dict(niter=20, nredo=1, seed=42, min_points_per_centroid=1, max_points_per_centroid=256),
     "parrot": dict(niter=300, nredo=10, seed=42, min_points_per_centroid=10000, max_points_per_centroid=200000),

@@ -127,14 +127,6 @@ def load_set(path: str | os.PathLike, name: str | None = None, templates: str | 
     return ds
 
 
-def set_info(path: str | os.PathLike) -> dict:
-    """Whether a set carries typographic-attack labels (from `unparrot attack` or synth's attack sets)."""
-    ds = load_set(path)
-    for row in ds.samples():
-        return {"attack": "attack_label" in (row["meta"] or {}), "n_classes": len(ds.classnames)}
-    return {"attack": False, "n_classes": len(ds.classnames)}
-
-
 def write_set(out: str | os.PathLike, rows, classnames, templates, fmt: str = "png") -> int:
     """Write rows (key, image bytes or PIL, label, meta) as a set in the webdataset layout."""
     from ..io.decode import encode_image

@@ -1,4 +1,4 @@
-"""Effective robustness across models (Fang et al., METHODS.md §5) from zero-shot result files."""
+"""Effective robustness across models (Fang et al., docs/methods.md §5) from zero-shot result files."""
 
 from __future__ import annotations
 

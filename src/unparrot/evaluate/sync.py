@@ -1,4 +1,4 @@
-"""The Sync score (Parrot captions, METHODS.md §1): how strongly a model matches a rendered word to that word.
+"""The Sync score (Parrot captions, docs/methods.md §1): how strongly a model matches a rendered word to that word.
 
 Each vocabulary n-gram is rendered centred on a canvas in 4 styles (black on white, white on black,
 white on gray, black on gray) with a 32 px font on 224 px (both scaled to the model's input size, or set

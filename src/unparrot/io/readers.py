@@ -228,7 +228,7 @@ def _jsonl_rows(path: Path):
 
 
 def imagenet_caption(rec: dict, fields: Sequence[str] = ("title", "tags", "description"), sep: str = " ") -> str:
-    """ImageNet-Captions caption: title, tags and description joined (METHODS.md §5), order configurable."""
+    """ImageNet-Captions caption: title, tags and description joined (docs/methods.md §5), order configurable."""
     parts = []
     for f in fields:
         v = rec.get(f)

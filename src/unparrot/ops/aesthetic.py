@@ -1,4 +1,4 @@
-"""`aesthetic`: LAION's improved aesthetic predictor (METHODS.md §6) over the embed stage's image embeddings.
+"""`aesthetic`: LAION's improved aesthetic predictor (docs/methods.md §6) over the embed stage's image embeddings.
 
 The released weights (e.g. `sac+logos+ava1-l14-linearMSE.pth`, a plain state dict) fit an MLP on
 L2-normalised CLIP ViT-L/14 image embeddings (768-d): 768 -> 1024 -> 128 -> 64 -> 16 -> 1, dropout between

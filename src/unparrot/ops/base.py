@@ -1,4 +1,4 @@
-"""The operator contract shared by every engine (DESIGN.md, "Stages are engine-agnostic operators").
+"""The operator contract shared by every engine (ARCHITECTURE.md; docs/engine.md).
 
 An operator is a callable class: `__init__(**params)` loads models once; `__call__(batch)` takes a dict of
 equal-length columns (lists or 1-D/2-D numpy arrays) and returns new columns for the same rows, in the

@@ -33,7 +33,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from ..text import STOPWORDS, CotrOptions, co_embedded, normalize, tokens
+from ..cotr import STOPWORDS, CotrOptions, co_embedded, normalize, tokens
 from .base import Operator, column, map_rows
 
 DEPARROT_COLUMNS = ("deparrot_caption", "deparrot_mode", "removed_words", "residual_cotr")

@@ -1,4 +1,4 @@
-"""`embed`: CLIP image and text embeddings and the CLIP score of each pair (METHODS.md §1, §4).
+"""`embed`: CLIP image and text embeddings and the CLIP score of each pair (docs/methods.md §1, §4).
 
 Writes `clip_score` (cosine of the L2-normalised embeddings) and the embeddings `image` and `text`
 (float16 .npy beside the columns). With `masked=True` it also writes `masked_clip_score`: the score of

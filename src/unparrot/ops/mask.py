@@ -1,4 +1,4 @@
-"""Text masking (T-MARS, METHODS.md §4): hide the text boxes found by `spot` so a CLIP score measures what
+"""Text masking (T-MARS, docs/methods.md §4): hide the text boxes found by `spot` so a CLIP score measures what
 the rest of the image shows.
 
 fill = "mean"    each box is filled with the mean colour of its own pixels (T-MARS)

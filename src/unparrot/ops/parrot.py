@@ -1,4 +1,4 @@
-"""`parrot`: how much of each caption is spelled in its image (METHODS.md §1), from the spot columns.
+"""`parrot`: how much of each caption is spelled in its image (docs/methods.md §1), from the spot columns.
 
 Writes `co_emb` (the caption tokens found in the spotted text, with repeats), `n_caption_tokens`, `cotr`
 (= |co_emb| / |caption tokens|), `iou` (set IoU of caption and spotted tokens), `ocr_coverage` (share
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from ..text import CotrOptions, co_embedded
+from ..cotr import CotrOptions, co_embedded
 from .base import Operator, column, map_rows
 
 PARROT_COLUMNS = ("co_emb", "n_caption_tokens", "cotr", "iou", "ocr_coverage", "is_parrot")

@@ -1,4 +1,4 @@
-"""`spot`: text spotting per image (METHODS.md §1): boxes, texts, scores, has_text, n_text, text_area.
+"""`spot`: text spotting per image (docs/methods.md §1): boxes, texts, scores, has_text, n_text, text_area.
 
 Only instances that pass the filters are kept: recognition score >= `min_score`, box area >= `min_area`
 (pixels of the original image) and at least `min_chars` letters/digits in the read text. The last one

@@ -1,4 +1,4 @@
-"""`unparrot rewrite`: LaCLIP caption rewrites (METHODS.md §3) as a whole-pool stage.
+"""`unparrot rewrite`: LaCLIP caption rewrites (docs/methods.md §3) as a whole-pool stage.
 
 Every caption of the pool is read from the shards; each *unique* caption gets K rewrites, one per
 style (chat, bard, human, coco by default); the results go to `columns/<stage>/<shard>.parquet`

@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 
 from ..pool import atomic_write_bytes
-from ..text import STOPWORDS
+from ..cotr import STOPWORDS
 
 POS = ("noun", "verb", "adj", "adv")
 _FILES = [f"{k}.{p}" for k in ("index", "data") for p in POS] + [f"{p}.exc" for p in POS] + ["LICENSE"]

@@ -1,4 +1,4 @@
-"""The LaCLIP rewrite prompt (METHODS.md §3): style pools, prompt building, output parsing, validity.
+"""The LaCLIP rewrite prompt (docs/methods.md §3): style pools, prompt building, output parsing, validity.
 
 The prompt is a plain completion prompt, not a chat: an instruction line, three in-context
 `source => target` pairs drawn without replacement from one style's pool, then `caption =>`. A base
@@ -15,7 +15,7 @@ from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
 
-from ..text import tokens
+from ..cotr import tokens
 
 # Bump when the prompt format, the parser or the built-in style pools change: it is part of every
 # cache key, so old results are not reused for a different prompt.

@@ -7,7 +7,7 @@ from collections import Counter
 
 from ..engine.local import iter_pool_samples
 from ..pool import Pool
-from ..text import co_embedded
+from ..cotr import co_embedded
 
 
 def truth_stats(pool: Pool | str, top: int = 10) -> dict:

@@ -1,4 +1,5 @@
-"""Caption/OCR text normalisation and the co-embedded-text metrics of the Parrot paper (METHODS.md §1).
+"""Caption/OCR text normalisation and CoTR, the co-embedded-text rate of the Parrot paper (docs/methods.md §1): the
+project's central metric, named for it.
 
 Caption and spotted text are normalised the same way: Unicode NFKC, lowercase, tokens = runs of
 [a-z0-9] (or of any letters/digits with `keep_non_latin`). Caption tokens C are a list (repeats count),

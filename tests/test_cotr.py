@@ -1,6 +1,6 @@
 import pytest
 
-from unparrot.text import CotrOptions, co_embedded, edit_distance_le1, tokens
+from unparrot.cotr import CotrOptions, co_embedded, edit_distance_le1, tokens
 
 
 def test_normalisation():
