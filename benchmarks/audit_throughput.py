@@ -27,7 +27,7 @@ def record_images(cfg):
 
     from unparrot.evaluate import zeroshot
     from unparrot.evaluate.audit import audit
-    from unparrot.io.decode import open_image
+    from unparrot.imaging.decode import open_image
 
     seen, real = [], zeroshot.encode_images
 

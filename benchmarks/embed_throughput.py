@@ -19,7 +19,7 @@ from _util import report, synthetic_pool
 def bare(clip, images, captions, batch: int) -> float:
     import torch
 
-    from unparrot.io.decode import open_image
+    from unparrot.imaging.decode import open_image
 
     x = torch.stack([clip.preprocess(open_image(b)) for b in images])  # decoded before the clock starts
     tok = clip.tokenizer(captions)

@@ -17,7 +17,7 @@ from _util import OUT, report, synthetic_pool
 def bare(clip, ds, batch) -> float:
     import torch
 
-    from unparrot.io.decode import open_image
+    from unparrot.imaging.decode import open_image
 
     x = torch.stack([clip.preprocess(open_image(r["image"])) for r in ds.samples()])
     t0 = time.perf_counter()

@@ -16,7 +16,7 @@ from _util import Timer, peak_rss_mb, report, rss_mb, synthetic_pool
 
 def ours(pool) -> int:
     from unparrot.engine.local import iter_pool_samples
-    from unparrot.io.decode import decode_rgb
+    from unparrot.imaging.decode import decode_rgb
     from unparrot.pool import Pool
 
     n = 0
@@ -39,7 +39,7 @@ def baseline(pool) -> int:
 def stream_rss(pool: str) -> None:
     """Child process: stream every sample, print RSS every 5,000 samples."""
     from unparrot.engine.local import iter_pool_samples
-    from unparrot.io.decode import decode_rgb
+    from unparrot.imaging.decode import decode_rgb
     from unparrot.pool import Pool
 
     marks = []

@@ -20,7 +20,7 @@ from _util import OUT, report, synthetic_pool
 def build_mix(n: int):
     """Resize a laion-preset pool to random sides in [256, 512] (kept in new shards)."""
     from unparrot.engine.local import iter_pool_samples
-    from unparrot.io.decode import encode_image, open_image
+    from unparrot.imaging.decode import encode_image, open_image
     from unparrot.io.tar import ShardWriter
     from unparrot.pool import Pool
 
@@ -51,7 +51,7 @@ def baseline(pool, min_score=0.5, min_chars=2) -> tuple[float, dict]:
     from rapidocr import RapidOCR
 
     from unparrot.engine.local import iter_pool_samples
-    from unparrot.io.decode import decode_rgb
+    from unparrot.imaging.decode import decode_rgb
     from unparrot.pool import Pool
 
     eng = RapidOCR(params={"Global.log_level": "error"})

@@ -23,7 +23,7 @@ from _util import OUT, report, synthetic_pool
 
 def shards_dir():
     from unparrot.engine.local import iter_pool_samples
-    from unparrot.io.reshard import reshard
+    from unparrot.curate.reshard import reshard
     from unparrot.pool import Pool, write_subset
 
     pool = synthetic_pool("train-src-10000", 10000, shard_size=2000)

@@ -5,7 +5,7 @@ import time
 
 import numpy as np
 
-from unparrot.io.decode import open_image
+from unparrot.imaging.decode import open_image
 from unparrot.ops.base import Operator, column, map_rows
 
 

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from conftest import jpeg_bytes
-from unparrot.io.decode import DecodeError, decode_rgb, open_image
+from unparrot.imaging.decode import DecodeError, decode_rgb, open_image
 
 
 def _save(im, fmt, **kw):

@@ -184,7 +184,7 @@ def test_ray_engine_gives_the_local_output(synth_pool, tmp_path):
 # ---- recipe, reshard, training input -------------------------------------------------------------------
 def test_recipe_and_reshard_caption_column(tmp_path):
     from unparrot.curate.select import select
-    from unparrot.io.reshard import reshard
+    from unparrot.curate.reshard import reshard
 
     items = [("a red circle with the word hello", ["hello"]), ("hello", ["hello"]), ("a blue box", []),
              ("stop sign on a green square", ["STOP"])]

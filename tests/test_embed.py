@@ -6,11 +6,11 @@ import torch
 
 from helpers import assert_close_scaled
 from unparrot.engine import run_stage
-from unparrot.io.reshard import reshard
+from unparrot.curate.reshard import reshard
 from unparrot.engine.local import iter_pool_samples
 from unparrot.models import load_clip
 from unparrot.ops.aesthetic import aesthetic_mlp
-from unparrot.ops.mask import Masker
+from unparrot.imaging.mask import Masker
 from unparrot.pool import Pool, write_subset
 
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from conftest import jpeg_bytes  # noqa: E402
 from unparrot.curate.expr import ExprError, check, evaluate, parse  # noqa: E402
-from unparrot.io.decode import DecodeError, open_image  # noqa: E402
+from unparrot.imaging.decode import DecodeError, open_image  # noqa: E402
 from unparrot.io.readers import read_parquet, read_table  # noqa: E402
 from unparrot.io.samples import parse_sample  # noqa: E402
 from unparrot.io.tar import RawSample, ShardProblem, iter_samples, unsafe_name  # noqa: E402

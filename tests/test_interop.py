@@ -18,8 +18,8 @@ from conftest import jpeg_bytes, write_tar
 from unparrot.cli import main as cli
 from unparrot.engine import run
 from unparrot.engine.local import iter_pool_samples
-from unparrot.io.ingest import ingest
-from unparrot.io.reshard import reshard
+from unparrot.ingest import ingest
+from unparrot.curate.reshard import reshard
 from unparrot.pool import Pool, write_subset
 
 ROOT = Path(__file__).parent.parent

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from unparrot.engine.local import iter_pool_samples
-from unparrot.io.reshard import reshard
+from unparrot.curate.reshard import reshard
 from unparrot.pool import Pool, write_subset
 
 ROOT = Path(__file__).parent.parent
@@ -178,7 +178,7 @@ def _members(path) -> dict:
 def test_img2dataset_output_through_ingest_profile_select_reshard(image_server, tmp_path):
     pytest.importorskip("img2dataset")
     from unparrot.curate.select import select
-    from unparrot.io.ingest import ingest
+    from unparrot.ingest import ingest
     from unparrot.profile import profile
 
     rows = []

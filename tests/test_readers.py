@@ -7,7 +7,7 @@ import pytest
 from conftest import jpeg_bytes, write_tar
 from unparrot.engine import run_stage
 from unparrot.engine.local import iter_pool_samples
-from unparrot.io.ingest import detect_format, ingest
+from unparrot.ingest import detect_format, ingest
 from unparrot.io.readers import imagenet_caption
 from unparrot.io.samples import content_uid
 from unparrot.pool import Pool

@@ -146,7 +146,7 @@ def test_reshard_resumes_after_a_kill_and_train_refuses_it_unfinished(synth_pool
     accepted by train. Now the reshard is written aside and moved into place complete; train refuses an
     unfinished one; a rerun finishes it (also when killed while moving it into place)."""
     from unparrot.engine.local import iter_pool_samples
-    from unparrot.io.reshard import reshard
+    from unparrot.curate.reshard import reshard
     from unparrot.train.data import resolve_shards
     from unparrot.pool import write_subset
 
@@ -210,7 +210,7 @@ def test_profile_counts_a_bad_sample_once(tmp_path):
 def test_ingest_refuses_non_text_captions_and_paths_outside_the_root(tmp_path):
     """Regression: list or float captions became their string form ("[1, 2]"), and a JSONL image path
     `../../secret.jpg` was copied into a shard. Both are now error rows; a root the user names admits it."""
-    from unparrot.io.ingest import ingest
+    from unparrot.ingest import ingest
 
     data = tmp_path / "data"
     data.mkdir()

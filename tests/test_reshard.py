@@ -6,8 +6,8 @@ import pytest
 from conftest import jpeg_bytes
 from unparrot.engine import run_stage
 from unparrot.engine.local import iter_pool_samples
-from unparrot.io.ingest import ingest
-from unparrot.io.reshard import reshard
+from unparrot.ingest import ingest
+from unparrot.curate.reshard import reshard
 from unparrot.pool import Pool, write_subset
 
 

@@ -10,7 +10,7 @@ import torch
 
 from helpers import KILLED, assert_close_scaled, count_renames, kill_points, run_killed
 from unparrot.engine.local import iter_pool_samples
-from unparrot.io.reshard import reshard
+from unparrot.curate.reshard import reshard
 from unparrot.pool import Pool, write_subset
 from unparrot.train import TrainConfig, train
 from unparrot.train.data import SampleMaker, TrainStream, resolve_shards

@@ -87,7 +87,7 @@ def test_random_resized_crop_stays_inside_and_in_range():
 def _sample_with_text(tmp_path):
     from PIL import Image
 
-    from unparrot.io.decode import encode_image
+    from unparrot.imaging.decode import encode_image
 
     a = np.zeros((64, 64, 3), np.uint8)
     a[:, :] = (0, 0, 200)

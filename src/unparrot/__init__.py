@@ -8,8 +8,8 @@ Heavy dependencies (torch, rapidocr, faiss, llama.cpp) are imported only by the 
 __version__ = "0.1.0"
 
 from .engine import run, run_stage  # noqa: E402
-from .io.ingest import ingest  # noqa: E402
-from .io.reshard import reshard  # noqa: E402
+from .ingest import ingest  # noqa: E402
+from .curate.reshard import reshard  # noqa: E402
 from .pool import Pool, read_subset, u8_to_uids, uids_to_u8, write_subset  # noqa: E402
 from .synth.generate import synth  # noqa: E402
 from .models import register_on_import  # noqa: E402

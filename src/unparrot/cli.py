@@ -50,7 +50,7 @@ def cmd_synth(a):
 
 
 def cmd_ingest(a):
-    from .io.ingest import ingest
+    from .ingest import ingest
 
     _print(
         ingest(
@@ -102,7 +102,7 @@ def cmd_run(a):
 
 
 def cmd_reshard(a):
-    from .io.reshard import reshard
+    from .curate.reshard import reshard
 
     _print(
         reshard(

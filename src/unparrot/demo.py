@@ -138,7 +138,7 @@ def demo(
     from .deparrot import deparrot, deparrot_counts
     from .curate.select import select
     from .engine import run_stage
-    from .io.reshard import reshard
+    from .curate.reshard import reshard
     from .pool import Pool
     from .profile import profile, vocab
     from .synth.generate import synth

@@ -232,66 +232,30 @@ def cluster(
     `centroids` names a folder written by an earlier run (its PCA
     and centroids are reused to assign this pool instead of training). Re-running replaces the stage.
     """
-    if kmeans not in KMEANS:
-        raise KeyError(f"unknown k-means settings {kmeans!r}; known: {', '.join(KMEANS)}")
-    given = dict(niter=niter, nredo=nredo, seed=seed, min_points_per_centroid=min_points_per_centroid,
-                 max_points_per_centroid=max_points_per_centroid)
-    km = {**KMEANS[kmeans], **{key: v for key, v in given.items() if v is not None}}
+    km = kmeans_settings(kmeans, niter=niter, nredo=nredo, seed=seed, min_points_per_centroid=min_points_per_centroid,
+                         max_points_per_centroid=max_points_per_centroid)
     if keep not in ("far", "near"):
         raise ValueError("keep must be 'far' (SemDeDup: keep the least typical first) or 'near'")
     if not 0 <= eps < 1:
         raise ValueError("eps must be in [0, 1)")
     pool = pool if isinstance(pool, Pool) else Pool(pool)
     t0 = time.time()
-    shard_ids = pool.done_shards(embed_stage)
-    if not shard_ids:
-        raise FileNotFoundError(f"no {embed_stage!r} stage in {pool.root}: run `unparrot embed` first")
-    uids, arrays = pool.embeddings(embed_stage, embedding)
-    sizes = [len(a) for a in arrays]
-    # float16 as stored (n x d x 2 bytes in RAM); rows are normalised chunk by chunk when used
-    emb = np.concatenate(arrays) if arrays else np.zeros((0, 1), np.float16)
-    n = len(emb)
-    if n == 0:
-        raise ValueError(f"stage {embed_stage!r} has no embeddings")
+    shard_ids, uids, sizes, emb = _load_embeddings(pool, embed_stage, embedding)
     out_dir = pool.root / "cluster" / stage
     out_dir.mkdir(parents=True, exist_ok=True)
     if centroids:
-        proj = Projector.load(Path(centroids) / "pca.npz")
-        cents = np.load(Path(centroids) / "centroids.npy")
-        want = proj.matrix.shape[0] if proj.matrix is not None else cents.shape[1]
-        if want != emb.shape[1]:
-            raise ValueError(f"the saved clustering expects {want}-d embeddings, the pool has {emb.shape[1]}-d")
+        proj, cents = _load_clustering(Path(centroids), emb.shape[1])
         x = proj(emb)
     else:
-        proj = Projector.fit(emb, pca_dim)
-        k = int(k or default_k(n))
-        if k > n:
-            raise ValueError(f"k={k} clusters for {n} samples")
-        x = proj(emb)
-        cents = train_kmeans(x, k, km["niter"], km["nredo"], km["seed"], km["min_points_per_centroid"],
-                             km["max_points_per_centroid"])
+        proj, cents, x = _fit_clustering(emb, pca_dim, k, km)
         proj.save(out_dir / "pca.npz")
         atomic_save_npy(out_dir / "centroids.npy", cents)
     labels, dist = assign(x, cents)
     del x
-    keep_mask = np.zeros(n, bool)
-    dup_idx = np.full(n, -1, np.int64)
-    order_all = np.lexsort((-dist if keep == "far" else dist, labels))  # by cluster, then distance
-    bounds = np.searchsorted(labels[order_all], np.arange(len(cents) + 1))
+    order, bounds = _visit_order(labels, dist, keep, len(cents))
     if dedup_fraction is not None:
-        if not 0 <= dedup_fraction < 1:
-            raise ValueError("dedup_fraction must be in [0, 1)")
-        earlier = np.concatenate(
-            [max_sim_to_earlier(emb, order_all[bounds[c] : bounds[c + 1]]) for c in range(len(cents))]
-        )
-        eps = float(1.0 - np.quantile(earlier, 1.0 - dedup_fraction)) if dedup_fraction > 0 else 1.0 - 1e-9
-    for c in range(len(cents)):
-        members = order_all[bounds[c] : bounds[c + 1]]
-        if len(members) == 0:
-            continue
-        kmask, dups = semdedup(emb, members, eps)
-        keep_mask[members] = kmask
-        dup_idx[members] = dups
+        eps = _eps_for_fraction(emb, order, bounds, dedup_fraction)
+    keep_mask, dup_idx = _dedup_clusters(emb, order, bounds, eps)
     uid_arr = np.array(uids, dtype=object)
     dup_of = np.where(dup_idx >= 0, uid_arr[np.maximum(dup_idx, 0)], None)
     params = {
@@ -306,8 +270,98 @@ def cluster(
         "keep": keep,
         "centroids": centroids,
     }
+    columns = {"cluster": labels, "dist_to_centroid": dist, "dup_of": dup_of, "keep_dedup": keep_mask}
+    _write_stage(pool, stage, embed_stage, shard_ids, sizes, uids, columns, params)
+    n = len(emb)
+    counts = np.bincount(labels, minlength=len(cents))
+    return ClusterSummary(
+        stage, n, len(cents), int(keep_mask.sum()), int(n - keep_mask.sum()), time.time() - t0, int(counts.max())
+    )
+
+
+def kmeans_settings(kmeans: str, **given) -> dict:
+    """The faiss k-means settings: the named set `KMEANS[kmeans]`, then every setting given explicitly (not
+    None), so `--kmeans parrot --niter 7` is the paper's run with fewer iterations."""
+    if kmeans not in KMEANS:
+        raise KeyError(f"unknown k-means settings {kmeans!r}; known: {', '.join(KMEANS)}")
+    return {**KMEANS[kmeans], **{key: v for key, v in given.items() if v is not None}}
+
+
+def _load_embeddings(pool: Pool, embed_stage: str, embedding: str):
+    """(shard ids, uids, rows per shard, embeddings) of the embed stage. The embeddings stay float16 as
+    stored (n x d x 2 bytes in RAM): rows are normalised chunk by chunk where they are used."""
+    shard_ids = pool.done_shards(embed_stage)
+    if not shard_ids:
+        raise FileNotFoundError(f"no {embed_stage!r} stage in {pool.root}: run `unparrot embed` first")
+    uids, arrays = pool.embeddings(embed_stage, embedding)
+    emb = np.concatenate(arrays) if arrays else np.zeros((0, 1), np.float16)
+    if len(emb) == 0:
+        raise ValueError(f"stage {embed_stage!r} has no embeddings")
+    return shard_ids, uids, [len(a) for a in arrays], emb
+
+
+def _load_clustering(folder: Path, dim: int) -> tuple[Projector, np.ndarray]:
+    """The PCA and centroids an earlier run saved in `folder`, refused when they were made for embeddings of
+    another width (another model): assigning with them would be meaningless, not an error."""
+    proj = Projector.load(folder / "pca.npz")
+    cents = np.load(folder / "centroids.npy")
+    want = proj.matrix.shape[0] if proj.matrix is not None else cents.shape[1]
+    if want != dim:
+        raise ValueError(f"the saved clustering expects {want}-d embeddings, the pool has {dim}-d")
+    return proj, cents
+
+
+def _fit_clustering(emb: np.ndarray, pca_dim: int, k: int | None, km: dict):
+    """Fit the PCA and k-means on this pool: (projector, centroids, projected embeddings). k defaults to
+    `default_k` of the pool size."""
+    n = len(emb)
+    proj = Projector.fit(emb, pca_dim)
+    k = int(k or default_k(n))
+    if k > n:
+        raise ValueError(f"k={k} clusters for {n} samples")
+    x = proj(emb)
+    cents = train_kmeans(x, k, km["niter"], km["nredo"], km["seed"], km["min_points_per_centroid"],
+                         km["max_points_per_centroid"])
+    return proj, cents, x
+
+
+def _visit_order(labels: np.ndarray, dist: np.ndarray, keep: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """All rows sorted by cluster, then by distance to the centroid (farthest first for keep="far"), and the
+    bounds of each cluster in that order: SemDeDup keeps the first of a group of near-duplicates it visits."""
+    order = np.lexsort((-dist if keep == "far" else dist, labels))
+    return order, np.searchsorted(labels[order], np.arange(k + 1))
+
+
+def _eps_for_fraction(emb: np.ndarray, order: np.ndarray, bounds: np.ndarray, dedup_fraction: float) -> float:
+    """The eps at which `dedup_fraction` of the pool has a closer earlier neighbour in its cluster, for
+    models whose scale of cosines is unknown (the greedy rule then drops at most that share)."""
+    if not 0 <= dedup_fraction < 1:
+        raise ValueError("dedup_fraction must be in [0, 1)")
+    clusters = (order[bounds[c] : bounds[c + 1]] for c in range(len(bounds) - 1))
+    earlier = np.concatenate([max_sim_to_earlier(emb, members) for members in clusters])
+    return float(1.0 - np.quantile(earlier, 1.0 - dedup_fraction)) if dedup_fraction > 0 else 1.0 - 1e-9
+
+
+def _dedup_clusters(emb: np.ndarray, order: np.ndarray, bounds: np.ndarray, eps: float):
+    """SemDeDup within each cluster separately (near-duplicates across clusters are rare and the cost is
+    quadratic in the cluster size): (keep mask, index of the kept duplicate or -1), over all rows."""
+    keep_mask = np.zeros(len(emb), bool)
+    dup_idx = np.full(len(emb), -1, np.int64)
+    for c in range(len(bounds) - 1):
+        members = order[bounds[c] : bounds[c + 1]]
+        if len(members) == 0:
+            continue
+        kmask, dups = semdedup(emb, members, eps)
+        keep_mask[members] = kmask
+        dup_idx[members] = dups
+    return keep_mask, dup_idx
+
+
+def _write_stage(pool: Pool, stage: str, embed_stage: str, shard_ids, sizes, uids, columns: dict, params: dict):
+    """One parquet file per shard of the embed stage (rows in its order, its keys) and the stage record,
+    all set aside and moved in at once: a killed run leaves the previous stage, never half of a new one."""
     start = 0
-    with stage_aside(pool.root, stage) as new:  # all shards and the record, or nothing (a killed run)
+    with stage_aside(pool.root, stage) as new:
         for sid, size in zip(shard_ids, sizes):
             sl = slice(start, start + size)
             keys = pool.read_columns(embed_stage, sid, ["key"]).column("key").to_pylist()
@@ -317,10 +371,10 @@ def cluster(
                     {
                         "uid": uids[sl],
                         "key": keys,
-                        "cluster": labels[sl].astype(np.int32),
-                        "dist_to_centroid": dist[sl].astype(np.float32),
-                        "dup_of": list(dup_of[sl]),
-                        "keep_dedup": keep_mask[sl],
+                        "cluster": columns["cluster"][sl].astype(np.int32),
+                        "dist_to_centroid": columns["dist_to_centroid"][sl].astype(np.float32),
+                        "dup_of": list(columns["dup_of"][sl]),
+                        "keep_dedup": columns["keep_dedup"][sl],
                     },
                     CLUSTER_SCHEMA,
                 ),
@@ -329,7 +383,3 @@ def cluster(
         atomic_write_bytes(
             new / "_stage.json", json.dumps({"op": "cluster", "version": 1, "params": params}, indent=1).encode()
         )
-    counts = np.bincount(labels, minlength=len(cents))
-    return ClusterSummary(
-        stage, n, len(cents), int(keep_mask.sum()), int(n - keep_mask.sum()), time.time() - t0, int(counts.max())
-    )

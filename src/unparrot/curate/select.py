@@ -252,6 +252,43 @@ def select(
         rec.size = {"like": size_like}
     name = name or rec.name
     types, where = column_types(pool)
+    steps = _typed_steps(pool, rec, types)
+    target = _size_of_other_subset(pool, rec.size["like"]) if rec.size and "like" in rec.size else None
+    needed = _needed_columns(steps, rec)
+    check_complete(pool, sorted({where[c] for c in needed} | ({where["has_text"]} if "has_text" in where else set())))
+    t0 = time.time()
+    path = Path(out) if out else pool.subset_path(name)
+    _remove_stale_temp_files(path)
+    cols, uids, shards = _load(pool, needed, where)
+    n = len(uids)
+    mask, funnel = _apply_conditions(steps, cols, n)
+    if rec.size:
+        mask, row = _apply_size(rec, mask, cols, target)
+        funnel.append(row)
+    kept = [u for u, k in zip(uids, mask) if k]
+    stats = {
+        "recipe": rec.name,
+        "description": rec.description,
+        "params": rec.params,
+        "pool_rows": n,
+        "kept": len(kept),
+        "funnel": funnel,
+        "seconds": round(time.time() - t0, 2),
+        "kept_by_shard": _kept_by_shard(shards, mask),
+    }
+    if "has_text" in types:
+        stats.update(_share_with_text(pool, where, uids, mask))
+    # everything is computed before anything is written; the subset (what reshard reads) comes last, so a
+    # killed select never leaves a subset file without its funnel
+    atomic_write_bytes(path.with_suffix(".json"), json.dumps(stats, indent=1).encode())
+    write_subset(path, kept)
+    return Selection(name, kept, funnel, n, str(path), stats)
+
+
+def _typed_steps(pool: Pool, rec: Recipe, types: dict[str, str]) -> list[tuple[Step, str | None]]:
+    """Each condition with its type checked against the pool's columns before any column is loaded (None for
+    an optional condition whose column is absent: skipped and reported), and the rank column checked too, so
+    a recipe that cannot run fails in a second, not after loading a billion rows."""
     steps = []
     for s in rec.steps:
         missing = [c for c in columns_of(s.tree) if c not in types]
@@ -269,102 +306,91 @@ def select(
             raise _missing_column(pool, rec.rank_by, "rank_by", types)
         if types[rec.rank_by] != "num":
             raise ExprError(f"rank_by: {rec.rank_by!r} is not numeric")
-    target = None
-    if rec.size and "like" in rec.size:
-        other = pool.root / "subsets" / f"{rec.size['like']}.json"
-        if not other.exists():
-            raise FileNotFoundError(f"size like {rec.size['like']!r}: run that recipe first ({other} missing)")
-        target = int(json.loads(other.read_text())["kept"])
-    needed = sorted(
-        {c for s, t in steps if t is not None for c in columns_of(s.tree)}
-        | ({rec.rank_by} if rec.rank_by and rec.rank_by != "random" else set())
-    )
-    check_complete(pool, sorted({where[c] for c in needed} | ({where["has_text"]} if "has_text" in where else set())))
-    t0 = time.time()
-    path = Path(out) if out else pool.subset_path(name)
-    for f in (path, path.with_suffix(".json")):  # temp files a killed select of this subset left
+    return steps
+
+
+def _needed_columns(steps: list[tuple[Step, str | None]], rec: Recipe) -> list[str]:
+    """The columns to load: those of the conditions that run and the rank column, nothing else (a pool's
+    embeddings or captions are never loaded by a recipe that does not name them)."""
+    ranked = {rec.rank_by} if rec.rank_by and rec.rank_by != "random" else set()
+    return sorted({c for s, t in steps if t is not None for c in columns_of(s.tree)} | ranked)
+
+
+def _size_of_other_subset(pool: Pool, other: str) -> int:
+    """The size of subset `other` (size: {like: other}): comparing two recipes is fair at equal sizes."""
+    path = pool.root / "subsets" / f"{other}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"size like {other!r}: run that recipe first ({path} missing)")
+    return int(json.loads(path.read_text())["kept"])
+
+
+def _remove_stale_temp_files(path: Path) -> None:
+    """Remove the temp files a killed select of this subset left (they are never read, only in the way)."""
+    for f in (path, path.with_suffix(".json")):
         for stale in path.parent.glob(f".{f.name}.*.tmp"):
             stale.unlink(missing_ok=True)
-    cols, uids, shards = _load(pool, needed, where)
-    n = len(uids)
+
+
+def _apply_conditions(steps: list[tuple[Step, str | None]], cols: dict, n: int) -> tuple[np.ndarray, list[dict]]:
+    """The recipe's conditions in order: (rows passing all of them, one funnel row per condition, so the
+    subset's record says what each condition removed)."""
     mask = np.ones(n, bool)
     funnel = []
     for s, t in steps:
+        before = int(mask.sum())
         if t is None:
-            funnel.append(
-                {
-                    "step": s.name,
-                    "expr": s.expr,
-                    "before": int(mask.sum()),
-                    "after": int(mask.sum()),
-                    "removed": 0,
-                    "skipped": "column absent",
-                }
-            )
+            funnel.append({"step": s.name, "expr": s.expr, "before": before, "after": before, "removed": 0,
+                           "skipped": "column absent"})
             continue
         m = evaluate(s.tree, cols, n)
         m = m if isinstance(m, np.ndarray) else np.full(n, bool(m))
-        before = int(mask.sum())
         mask &= m.astype(bool)
-        funnel.append(
-            {
-                "step": s.name,
-                "expr": s.expr,
-                "before": before,
-                "after": int(mask.sum()),
-                "removed": before - int(mask.sum()),
-            }
-        )
-    if rec.size:
-        if "fraction" in rec.size:
-            target = int(round(float(rec.size["fraction"]) * n))
-        elif "count" in rec.size:
-            target = int(rec.size["count"])
-        before = int(mask.sum())
-        if before > target:
-            idx = np.flatnonzero(mask)
-            if rec.rank_by and rec.rank_by != "random":
-                v = np.asarray(cols[rec.rank_by], float)[idx]
-                keep = idx[rank_mask(v, target / len(idx), highest=True)]
-            else:
-                keep = np.random.default_rng(rec.seed).choice(idx, target, replace=False)
-            mask = np.zeros(n, bool)
-            mask[keep] = True
-        how = f"top by {rec.rank_by}" if rec.rank_by and rec.rank_by != "random" else "random sample"
-        funnel.append(
-            {
-                "step": f"size {target} ({how})",
-                "expr": json.dumps(rec.size),
-                "before": before,
-                "after": int(mask.sum()),
-                "removed": before - int(mask.sum()),
-            }
-        )
-    kept = [u for u, k in zip(uids, mask) if k]
-    stats = {
-        "recipe": rec.name,
-        "description": rec.description,
-        "params": rec.params,
-        "pool_rows": n,
-        "kept": len(kept),
-        "funnel": funnel,
-        "seconds": round(time.time() - t0, 2),
-        "kept_by_shard": {
-            s: int(c) for s, c in zip(*np.unique(np.asarray(shards, object)[mask].astype(str), return_counts=True))
-        }
-        if n
-        else {},
+        funnel.append(_funnel_row(s.name, s.expr, before, mask))
+    return mask, funnel
+
+
+def _apply_size(rec: Recipe, mask: np.ndarray, cols: dict, target: int | None) -> tuple[np.ndarray, dict]:
+    """Cut the passing rows down to the recipe's size: the highest by `rank_by`, or a seeded random sample.
+    Returns the new mask and its funnel row."""
+    n = len(mask)
+    if "fraction" in rec.size:
+        target = int(round(float(rec.size["fraction"]) * n))
+    elif "count" in rec.size:
+        target = int(rec.size["count"])
+    before = int(mask.sum())
+    ranked = rec.rank_by and rec.rank_by != "random"
+    if before > target:
+        idx = np.flatnonzero(mask)
+        if ranked:
+            v = np.asarray(cols[rec.rank_by], float)[idx]
+            keep = idx[rank_mask(v, target / len(idx), highest=True)]
+        else:
+            keep = np.random.default_rng(rec.seed).choice(idx, target, replace=False)
+        mask = np.zeros(n, bool)
+        mask[keep] = True
+    how = f"top by {rec.rank_by}" if ranked else "random sample"
+    return mask, _funnel_row(f"size {target} ({how})", json.dumps(rec.size), before, mask)
+
+
+def _funnel_row(step: str, expr: str, before: int, mask: np.ndarray) -> dict:
+    return {"step": step, "expr": expr, "before": before, "after": int(mask.sum()), "removed": before - int(mask.sum())}
+
+
+def _kept_by_shard(shards: list, mask: np.ndarray) -> dict[str, int]:
+    """How many kept rows each shard holds (a reshard's input, and a check that no shard was lost)."""
+    if not len(mask):
+        return {}
+    return {s: int(c) for s, c in zip(*np.unique(np.asarray(shards, object)[mask].astype(str), return_counts=True))}
+
+
+def _share_with_text(pool: Pool, where: dict[str, str], uids: list, mask: np.ndarray) -> dict[str, float]:
+    """The share of text-bearing images in the pool and in the subset, over the recipe's rows (a sample
+    `spot` kept but another stage lost is not in them, and back): what a text-aware recipe changes."""
+    ht = _as_float(_aligned(pool, "has_text", where, uids))
+    return {
+        "share_with_text_pool": float(np.nanmean(ht)) if len(mask) and not np.isnan(ht).all() else float("nan"),
+        "share_with_text_subset": float(np.nanmean(ht[mask])) if mask.any() and not np.isnan(ht[mask]).all() else 0.0,
     }
-    if "has_text" in types:
-        # over the recipe's rows (a sample `spot` kept but another stage lost is not in them, and back)
-        ht = _as_float(_aligned(pool, "has_text", where, uids))
-        stats["share_with_text_pool"] = float(np.nanmean(ht)) if n and not np.isnan(ht).all() else float("nan")
-        stats["share_with_text_subset"] = float(np.nanmean(ht[mask])) if mask.any() and not np.isnan(ht[mask]).all() else 0.0
-    # everything is computed before anything is written; the subset (what reshard reads) comes last, so a
-    # killed select never leaves a subset file without its funnel
-    atomic_write_bytes(path.with_suffix(".json"), json.dumps(stats, indent=1).encode())
-    write_subset(path, kept)
-    return Selection(name, kept, funnel, n, str(path), stats)
 
 
 def check_complete(pool: Pool, stages) -> None:

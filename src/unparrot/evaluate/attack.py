@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io.decode import DecodeError, open_image
-from ..synth import render
+from ..imaging import typography
+from ..imaging.decode import DecodeError, open_image
 from .datasets import load_set, write_set
 from .metrics import confusion_matrix
 
@@ -40,8 +40,8 @@ def write_word(
     """`word` on a copy of PIL image `im`: font = size_frac x the short side, fitted to the width."""
     im = im.copy()
     W, H = im.size
-    size = render.fit_font_size(word, font, max(6, int(size_frac * min(W, H))), 0.92 * W - xy[0] * W, 0.9 * H)
-    render.draw_text(im, word, font, size, xy[0] * W, xy[1] * H, tuple(color), angle)
+    size = typography.fit_font_size(word, font, max(6, int(size_frac * min(W, H))), 0.92 * W - xy[0] * W, 0.9 * H)
+    typography.draw_text(im, word, font, size, xy[0] * W, xy[1] * H, tuple(color), angle)
     return im
 
 

@@ -87,7 +87,7 @@ class AuditConfig:
             errs.append("fonts: at least one")
         if errs:
             raise ValueError("bad audit config: " + "; ".join(errs))
-        from ..synth.render import get_font
+        from ..imaging.typography import get_font
 
         for f in self.fonts:
             try:
@@ -351,7 +351,7 @@ def audit_model(spec: ModelSpec, cfg: AuditConfig, words: list[str], ds: AuditSe
     "timing": seconds and images per part}."""
     import torch
 
-    from ..io.decode import open_image
+    from ..imaging.decode import open_image
     from ..models import load_clip
     from .attack import confused_classes, write_word
     from .zeroshot import class_embeddings, encode_images, encode_texts
@@ -442,7 +442,7 @@ def audit_model(spec: ModelSpec, cfg: AuditConfig, words: list[str], ds: AuditSe
     reliance, reliance_media = None, None
     if pool is not None:
         t0 = time.time()
-        from ..ops.mask import Masker
+        from ..imaging.mask import Masker
 
         masker = Masker("mean")
 

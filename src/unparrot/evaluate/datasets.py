@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from ..io.decode import IMAGE_EXTS
+from ..imaging.decode import IMAGE_EXTS
 from ..io.samples import parse_sample
 from ..io.tar import RawSample, iter_samples
 
@@ -129,7 +129,7 @@ def load_set(path: str | os.PathLike, name: str | None = None, templates: str | 
 
 def write_set(out: str | os.PathLike, rows, classnames, templates, fmt: str = "png") -> int:
     """Write rows (key, image bytes or PIL, label, meta) as a set in the webdataset layout."""
-    from ..io.decode import encode_image
+    from ..imaging.decode import encode_image
     from ..io.tar import ShardWriter
 
     out = Path(out)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..imaging.typography import fit_font_size, get_font
 from .zeroshot import encode_images, encode_texts
 
 STYLES = {
@@ -35,8 +36,6 @@ def render_word(
     """`text` centred on a canvas (Pillow's textbbox: the old textsize API is gone), shrunk to fit if needed.
     `center` (shares of the canvas) moves the ink box's centre elsewhere, kept inside the canvas (the audit
     renders several positions; the paper's Sync score uses the middle)."""
-    from ..synth.render import fit_font_size, get_font
-
     fg, bg = STYLES[style]
     im = Image.new("RGB", (canvas, canvas), bg)
     size = fit_font_size(text, font, max(4, int(font_px)), canvas * 0.95, canvas * 0.95)

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..io.decode import DecodeError, open_image
+from ..imaging.decode import DecodeError, open_image
 from ..prefetch import prefetch
 from .datasets import LabelledSet
 from .metrics import attack_success_rate, mean_per_class_recall, retrieval_recall, topk_accuracy

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .decode import IMAGE_EXTS
+from ..imaging.decode import IMAGE_EXTS
 
 IMAGE_COLUMNS = ("image", "jpg", "img", "image_bytes", "png", "webp")
 PATH_COLUMNS = ("filepath", "path", "image_path", "file", "filename", "file_name", "img_path")

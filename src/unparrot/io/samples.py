@@ -15,7 +15,7 @@ import hashlib
 import json
 import re
 
-from .decode import IMAGE_EXTS
+from ..imaging.decode import IMAGE_EXTS
 from .tar import RawSample
 
 _HEX32 = re.compile(r"^[0-9a-fA-F]{32}$")

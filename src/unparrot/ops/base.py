@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..io.decode import DecodeError
+from ..imaging.decode import DecodeError
 
 
 @dataclass(frozen=True)

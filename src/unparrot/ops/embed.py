@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..io.decode import MAX_PIXELS, DecodeError, open_image
+from ..imaging.decode import MAX_PIXELS, DecodeError, open_image
+from ..imaging.mask import Masker
 from ..prefetch import prefetch
 from .base import Operator, Outputs, column
-from .mask import Masker
 
 
 class Embed(Operator):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from ..io.decode import MAX_PIXELS, open_image
+from ..imaging.decode import MAX_PIXELS, open_image
 from .base import Operator, column, map_rows
 
 

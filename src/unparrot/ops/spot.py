@@ -14,7 +14,7 @@ import re
 import numpy as np
 import pyarrow as pa
 
-from ..io.decode import MAX_PIXELS, DecodeError, decode_rgb
+from ..imaging.decode import MAX_PIXELS, DecodeError, decode_rgb
 from .base import Operator, column
 from .spotters import get_spotter
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..engine.local import iter_pool_samples
-from ..io.decode import open_image
+from ..imaging.decode import open_image
 from .html import Section, draw_boxes, esc, fig_tag, grid, table
 
 

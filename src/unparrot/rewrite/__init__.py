@@ -172,7 +172,7 @@ def rewrite(pool: Pool | str, backend: str = "llama-cpp", k: int = 4, styles: Se
         raise FileNotFoundError(f"no shards found in {pool.root} (expected shards/*.tar or pool.yaml)")
     source = None
     if caption_column:
-        from ..io.reshard import parse_columns
+        from ..curate.reshard import parse_columns
 
         ((cst, (ccol,)),) = parse_columns([caption_column], pool).items()
         source = (cst, ccol)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io.decode import encode_image
+from ..imaging.decode import encode_image
 from ..io.sizes import write_size_files
 from ..io.tar import ShardWriter
 from ..pool import atomic_write_bytes

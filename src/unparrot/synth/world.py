@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..imaging import typography
 from . import render
 from .render import COLORS, SHAPES
 
@@ -138,7 +139,7 @@ class WorldConfig:
         if unknown:
             raise ValueError(f"synth: unknown classes {unknown}; available: {', '.join(SHAPES)}")
         for f in self.fonts:
-            render.get_font(f, 12)
+            typography.get_font(f, 12)
         if self.image_format not in ("jpg", "png", "webp") or self.eval_format not in ("jpg", "png", "webp"):
             raise ValueError("synth: image formats are jpg, png or webp")
         return self
@@ -273,13 +274,13 @@ def place_text(
         if angle is not None
         else (rng.uniform(-cfg.text_rotation, cfg.text_rotation) if cfg.text_rotation else 0.0)
     )
-    size = render.fit_font_size(word, font, max(6, int(frac * S)), cfg.max_text_width * S, 0.9 * S)
+    size = typography.fit_font_size(word, font, max(6, int(frac * S)), cfg.max_text_width * S, 0.9 * S)
     while size > 6:
-        w, h = render.rotated_extent(word, font, size, ang)
+        w, h = typography.rotated_extent(word, font, size, ang)
         if w < S - 4 and h < S - 4:
             break
         size = int(size * 0.9)
-    w, h = render.rotated_extent(word, font, size, ang)
+    w, h = typography.rotated_extent(word, font, size, ang)
     if at is not None:
         x, y = at
     else:
@@ -307,7 +308,7 @@ def place_text(
 
 
 def _text_box(spec: dict) -> tuple[float, float, float, float]:
-    w, h = render.rotated_extent(spec["text"], spec["font"], spec["size"], spec["angle"])
+    w, h = typography.rotated_extent(spec["text"], spec["font"], spec["size"], spec["angle"])
     return spec["x"], spec["y"], spec["x"] + w, spec["y"] + h
 
 
@@ -337,7 +338,7 @@ def render_scene(cfg: WorldConfig, sc: Scene, outline: bool = False, invert: boo
             img = render.paint(img, mask, COLORS[sc.color], sc.texture, rng)
     truth = []
     for t in sc.texts:
-        quad = render.draw_text(
+        quad = typography.draw_text(
             img, t["text"], t["font"], t["size"], t["x"], t["y"], t["color"], t["angle"], t["plate"]
         )
         truth.append(

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.utils.data as tud
 
-from ..io.decode import DecodeError, open_image
+from ..imaging.decode import DecodeError, open_image
 from ..io.samples import parse_sample
 from ..io.tar import RawSample, iter_samples
 
@@ -36,7 +36,7 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 
 def resolve_shards(spec: str | Sequence[str]) -> list[str]:
     """Tar paths from a pool/reshard folder, a folder of tars, a glob or a brace pattern (or a list)."""
-    from ..io.reshard import unfinished
+    from ..curate.reshard import unfinished
     from ..pool import Pool, list_source
 
     specs = [spec] if isinstance(spec, str) else list(spec)
@@ -150,7 +150,7 @@ class SampleMaker:
         if self.mask_text_prob > 0 and rng.random() < self.mask_text_prob:
             boxes = (row["meta"] or {}).get("boxes")
             if boxes:
-                from ..ops.mask import Masker
+                from ..imaging.mask import Masker
 
                 im = Masker("mean").mask_pil(im, boxes)
         if self.rrc_scale:

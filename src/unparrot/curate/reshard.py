@@ -19,11 +19,12 @@ from typing import Sequence
 
 import numpy as np
 
+from ..imaging.mask import Masker
+from ..io.samples import parse_sample
+from ..io.sizes import write_size_files
+from ..io.tar import ShardProblem, ShardWriter, iter_samples
 from ..pool import Pool, atomic_write_bytes, read_subset, subset_contains, write_errors
 from ..progress import progress_bar
-from .samples import parse_sample
-from .sizes import write_size_files
-from .tar import ShardProblem, ShardWriter, iter_samples
 
 
 @dataclass
@@ -93,7 +94,7 @@ def reshard(
     """Write the samples of `pool` whose uid is in `subset` (a DataComp .npy or array) to `out/shards/`.
 
     `columns` ("stage.column" or column names) are added to each sample's .json. With `mask_text`, images
-    are written with their text boxes (from `spot_stage`) filled (T-MARS style, see ops/mask.py).
+    are written with their text boxes (from `spot_stage`) filled (T-MARS style, see imaging/mask.py).
     `caption_column` ("stage.column" or a column name) becomes each sample's .txt; a sample whose value
     is null or missing is an error row, not written.
     """
@@ -108,8 +109,6 @@ def reshard(
             wanted.setdefault(cst, []).append(ccol)
     masker = None
     if mask_text:
-        from ..ops.mask import Masker
-
         masker = Masker(fill=mask_fill)
         if not pool.done_shards(spot_stage):
             raise FileNotFoundError(f"mask_text needs the {spot_stage!r} stage (run `unparrot profile` first)")

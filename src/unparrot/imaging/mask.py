@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..io.decode import decode_rgb, encode_image
+from .decode import decode_rgb, encode_image
 
 FILLS = ("mean", "inpaint", "solid")
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import yaml
 
-from ..pool import Pool, atomic_write_bytes, expand_braces, list_source, write_errors
-from ..progress import progress_bar
-from .readers import read_image_folder, read_imagenet_captions, read_parquet, read_table
-from .samples import content_uid, normalize_uid
-from .sizes import write_size_files
-from .tar import ShardWriter
+from .io.readers import read_image_folder, read_imagenet_captions, read_parquet, read_table
+from .io.samples import content_uid, normalize_uid
+from .io.sizes import write_size_files
+from .io.tar import ShardWriter
+from .pool import Pool, atomic_write_bytes, expand_braces, list_source, write_errors
+from .progress import progress_bar
 
 FORMATS = ("auto", "wds", "parquet", "table", "imagenet-captions", "folder")
 
