@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 # llama-cpp-python compiles from source once (~8 min); a portable build lets pip reuse its cached wheel.
 export CMAKE_ARGS := -DGGML_NATIVE=OFF
 
-.PHONY: venv demo test test-fast bench browser clean
+.PHONY: venv demo test test-fast lint bench browser clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,12 @@ demo: venv
 browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
-test: venv browser
+# The formatter and linter first (a second or two), then the suite.
+lint: venv
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks
+
+test: venv browser lint
 	UNPARROT_REQUIRE_BROWSER=1 $(BIN)/python -m pytest
 
 test-fast: venv
