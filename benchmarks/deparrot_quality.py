@@ -46,7 +46,6 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     from unparrot.deparrot import deparrot
-    from unparrot.engine.local import iter_pool_samples
     from unparrot.ops.deparrot import Deparrot, claims_text, content_words
     from unparrot.ops.parrot import Parrot
     from unparrot.pool import Pool
@@ -63,7 +62,7 @@ def main(argv=None) -> int:
                                                           "residual_cotr", "texts", "co_emb"], how="inner")
     df = df.astype(object).where(df.notna(), None)  # null captions as None, not NaN
     out = {u: r for u, r in zip(df["uid"], df.to_dict("records"))}
-    truth = {r["uid"]: (r["caption"], r["meta"]["synth"]) for r in iter_pool_samples(pool)}
+    truth = {r["uid"]: (r["caption"], r["meta"]["synth"]) for r in pool.samples()}
 
     # ---- strip quality against the ground truth ----------------------------------------------------
     residual_max = float(max(df["residual_cotr"]))

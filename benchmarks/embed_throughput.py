@@ -39,7 +39,6 @@ def main():
     ap.add_argument("--batch", type=int, default=64)
     a = ap.parse_args()
     from unparrot.engine import run_stage
-    from unparrot.engine.local import iter_pool_samples
     from unparrot.models import load_clip
     from unparrot.pool import Pool
 
@@ -48,7 +47,7 @@ def main():
     from _util import OUT
 
     pool = synthetic_pool(f"embed-{a.n}", a.n, preset="laion", shard_size=a.n)
-    rows = list(iter_pool_samples(Pool(pool)))
+    rows = list(Pool(pool).samples())
     ckpt = OUT / f"{a.model}-random.pt"  # one set of weights for both sides
     if not ckpt.exists():
         torch.manual_seed(0)

@@ -15,12 +15,11 @@ from _util import Timer, peak_rss_mb, report, rss_mb, synthetic_pool
 
 
 def ours(pool) -> int:
-    from unparrot.engine.local import iter_pool_samples
     from unparrot.imaging.decode import decode_rgb
     from unparrot.pool import Pool
 
     n = 0
-    for row in iter_pool_samples(Pool(pool)):
+    for row in Pool(pool).samples():
         decode_rgb(row["image"])
         n += 1
     return n
@@ -38,12 +37,11 @@ def baseline(pool) -> int:
 
 def stream_rss(pool: str) -> None:
     """Child process: stream every sample, print RSS every 5,000 samples."""
-    from unparrot.engine.local import iter_pool_samples
     from unparrot.imaging.decode import decode_rgb
     from unparrot.pool import Pool
 
     marks = []
-    for i, row in enumerate(iter_pool_samples(Pool(pool))):
+    for i, row in enumerate(Pool(pool).samples()):
         decode_rgb(row["image"])
         if i % 5000 == 0:
             marks.append(rss_mb())

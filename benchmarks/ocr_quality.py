@@ -38,7 +38,6 @@ def main():
     ap.add_argument("--image-size", type=int, default=256, help="side of the synthetic images")
     a = ap.parse_args()
     from unparrot.engine import StageConflict, run
-    from unparrot.engine.local import iter_pool_samples
     from unparrot.pool import Pool
     from unparrot.cotr import co_embedded, tokens
 
@@ -55,7 +54,7 @@ def main():
     print(s.line())
     got = pool.load(stage).set_index("uid")
     rows = []
-    for r in iter_pool_samples(pool):
+    for r in pool.samples():
         if r["uid"] not in got.index:
             continue
         truth = r["meta"]["synth"]["texts"]

@@ -70,13 +70,12 @@ def main():
     ap.add_argument("--draws", type=int, default=None)
     ap.add_argument("--keep-cache", action="store_true", help="reuse earlier rewrites (no timing)")
     a = ap.parse_args()
-    from unparrot.engine.local import iter_pool_samples
     from unparrot.pool import Pool
     from unparrot.rewrite import rewrite
     from unparrot.rewrite.server import LlamaServer
 
     pool = synthetic_pool(f"rewrite-{a.n}", a.n, preset="learnable", shard_size=max(1, a.n // 2))
-    meta = {r["uid"]: (r["caption"], r["meta"]["synth"]["class"]) for r in iter_pool_samples(Pool(pool))}
+    meta = {r["uid"]: (r["caption"], r["meta"]["synth"]["class"]) for r in Pool(pool).samples()}
     print(f"pool {pool}: {len(meta)} samples, {len(set(c for c, _ in meta.values()))} unique captions")
     ok = True
     rows = []

@@ -19,7 +19,6 @@ from _util import OUT, report, synthetic_pool
 
 def build_mix(n: int):
     """Resize a laion-preset pool to random sides in [256, 512] (kept in new shards)."""
-    from unparrot.engine.local import iter_pool_samples
     from unparrot.imaging.decode import encode_image, open_image
     from unparrot.io.tar import ShardWriter
     from unparrot.pool import Pool
@@ -30,7 +29,7 @@ def build_mix(n: int):
     src = synthetic_pool(f"spotmix-src-{n}", n, preset="laion", image_size=512, shard_size=n)
     rng = np.random.default_rng(0)
     with ShardWriter(str(root / "shards" / "{:05d}.tar"), max_count=(n + 1) // 2) as w:
-        for row in iter_pool_samples(Pool(src)):
+        for row in Pool(src).samples():
             side = int(rng.integers(256, 513))
             im = open_image(row["image"]).resize((side, side))
             meta = dict(row["meta"])
@@ -50,14 +49,13 @@ def baseline(pool, min_score=0.5, min_chars=2) -> tuple[float, dict]:
 
     from rapidocr import RapidOCR
 
-    from unparrot.engine.local import iter_pool_samples
     from unparrot.imaging.decode import decode_rgb
     from unparrot.pool import Pool
 
     eng = RapidOCR(params={"Global.log_level": "error"})
     has = {}
     t0 = time.perf_counter()
-    for row in iter_pool_samples(Pool(pool)):
+    for row in Pool(pool).samples():
         res = eng(decode_rgb(row["image"])[:, :, ::-1].copy())
         txts = list(res.txts or []) if getattr(res, "txts", None) is not None else []
         scores = list(res.scores or []) if txts else []
@@ -92,10 +90,9 @@ def main():
     t_base, has_base = baseline(pool)
     n = len(has_base)
     agree = np.mean([has_ours.get(u) == h for u, h in has_base.items()])
-    from unparrot.engine.local import iter_pool_samples
     from unparrot.pool import Pool
 
-    truth = {r["uid"]: bool(r["meta"]["synth"]["texts"]) for r in iter_pool_samples(Pool(pool))}
+    truth = {r["uid"]: bool(r["meta"]["synth"]["texts"]) for r in Pool(pool).samples()}
     right_o = np.mean([has_ours.get(u) == t for u, t in truth.items()])
     right_b = np.mean([has_base.get(u) == t for u, t in truth.items()])
     print(line)

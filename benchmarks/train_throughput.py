@@ -22,14 +22,13 @@ from _util import OUT, report, synthetic_pool
 
 
 def shards_dir():
-    from unparrot.engine.local import iter_pool_samples
     from unparrot.curate.reshard import reshard
     from unparrot.pool import Pool, write_subset
 
     pool = synthetic_pool("train-src-10000", 10000, shard_size=2000)
     out = OUT / "train-shards"
     if not (out / "shards").exists():
-        write_subset(OUT / "train-all.npy", [r["uid"] for r in iter_pool_samples(Pool(pool))])
+        write_subset(OUT / "train-all.npy", [r["uid"] for r in Pool(pool).samples()])
         reshard(pool, OUT / "train-all.npy", out, shard_size=2000, progress=False)
     return out
 

@@ -144,13 +144,12 @@ def test_synthetic_pool_residual_zero_and_pure_text_null(synth_pool, tmp_path):
     profile(pool, backend="oracle", workers=1, progress=False)
     s = deparrot(pool, progress=False)
     assert s.n_err == 0 and s.n_ok == 300
-    from unparrot.engine.local import iter_pool_samples
 
     df = load(pool, ["deparrot", "spot"], columns=["deparrot_caption", "deparrot_mode", "texts"])
     got = {u: (c, m, list(t)) for u, c, m, t in zip(df["uid"], df["deparrot_caption"], df["deparrot_mode"],
                                                    df["texts"])}
     kinds = {"parrot": 0, "object": 0}
-    for row in iter_pool_samples(Pool(pool)):
+    for row in Pool(pool).samples():
         cap, mode, texts = got[row["uid"]]
         kind = row["meta"]["synth"]["kind"]
         if cap is not None:

@@ -7,7 +7,6 @@ import torch
 from helpers import assert_close_scaled
 from unparrot.engine import run_stage
 from unparrot.curate.reshard import reshard
-from unparrot.engine.local import iter_pool_samples
 from unparrot.models import load_clip
 from unparrot.ops.aesthetic import aesthetic_mlp
 from unparrot.imaging.mask import Masker
@@ -94,8 +93,8 @@ def test_reshard_mask_text(synth_pool, tmp_path):
     with_text = df[df["has_text"]]["uid"].tolist()[:10]
     write_subset(pool.subset_path("t"), with_text)
     reshard(pool, pool.subset_path("t"), tmp_path / "out", mask_text=True, progress=False)
-    orig = {r["uid"]: r for r in iter_pool_samples(pool)}
-    for r in iter_pool_samples(Pool(tmp_path / "out")):
+    orig = {r["uid"]: r for r in pool.samples()}
+    for r in Pool(tmp_path / "out").samples():
         assert r["meta"]["masked"] is True and r["image"] != orig[r["uid"]]["image"]
 
 

@@ -17,7 +17,6 @@ import pytest
 from conftest import jpeg_bytes, write_tar
 from unparrot.cli import main as cli
 from unparrot.engine import run
-from unparrot.engine.local import iter_pool_samples
 from unparrot.ingest import ingest
 from unparrot.curate.reshard import reshard
 from unparrot.pool import Pool, write_subset
@@ -133,7 +132,7 @@ def test_ingest_resolves_relative_patterns_against_the_current_directory(tmp_pat
         assert s.shards == 2, pattern
         assert Path(Pool(pool).config["shards"]).is_absolute()
         monkeypatch.chdir(tmp_path / "dl")  # read from elsewhere, the pool still finds its shards
-        assert len(list(iter_pool_samples(Pool(tmp_path / pool)))) == 2
+        assert len(list(Pool(tmp_path / pool).samples())) == 2
         monkeypatch.chdir(tmp_path)
     for bad in ("dl/{00000..00003}.tar", "nowhere/*.tar"):
         with pytest.raises(FileNotFoundError):
@@ -201,7 +200,7 @@ def test_size_files_from_synth_ingest_and_reshard(synth_pool, tmp_path):
     assert s.n_written == 7 and s.n_err == 1
     _check_size_files(tmp_path / "tp" / "shards")
     pool = Pool(synth_pool)
-    uids = [r["uid"] for r in iter_pool_samples(pool)][::2]
+    uids = [r["uid"] for r in pool.samples()][::2]
     write_subset(tmp_path / "half.npy", uids)
     reshard(pool, tmp_path / "half.npy", tmp_path / "rs", shard_size=40, progress=False)
     _check_size_files(tmp_path / "rs" / "shards")
@@ -293,7 +292,7 @@ def test_export_gives_open_clip_the_same_model_and_tokenizer(synth_pool, tmp_pat
     assert int(ids.max()) == 49407  # open_clip's BPE ids: "index out of range" in the 1,024-row table before
     with torch.no_grad():
         a, b = ours.model.encode_text(ours.tokenizer(texts)), model.encode_text(ids)
-        im = Image.open(io.BytesIO(next(iter_pool_samples(Pool(synth_pool)))["image"]))
+        im = Image.open(io.BytesIO(next(Pool(synth_pool).samples())["image"]))
         x = preprocess(im)[None]
         assert torch.equal(x, ours.preprocess(im)[None])
         ia, ib = ours.model.encode_image(x), model.encode_image(x)

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unparrot.engine.local import iter_pool_samples
 from unparrot.curate.reshard import reshard
 from unparrot.pool import Pool, write_subset
 
@@ -34,7 +33,7 @@ def trained(synth_pool, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("peers")
     pool = Pool(synth_pool)
-    write_subset(tmp / "all.npy", [r["uid"] for r in iter_pool_samples(pool)])
+    write_subset(tmp / "all.npy", [r["uid"] for r in pool.samples()])
     reshard(pool, tmp / "all.npy", tmp / "rs", shard_size=100, progress=False)
     cfg = TrainConfig(train_data=str(tmp / "rs"), out=str(tmp / "run"), samples=64, batch_size=16, workers=0,
                       threads=1, warmup=1, vocab_texts=[str(synth_pool / "eval" / "clean" / "classnames.txt")],
@@ -217,7 +216,7 @@ def test_img2dataset_output_through_ingest_profile_select_reshard(image_server, 
     assert out.written == len(sel.uids) > 0
     # uids, keys, captions and image bytes survive
     source = {k: m for v in got.values() for k, m in v.items()}
-    pool_rows = {r["key"]: r for r in iter_pool_samples(Pool(pool))}
+    pool_rows = {r["key"]: r for r in Pool(pool).samples()}
     written = {k: m for t in sorted((tmp_path / "rs" / "shards").glob("*.tar")) for k, m in _members(t).items()}
     assert set(written) <= set(source)
     for key, m in written.items():

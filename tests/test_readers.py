@@ -6,7 +6,6 @@ import pytest
 
 from conftest import jpeg_bytes, write_tar
 from unparrot.engine import run_stage
-from unparrot.engine.local import iter_pool_samples
 from unparrot.ingest import detect_format, ingest
 from unparrot.io.readers import imagenet_caption
 from unparrot.io.samples import content_uid
@@ -14,7 +13,7 @@ from unparrot.pool import Pool
 
 
 def _captions(pool):
-    return sorted(r["caption"] for r in iter_pool_samples(Pool(pool)))
+    return sorted(r["caption"] for r in Pool(pool).samples())
 
 
 def test_img2dataset_shards_used_in_place(tmp_path):
@@ -33,7 +32,7 @@ def test_img2dataset_shards_used_in_place(tmp_path):
     summary = ingest(str(src), tmp_path / "pool")
     assert summary.in_place and summary.shards == 2
     assert not (tmp_path / "pool" / "shards").exists()  # never copied
-    rows = list(iter_pool_samples(Pool(tmp_path / "pool")))
+    rows = list(Pool(tmp_path / "pool").samples())
     assert len(rows) == 6
     assert rows[0]["uid"] == content_uid(rows[0]["image"], rows[0]["caption"])
     assert len({r["uid"] for r in rows}) == 6
@@ -47,7 +46,7 @@ def test_datacomp_brace_pattern_and_existing_uids(tmp_path):
         write_tar(src / f"{s:08d}.tar", [(f"{s}a.jpg", jpeg_bytes()), (f"{s}a.txt", b"t"),
                                          (f"{s}a.json", json.dumps({"uid": f"{s:032x}"}).encode())])
     ingest(str(src / "{00000000..00000002}.tar"), tmp_path / "pool")
-    rows = list(iter_pool_samples(Pool(tmp_path / "pool")))
+    rows = list(Pool(tmp_path / "pool").samples())
     assert [r["uid"] for r in rows] == [f"{s:032x}" for s in range(3)]
 
 
@@ -55,7 +54,7 @@ def test_non_hex_uid_hashed_and_kept(tmp_path):
     write_tar(tmp_path / "s" / "a.tar", [("k.jpg", jpeg_bytes()), ("k.txt", b"c"),
                                          ("k.json", json.dumps({"uid": 12345}).encode())])
     ingest(str(tmp_path / "s"), tmp_path / "pool")
-    (row,) = list(iter_pool_samples(Pool(tmp_path / "pool")))
+    (row,) = list(Pool(tmp_path / "pool").samples())
     assert len(row["uid"]) == 32 and row["source_uid"] == "12345"
 
 
@@ -72,10 +71,10 @@ def test_parquet_bytes_struct_and_paths(tmp_path):
     s = ingest(str(tmp_path / "bytes.parquet"), tmp_path / "p1", progress=False)
     assert (s.n_in, s.n_written, s.n_err) == (2, 2, 0)
     assert _captions(tmp_path / "p1") == ["one", "two"]
-    rows = list(iter_pool_samples(Pool(tmp_path / "p1")))
+    rows = list(Pool(tmp_path / "p1").samples())
     assert rows[0]["meta"]["extra"] == 1
     ingest(str(tmp_path / "hf.parquet"), tmp_path / "p2", progress=False)
-    rows = list(iter_pool_samples(Pool(tmp_path / "p2")))
+    rows = list(Pool(tmp_path / "p2").samples())
     assert [r["image_ext"] for r in rows] == ["jpg", "png"]
     s = ingest(str(tmp_path / "paths.parquet"), tmp_path / "p3", progress=False)
     assert (s.n_written, s.n_err) == (1, 1)
@@ -133,7 +132,7 @@ def test_imagenet_captions(tmp_path):
                progress=False)
     assert detect_format(str(tmp_path / "imagenet_captions.json")) == "imagenet-captions"
     assert (s.n_written, s.n_err) == (1, 1)
-    (row,) = list(iter_pool_samples(Pool(tmp_path / "pool")))
+    (row,) = list(Pool(tmp_path / "pool").samples())
     assert row["caption"] == "Big tench fish lake caught today" and row["meta"]["wnid"] == "n01440764"
 
 

@@ -145,14 +145,13 @@ def test_reshard_resumes_after_a_kill_and_train_refuses_it_unfinished(synth_pool
     """Regression: after a kill the rerun refused (`already holds shards`) while the partial folder was
     accepted by train. Now the reshard is written aside and moved into place complete; train refuses an
     unfinished one; a rerun finishes it (also when killed while moving it into place)."""
-    from unparrot.engine.local import iter_pool_samples
     from unparrot.curate.reshard import reshard
     from unparrot.train.data import resolve_shards
     from unparrot.pool import write_subset
 
     pool = Pool(synth_pool)
     sub = tmp_path / "sub.npy"
-    write_subset(sub, [r["uid"] for r in iter_pool_samples(pool)][::2])
+    write_subset(sub, [r["uid"] for r in pool.samples()][::2])
     reshard(pool, sub, tmp_path / "clean", shard_size=40, progress=False)
     want = tree_bytes(tmp_path / "clean", skip=("reshard.json",))
     total = count_renames(lambda: reshard(pool, sub, tmp_path / "count", shard_size=40, progress=False))

@@ -5,7 +5,6 @@ import pytest
 
 from conftest import jpeg_bytes
 from unparrot.engine import run_stage
-from unparrot.engine.local import iter_pool_samples
 from unparrot.ingest import ingest
 from unparrot.curate.reshard import reshard
 from unparrot.pool import Pool, write_subset
@@ -21,7 +20,7 @@ def test_ingest_reshard_read_roundtrip(tmp_path):
     ingest(str(tmp_path / "t.csv"), tmp_path / "pool", shard_size=10, progress=False)
     pool = Pool(tmp_path / "pool")
     run_stage(pool, "inspect", progress=False)
-    rows = list(iter_pool_samples(pool))
+    rows = list(pool.samples())
     chosen = [r for r in rows if int(r["caption"].split()[-1]) % 3 == 0]
     write_subset(pool.subset_path("thirds"), [r["uid"] for r in chosen] + ["f" * 32])  # one uid not in the pool
     s = reshard(
@@ -33,7 +32,7 @@ def test_ingest_reshard_read_roundtrip(tmp_path):
         progress=False,
     )
     assert s.written == len(chosen) == 9 and s.missing == 1 and s.shards == 3
-    out = list(iter_pool_samples(Pool(tmp_path / "out")))
+    out = list(Pool(tmp_path / "out").samples())
     assert [r["caption"] for r in out] == [r["caption"] for r in chosen]
     assert [r["image"] for r in out] == [r["image"] for r in chosen]  # bytes copied unchanged
     assert [r["uid"] for r in out] == [r["uid"] for r in chosen]
@@ -49,7 +48,7 @@ def test_reshard_keeps_extra_members_and_webdataset_reads_it(synth_pool, tmp_pat
     import webdataset as wds
 
     pool = Pool(synth_pool)
-    uids = [r["uid"] for r in iter_pool_samples(pool)][::7]
+    uids = [r["uid"] for r in pool.samples()][::7]
     out = tmp_path / "sub"
     reshard(
         pool,

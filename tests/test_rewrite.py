@@ -6,7 +6,7 @@ import random
 import pytest
 
 from conftest import jpeg_bytes, write_tar
-from unparrot.engine.local import StageConflict
+from unparrot.engine import StageConflict
 from unparrot.pool import Pool
 from unparrot.rewrite import BACKENDS, Task, rewrite, run_tasks
 from unparrot.rewrite.backends import Backend, Completion
@@ -306,6 +306,37 @@ def test_bad_arguments(tmp_path, counting):
         rewrite(pool, backend="counting", k=0)
     with pytest.raises(KeyError, match="EDA"):
         rewrite(pool, backend="eda", styles=["chat"])
+
+
+def _sample(key, caption, uid):
+    return [(f"{key}.jpg", jpeg_bytes()), (f"{key}.txt", caption.encode()),
+            (f"{key}.json", json.dumps({"uid": f"{uid:032x}"}).encode())]
+
+
+def test_duplicate_uids_and_caption_column(tmp_path, counting):
+    """A uid kept once across the pool: a second sample with it is an error row (the engines' reasons),
+    whatever its caption; a caption_column value that is null or missing is noted or an error row."""
+    root = tmp_path / "p"
+    write_tar(root / "shards" / "00.tar", _sample("a", "a red ball", 1) + _sample("b", "blue box", 2)
+              + _sample("c", "other", 2) + _sample("d", "", 3) + _sample("e", "green", 3) + _sample("f", "pink", 4))
+    write_tar(root / "shards" / "01.tar", _sample("m", "a red ball", 1) + _sample("n", "fresh", 5))
+    s = rewrite(root, backend="counting", k=1, progress=False)
+    errs = Pool(root).errors("rewrite").set_index("key")["reason"].to_dict()
+    assert errs == {"c": f"duplicate uid {2:032x} (first at key b of this shard)", "d": "empty caption",
+                    "m": f"duplicate uid {1:032x} (first in shard 00)"}
+    assert sorted(Pool(root).load("rewrite")["key"]) == ["a", "b", "e", "f", "n"]  # e: d's uid, d refused
+    assert (s.n_in, s.n_ok, s.n_err, s.captions) == (8, 5, 3, 5)
+    pool = Pool(root)
+    pool.write_columns("src", "00", {"uid": [f"{u:032x}" for u in (1, 2, 3)], "key": list("abe"),
+                                     "alt": ["alt one", None, "alt three"]})
+    s = rewrite(root, backend="counting", k=1, progress=False, caption_column="src.alt", stage="rw_alt")
+    errs = pool.errors("rw_alt").set_index("key")["reason"].to_dict()
+    assert errs["f"] == errs["n"] == "no 'src' output for this sample (see errors/src)"  # 01: no src file
+    assert errs["m"] == "no 'src' output for this sample (see errors/src)"
+    df = pool.load("rw_alt").set_index("key")
+    assert list(df.loc["a"]["rewrites"]) == ["a chat view of alt one"]
+    assert list(df.loc["b"]["rewrites"]) == [] and "is null" in df.loc["b"]["rewrite_failures"][0]
+    assert s.n_in == 8 and s.n_ok == 3
 
 
 def test_cache_survives_torn_lines(tmp_path):

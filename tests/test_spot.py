@@ -6,7 +6,6 @@ from PIL import Image
 
 from conftest import write_tar
 from unparrot.engine import run_stage
-from unparrot.engine.local import iter_pool_samples
 from unparrot.ops.spot import Spot, polygon_union_area
 from unparrot.pool import Pool
 
@@ -25,7 +24,7 @@ def test_oracle_is_exact(synth_pool, tmp_path):
     s = run_stage(pool, "spot", {"backend": "oracle"}, progress=False)
     assert s.n_err == 0 and s.n_ok == 300
     df = pool.load("spot")
-    truth = {r["uid"]: r["meta"]["synth"]["texts"] for r in iter_pool_samples(pool)}
+    truth = {r["uid"]: r["meta"]["synth"]["texts"] for r in pool.samples()}
     for r in df.to_dict("records"):
         t = truth[r["uid"]]
         assert r["has_text"] == bool(t) and r["n_text"] == len(t) and list(r["texts"]) == [x["text"] for x in t]

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unparrot.engine.local import iter_pool_samples
 from unparrot.pool import Pool
 from unparrot.synth.generate import synth
 from unparrot.synth.stats import truth_stats
@@ -15,12 +14,12 @@ from unparrot.synth.world import EVAL_SETS, make_config, make_pool_sample
 def test_deterministic_for_a_seed(tmp_path):
     a = synth(tmp_path / "a", n=60, preset="learnable", seed=1, shard_size=25, eval_per_class=2, progress=False)
     b = synth(tmp_path / "b", n=60, preset="learnable", seed=1, shard_size=25, eval_per_class=2, progress=False)
-    ra = [(r["uid"], r["caption"], r["image"]) for r in iter_pool_samples(Pool(tmp_path / "a"))]
-    rb = [(r["uid"], r["caption"], r["image"]) for r in iter_pool_samples(Pool(tmp_path / "b"))]
+    ra = [(r["uid"], r["caption"], r["image"]) for r in Pool(tmp_path / "a").samples()]
+    rb = [(r["uid"], r["caption"], r["image"]) for r in Pool(tmp_path / "b").samples()]
     assert ra == rb
     assert a["kinds"] == b["kinds"] and a["shards"] == 3
     synth(tmp_path / "c", n=60, preset="learnable", seed=2, shard_size=25, eval_per_class=2, progress=False)
-    assert [r["caption"] for r in iter_pool_samples(Pool(tmp_path / "c"))] != [r[1] for r in ra]
+    assert [r["caption"] for r in Pool(tmp_path / "c").samples()] != [r[1] for r in ra]
     assert (
         synth(tmp_path / "a", n=60, preset="learnable", seed=1, shard_size=25, eval_per_class=2, progress=False) == a
     )  # rerun: already there
@@ -63,7 +62,7 @@ def test_learnable_preset_matches_feasibility_recipe():
 
 
 def test_ground_truth_is_recorded(synth_pool):
-    for r in list(iter_pool_samples(Pool(synth_pool)))[:50]:
+    for r in list(Pool(synth_pool).samples())[:50]:
         gt = r["meta"]["synth"]
         assert gt["kind"] in ("object", "text", "parrot")
         if gt["kind"] == "object":

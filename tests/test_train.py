@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from helpers import KILLED, assert_close_scaled, count_renames, kill_points, run_killed
-from unparrot.engine.local import iter_pool_samples
 from unparrot.curate.reshard import reshard
 from unparrot.pool import Pool, write_subset
 from unparrot.train import TrainConfig, train
@@ -23,7 +22,7 @@ def shards(synth_pool, tmp_path_factory):
     """The synthetic pool written by reshard (the path every training run takes), with rewrites."""
     pool = Pool(synth_pool)
     out = tmp_path_factory.mktemp("train") / "all"
-    write_subset(out.parent / "all.npy", [r["uid"] for r in iter_pool_samples(pool)])
+    write_subset(out.parent / "all.npy", [r["uid"] for r in pool.samples()])
     reshard(pool, out.parent / "all.npy", out, shard_size=75, progress=False)
     return out
 

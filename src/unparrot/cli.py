@@ -121,7 +121,7 @@ def cmd_reshard(a):
 
 def cmd_info(a):
     from .pool import Pool
-    from .engine.local import stage_counts
+    from .engine.stage import stage_counts
 
     from .io.sizes import shard_samples
 

@@ -24,7 +24,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -138,6 +138,28 @@ def source_stamp(path: str | os.PathLike) -> str:
 
 # in columns/<stage>/: the engines' cross-shard duplicate check has gone over every shard written so far
 CROSS_SHARD_STAMP = "_cross_shard_dups.done"
+
+
+class FirstSeen:
+    """Where each uid of a stage was first kept: the one duplicate-uid rule of the code base.
+
+    A uid names one sample (DataComp's convention, and the key every stage joins on), so a second sample
+    with it is an error row, never a second row: within a shard (`Pool.rows`), across the shards of one
+    read (`rewrite`), and across a stage's finished shards (`engine.stage.move_cross_shard_duplicates`)."""
+
+    def __init__(self):
+        self.first: dict[str, tuple[str, str | None]] = {}
+
+    def duplicate(self, uid: str, shard: str) -> str | None:
+        """The error reason for a sample of `shard` with `uid` when that uid was kept before, else None."""
+        if uid not in self.first:
+            return None
+        sid, key = self.first[uid]
+        return f"duplicate uid {uid} (first {f'at key {key} of this shard' if sid == shard else f'in shard {sid}'})"
+
+    def keep(self, uid: str, shard: str, key: str | None = None):
+        """Record a kept sample (the first keeping of a uid wins)."""
+        self.first.setdefault(uid, (shard, key))
 
 
 @dataclass(frozen=True)
@@ -351,6 +373,80 @@ class Pool:
         d = self.root / "errors" / stage
         parts = [pq.read_table(p).to_pandas() for p in sorted(d.rglob("*.parquet"))] if d.exists() else []
         return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(ERROR_COLUMNS))
+
+    # ---- sample rows --------------------------------------------------------------------------
+    def samples(self, shards: Sequence[Shard] | None = None) -> Iterator[dict]:
+        """Every parsed sample row of the pool (or of `shards`), in shard order. Shard problems are skipped
+        silently: this is for reading a pool (tests, statistics, reports), not for a stage, which must
+        account for every sample (see `rows`)."""
+        from .io.samples import parse_sample
+        from .io.tar import ShardProblem, iter_samples
+
+        for sh in shards if shards is not None else self.shards():
+            for item in iter_samples(sh.path):
+                if not isinstance(item, ShardProblem):
+                    yield parse_sample(item, sh.id)
+
+    def inputs(self, stage: str, shard: str, columns: Sequence[str]) -> dict:
+        """Columns of an earlier stage for one shard, with its `uid`s; a name that is not a parquet column is
+        read from the stage's embeddings (`embeddings/<stage>/<shard>.<name>.npy`, rows aligned with the
+        parquet). A shard the stage has no file for gives no rows (its samples then lack that input)."""
+        if not self.column_path(stage, shard).exists():
+            return {"uid": [], **{c: [] for c in columns if c != "uid"}}
+        names = set(pq.read_schema(self.column_path(stage, shard)).names)
+        out = self.read_columns(stage, shard, ["uid"] + [c for c in columns if c in names and c != "uid"]).to_pydict()
+        for c in columns:
+            if c not in names:
+                p = self.embedding_path(stage, shard, c)
+                if not p.exists():
+                    if not out["uid"]:  # a 0-row file from an operator that declares no schema: nothing to read
+                        out[c] = []
+                        continue
+                    raise KeyError(f"stage {stage!r} has no column or embedding {c!r} (shard {shard})")
+                out[c] = np.load(p)
+        return out
+
+    def rows(
+        self,
+        shard: Shard,
+        inputs: dict | None = None,
+        needs: Sequence[str] = (),
+        *,
+        check: Callable[[dict], str | None] | None = None,
+        seen: FirstSeen | None = None,
+    ) -> Iterator[tuple]:
+        """Every sample of a shard as (row, reason, problem), for a stage that must account for each one.
+
+        `row` is the parsed sample with the columns of the input stages (`inputs`: {stage: [columns]})
+        merged in; `reason` says why it cannot be processed (None when it can); `problem` is set for a tar
+        broken between samples (row None) or inside this sample. The reasons, in order: the sample's own
+        problem or one of a field it `needs`; no output of an input stage; `check(row)` (a stage's own
+        refusal, which may normalise the row in place); a uid already kept (`seen`: per shard by default,
+        shared across shards when given). Both engines and `rewrite` read shards through this."""
+        from .io.samples import parse_sample
+        from .io.tar import ShardProblem, iter_samples
+
+        cols = {st: self.inputs(st, shard.id, c) for st, c in (inputs or {}).items()}
+        index = {st: {u: i for i, u in enumerate(c["uid"])} for st, c in cols.items()}
+        seen = FirstSeen() if seen is None else seen
+        for item in iter_samples(shard.path):
+            if isinstance(item, ShardProblem):
+                yield None, item.reason, item
+                continue
+            row = parse_sample(item, shard.id)
+            probs = row["problems"]
+            reason = probs.get("sample") or next((probs[f] for f in needs if f in probs), None)
+            missing = [st for st in cols if row["uid"] not in index[st]]
+            if reason is None and missing:
+                reason = f"no {missing[0]!r} output for this sample (see errors/{missing[0]})"
+            if reason is None:
+                for st, c in cols.items():
+                    i = index[st][row["uid"]]
+                    row.update({k: v[i] for k, v in c.items() if k != "uid"})
+                reason = (check(row) if check else None) or seen.duplicate(row["uid"], shard.id)
+            if reason is None:
+                seen.keep(row["uid"], shard.id, row["key"])
+            yield row, reason, item if item.broke_shard else None
 
     # ---- subsets ------------------------------------------------------------------------------
     def subset_path(self, name: str) -> Path:

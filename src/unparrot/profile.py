@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from .engine import run
-from .engine.local import iter_pool_samples
 from .pool import Pool
 from .cotr import STOPWORDS, tokens
 
@@ -142,7 +141,7 @@ def vocab(
         return len(t) >= min_len and not (stopwords and t in STOPWORDS)
 
     c1, c2 = Counter(), Counter()
-    for row in iter_pool_samples(pool):
+    for row in pool.samples():
         if row["caption"] is None:
             continue
         toks = [t for t in tokens(row["caption"]) if keep(t)]

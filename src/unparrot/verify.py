@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -54,19 +53,6 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _shard_samples(path: str) -> list[tuple[str, str]]:
-    """(uid, key) of every sample of a shard, in order (a break in the tar is not a sample)."""
-    from .io.samples import parse_sample
-    from .io.tar import ShardProblem, iter_samples
-
-    out = []
-    for item in iter_samples(path):
-        if not isinstance(item, ShardProblem):
-            row = parse_sample(item, "")
-            out.append((row["uid"], row["key"]))
-    return out
-
-
 def _is_subsequence(part: list, whole: list) -> bool:
     it = iter(whole)
     return all(any(x == y for y in it) for x in part)
@@ -84,7 +70,7 @@ def verify(pool: Pool | str) -> VerifyReport:
     samples: dict[str, list[tuple[str, str]]] = {}
     for sh in shards:
         try:
-            samples[sh.id] = _shard_samples(sh.path)
+            samples[sh.id] = [(r["uid"], r["key"]) for r in pool.samples([sh])]  # a tar break is no sample
         except OSError as e:
             rep.add(sh.path, f"cannot read the shard: {e}")
             samples[sh.id] = []

@@ -1,12 +1,14 @@
 """Engines run per-sample operators over a pool: `local` (default, worker processes on this machine) and
-`ray` (Ray actors, one shard per call, for clusters)."""
+`ray` (Ray actors, one shard per call, for clusters). Both keep their books through `stage` (the stage
+record, resume decisions, the cross-shard duplicate pass, counts and summaries)."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 
-from .local import StageConflict, StageSummary, run_stage
+from .local import run_stage
+from .stage import StageConflict, StageSummary
 
 
 @dataclass

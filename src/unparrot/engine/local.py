@@ -7,119 +7,25 @@ uninterrupted run (operators are deterministic for fixed parameters).
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
-import shutil
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
-from ..io.samples import parse_sample
-from ..io.tar import ShardProblem, count_samples, iter_samples
+from ..io.tar import count_samples
 from ..ops import get_op
 from ..ops.base import Outputs
-from ..pool import Pool, Shard, atomic_write_table, remove_stale_temp, source_stamp, to_arrow, write_errors
+from ..pool import Pool, Shard, source_stamp
 from ..progress import progress_bar
+from .stage import ShardResult, StageSummary, finish_stage, prepare_stage
 
 
-class StageConflict(RuntimeError):
-    """The stage already holds output made with other parameters."""
-
-
-@dataclass
-class ShardResult:
-    shard: str
-    n_in: int = 0
-    n_ok: int = 0
-    n_err: int = 0
-    problems: list[str] = field(default_factory=list)
-
-
-@dataclass
-class StageSummary:
-    stage: str
-    shards: int
-    skipped: int
-    n_in: int
-    n_ok: int
-    n_err: int
-    seconds: float
-    problems: list[str] = field(default_factory=list)
-    error_dir: str = ""
-    setup_seconds: float = 0.0  # loading the operator (models) in-process; excluded from the rate
-
-    def line(self) -> str:
-        work = self.seconds - self.setup_seconds
-        rate = self.n_in / work if work > 0 else 0.0
-        s = (
-            f"{self.stage}: {self.shards} shards ({self.skipped} already done), {self.n_in} samples: "
-            f"{self.n_ok} processed, {self.n_err} errors in {self.seconds:.1f}s ({rate:.1f} samples/s)"
-        )
-        if self.n_err:
-            s += f"; errors in {self.error_dir}"
-        if self.problems:
-            s += f"; {len(self.problems)} shard problem(s): {self.problems[0]}"
-        return s
-
-
-def iter_pool_samples(pool: Pool, shards: list[Shard] | None = None) -> Iterator[dict]:
-    """Every parsed sample row of a pool, in shard order (shard problems are skipped silently here)."""
-    for sh in shards if shards is not None else pool.shards():
-        for item in iter_samples(sh.path):
-            if not isinstance(item, ShardProblem):
-                yield parse_sample(item, sh.id)
-
-
-def read_inputs(pool: Pool, stage: str, shard: str, cols) -> dict:
-    """Columns of an earlier stage for one shard; a name that is not a parquet column is read from the
-    stage's embeddings (`embeddings/<stage>/<shard>.<name>.npy`, rows aligned with the parquet)."""
-    import pyarrow.parquet as pq
-
-    names = set(pq.read_schema(pool.column_path(stage, shard)).names)
-    out = pool.read_columns(stage, shard, ["uid"] + [c for c in cols if c in names and c != "uid"]).to_pydict()
-    for c in cols:
-        if c not in names:
-            p = pool.embedding_path(stage, shard, c)
-            if not p.exists():
-                if not out["uid"]:  # a 0-row file from an operator that declares no schema: nothing to read
-                    out[c] = []
-                    continue
-                raise KeyError(f"stage {stage!r} has no column or embedding {c!r} (shard {shard})")
-            out[c] = np.load(p)
-    return out
-
-
-def shard_rows(pool: Pool, shard: Shard, needs, input_spec: dict) -> Iterator[tuple]:
-    """Every sample of a shard as (row, reason, problem): `row` is the parsed sample with the columns of the
-    input stages merged in; `reason` says why it cannot be processed (None when it can); `problem` is set
-    for a tar broken between samples (row None) or inside this sample. Both engines use it."""
-    inputs = {st: read_inputs(pool, st, shard.id, cols) for st, cols in input_spec.items()}
-    index = {st: {u: i for i, u in enumerate(cols["uid"])} for st, cols in inputs.items()}
-    seen: dict[str, str] = {}
-    for item in iter_samples(shard.path):
-        if isinstance(item, ShardProblem):
-            yield None, item.reason, item
-            continue
-        row = parse_sample(item, shard.id)
-        probs = row["problems"]
-        reason = probs.get("sample") or next((probs[f] for f in needs if f in probs), None)
-        if reason is None and row["uid"] in seen:
-            reason = f"duplicate uid {row['uid']} (first at key {seen[row['uid']]} of this shard)"
-        missing = [st for st in inputs if row["uid"] not in index[st]]
-        if reason is None and missing:
-            reason = f"no {missing[0]!r} output for this sample (see errors/{missing[0]})"
-        if reason is None:
-            seen[row["uid"]] = row["key"]
-            for st, cols in inputs.items():
-                i = index[st][row["uid"]]
-                row.update({c: v[i] for c, v in cols.items() if c != "uid"})
-        yield row, reason, item if item.broke_shard else None
+BATCH_FIELDS = ("uid", "key", "shard", "image", "image_ext", "caption", "meta")  # what an operator sees
 
 
 def process_shard(
@@ -133,7 +39,8 @@ def process_shard(
 ) -> ShardResult:
     """Run `op` over one shard and write its columns and errors. Returns the shard's counts.
 
-    `outputs` (the operator's declared columns and embeddings) types a shard with no processed sample."""
+    `outputs` (the operator's declared columns and embeddings) types a shard with no processed sample.
+    Both engines call it (the Ray actors too), so a shard's files are the same whichever ran it."""
     res = ShardResult(shard.id)
     stamp = source_stamp(shard.path) if os.path.exists(shard.path) else None  # the tar as it is read
     input_cols = [c for cols in op.inputs.values() for c in cols if c != "uid"]
@@ -142,47 +49,17 @@ def process_shard(
     pending: list[dict] = []
 
     def flush():
-        if not pending:
-            return
-        batch = {
-            k: [r.get(k) for r in pending] for k in ("uid", "key", "shard", "image", "image_ext", "caption", "meta")
-        }
-        for c in input_cols:
-            vals = [r[c] for r in pending]
-            batch[c] = np.stack(vals) if vals and isinstance(vals[0], np.ndarray) else vals
-        out = op(batch)
-        n = len(pending)
-        bad = {k: len(v) for k, v in out.items() if len(v) != n}
-        if bad:
-            raise RuntimeError(f"operator {type(op).__name__} returned columns of wrong length {bad} for {n} rows")
-        errs = out.get("error") or [None] * n
-        keep = [i for i in range(n) if not errs[i]]
-        for i in range(n):
-            if errs[i]:
-                errors.append({"uid": pending[i]["uid"], "key": pending[i]["key"], "reason": str(errs[i])})
-        out_cols.setdefault("uid", []).extend(pending[i]["uid"] for i in keep)
-        out_cols.setdefault("key", []).extend(pending[i]["key"] for i in keep)
-        for k, v in out.items():
-            if k in ("error", "uid", "key"):
-                continue
-            if isinstance(v, np.ndarray) and v.ndim == 2:
-                out_cols.setdefault(k, []).append(v[keep])
-            else:
-                out_cols.setdefault(k, []).extend(v[i] for i in keep)
-        res.n_ok += len(keep)
-        res.n_err += n - len(keep)
-        if on_progress:
-            on_progress(n)
-        pending.clear()
+        if pending:
+            kept = _run_batch(op, pending, input_cols, errors, out_cols)
+            res.n_ok += kept
+            res.n_err += len(pending) - kept
+            if on_progress:
+                on_progress(len(pending))
+            pending.clear()
 
-    for row, reason, problem in shard_rows(pool, shard, op.needs, op.inputs):
+    for row, reason, problem in pool.rows(shard, op.inputs, op.needs):
         if problem is not None:
-            where = (
-                f" (after key {problem.after_key})"
-                if row is None and problem.after_key
-                else (f" (in sample {problem.key})" if row is not None else "")
-            )
-            res.problems.append(f"shard {shard.id}: {reason if row is None else problem.problem}{where}")
+            res.problems.append(_problem_line(shard, row, reason, problem))
         if row is None:
             errors.append({"uid": None, "key": problem.after_key, "reason": reason})
             continue
@@ -197,16 +74,58 @@ def process_shard(
         if len(pending) >= batch_size:
             flush()
     flush()
+    o = outputs or Outputs()
+    pool.write_columns(
+        stage, shard.id, _gathered(out_cols), errors, schema=o.columns, embedding_dims=o.embeddings, stamp=stamp
+    )
+    return res
+
+
+def _problem_line(shard: Shard, row, reason, problem) -> str:
+    """The summary's line for a broken tar: between samples (row None) or inside one."""
+    where = (
+        f" (after key {problem.after_key})"
+        if row is None and problem.after_key
+        else (f" (in sample {problem.key})" if row is not None else "")
+    )
+    return f"shard {shard.id}: {reason if row is None else problem.problem}{where}"
+
+
+def _run_batch(op, pending: list[dict], input_cols: list[str], errors: list, out_cols: dict) -> int:
+    """One operator call over `pending` rows: its rows with an `error` go to `errors`, the others' columns
+    are appended to `out_cols` (2-D arrays as blocks, concatenated once at the end). Returns the rows kept."""
+    batch = {k: [r.get(k) for r in pending] for k in BATCH_FIELDS}
+    for c in input_cols:
+        vals = [r[c] for r in pending]
+        batch[c] = np.stack(vals) if vals and isinstance(vals[0], np.ndarray) else vals
+    out = op(batch)
+    n = len(pending)
+    bad = {k: len(v) for k, v in out.items() if len(v) != n}
+    if bad:
+        raise RuntimeError(f"operator {type(op).__name__} returned columns of wrong length {bad} for {n} rows")
+    errs = out.get("error") or [None] * n
+    keep = [i for i in range(n) if not errs[i]]
+    for i in range(n):
+        if errs[i]:
+            errors.append({"uid": pending[i]["uid"], "key": pending[i]["key"], "reason": str(errs[i])})
+    out_cols.setdefault("uid", []).extend(pending[i]["uid"] for i in keep)
+    out_cols.setdefault("key", []).extend(pending[i]["key"] for i in keep)
+    for k, v in out.items():
+        if k in ("error", "uid", "key"):
+            continue
+        if isinstance(v, np.ndarray) and v.ndim == 2:
+            out_cols.setdefault(k, []).append(v[keep])
+        else:
+            out_cols.setdefault(k, []).extend(v[i] for i in keep)
+    return len(keep)
+
+
+def _gathered(out_cols: dict) -> dict:
+    """The shard's columns: 2-D blocks concatenated; no processed sample gives just the keys, empty."""
     columns = {}
     for k, v in out_cols.items():
         columns[k] = np.concatenate(v) if v and isinstance(v[0], np.ndarray) and v[0].ndim == 2 else v
-    if "uid" not in columns:
-        columns = {"uid": [], "key": []}
-    o = outputs or Outputs()
-    pool.write_columns(
-        stage, shard.id, columns, errors, schema=o.columns, embedding_dims=o.embeddings, stamp=stamp
-    )
-    return res
+    return columns if "uid" in columns else {"uid": [], "key": []}
 
 
 # ---- worker processes ---------------------------------------------------------------------------
@@ -227,6 +146,7 @@ def limit_threads(threads: int):
 
 
 def _init_worker(op_name, params, threads, queue):
+    """Runs once in each worker process: the thread cap, then the operator (loaded once per process)."""
     limit_threads(threads)
     _WORKER["op"] = get_op(op_name)(**params)
     _WORKER["outputs"] = get_op(op_name).outputs(params)
@@ -234,54 +154,11 @@ def _init_worker(op_name, params, threads, queue):
 
 
 def _run_in_worker(pool_root: str, shard: Shard, stage: str, batch_size: int) -> ShardResult:
+    """One shard in a worker process, with the operator its initializer loaded."""
     q = _WORKER["queue"]
     return process_shard(
         Pool(pool_root), shard, _WORKER["op"], stage, batch_size, on_progress=q.put, outputs=_WORKER["outputs"]
     )
-
-
-def _check_stage(pool: Pool, stage: str, record: dict, overwrite: bool):
-    info = pool.stage_info(stage)
-    if overwrite:
-        for sub in ("columns", "errors", "embeddings"):
-            shutil.rmtree(pool.root / sub / stage, ignore_errors=True)
-    elif info is not None and info != record:
-        raise StageConflict(
-            f"stage {stage!r} in {pool.root} was made with {json.dumps(info, sort_keys=True)}, not "
-            f"{json.dumps(record, sort_keys=True)}: pass overwrite=True (--overwrite) to recompute it, or "
-            f"name the new output differently (--stage NAME)"
-        )
-    remove_stale_temp(*(pool.root / sub / stage for sub in ("columns", "errors", "embeddings")))
-    p = pool.root / "columns" / stage / "_stage.json"
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(record, sort_keys=True, indent=1))
-
-
-def prepare_stage(pool: Pool, op: str, params: dict, stage: str, shards, overwrite: bool):
-    """Checks every engine makes before any work: the operator and its parameters, the shards, the input
-    stages, the stage record. Returns (operator class, selected shards, shards still to do)."""
-    op_cls = get_op(op)
-    all_shards = pool.shards()
-    if shards is not None:
-        wanted = set(shards)
-        unknown = wanted - {s.id for s in all_shards}
-        if unknown:
-            raise KeyError(f"unknown shards {sorted(unknown)[:5]} in {pool.root}")
-        all_shards = [s for s in all_shards if s.id in wanted]
-    if not all_shards:
-        raise FileNotFoundError(f"no shards found in {pool.root} (expected shards/*.tar or pool.yaml)")
-    record = {"op": op, "version": op_cls.version, "params": bind_params(op_cls, params)}
-    for st in op_cls.inputs_for(params):
-        missing = [s.id for s in all_shards if not pool.column_path(st, s.id).exists()]
-        if missing:
-            raise FileNotFoundError(
-                f"stage {stage!r} needs stage {st!r} first; it is missing for "
-                f"{len(missing)} shard(s), e.g. {missing[0]}"
-            )
-    _check_stage(pool, stage, record, overwrite)
-    # a shard repaired or replaced since its output was written is done again
-    done = set(pool.done_shards(stage)) - set(pool.changed_shards(stage, all_shards))
-    return op_cls, all_shards, [s for s in all_shards if s.id not in done]
 
 
 def run_stage(
@@ -308,58 +185,39 @@ def run_stage(
     params = dict(params or {})
     stage = stage or op
     op_cls, all_shards, todo = prepare_stage(pool, op, params, stage, shards, overwrite)
-    results: list[ShardResult] = []
     bar = progress_bar(total=None, desc=stage, unit="img", disable=not progress)
     _count_in_background(todo, bar)
+    results: list[ShardResult] = []
     setup = 0.0
     try:
         if todo and (workers <= 1 or len(todo) == 1):
-            t_setup = time.time()
-            op_obj = op_cls(**params)
-            setup = time.time() - t_setup
-            outputs = op_cls.outputs(params)
-            for sh in todo:
-                results.append(
-                    process_shard(pool, sh, op_obj, stage, batch_size, on_progress=bar.update, outputs=outputs)
-                )
+            results, setup = _run_in_process(pool, todo, op_cls, params, stage, batch_size, bar)
         elif todo:
             threads = threads or max(1, (os.cpu_count() or 1) // workers)
             results = _run_parallel(pool, todo, op, params, stage, workers, batch_size, bar, threads)
     finally:
         bar.close()
-    problems = [p for r in results for p in r.problems]
-    _move_cross_shard_duplicates(pool, stage)
-    counts = stage_counts(pool, stage, [s.id for s in all_shards])
-    return StageSummary(
-        stage=stage,
-        shards=len(all_shards),
-        skipped=len(all_shards) - len(todo),
-        n_in=counts["n_in"],
-        n_ok=counts["n_ok"],
-        n_err=counts["n_err"],
-        seconds=time.time() - t0,
-        problems=problems,
-        error_dir=str(pool.root / "errors" / stage),
-        setup_seconds=setup,
-    )
+    return finish_stage(pool, stage, all_shards, todo, results, t0, setup_seconds=setup)
 
 
-def bind_params(op_cls, params: dict) -> dict:
-    """The operator's full parameters (defaults filled in), checked against its signature up front."""
-    import inspect
-
-    try:
-        bound = inspect.signature(op_cls.__init__).bind(None, **params)
-    except TypeError as e:
-        raise TypeError(f"bad parameters for operator {op_cls.__name__}: {e}") from None
-    bound.apply_defaults()
-    out = dict(bound.arguments)
-    out.pop(next(iter(out)))  # self
-    out.update(out.pop("kwargs", {}))
-    return json.loads(json.dumps(out, sort_keys=True, default=str))
+def _run_in_process(pool, todo, op_cls, params, stage, batch_size, bar) -> tuple[list[ShardResult], float]:
+    """One worker: the operator loaded here, the shards one after the other (no process start-up, and
+    the model's loading time measured apart, so the summary's rate is that of the work). Returns the
+    shards' results and the loading time."""
+    t_setup = time.time()
+    op_obj = op_cls(**params)
+    setup = time.time() - t_setup
+    outputs = op_cls.outputs(params)
+    results = [
+        process_shard(pool, sh, op_obj, stage, batch_size, on_progress=bar.update, outputs=outputs) for sh in todo
+    ]
+    return results, setup
 
 
 def _run_parallel(pool, todo, op, params, stage, workers, batch_size, bar, threads) -> list[ShardResult]:
+    """`workers` spawned processes, each loading the operator once and taking one shard at a time; their
+    progress comes back through a queue. A dead worker ends the stage with a message that says finished
+    shards are kept (a rerun resumes), or with the operator's own error when it cannot even start."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     stop = threading.Event()
@@ -420,71 +278,4 @@ def _count_in_background(shards: list[Shard], bar):
     threading.Thread(target=count, daemon=True).start()
 
 
-def stage_counts(pool: Pool, stage: str, shard_ids: list[str]) -> dict:
-    """n_in / n_ok / n_err of a stage over shards, from its files (so resumed runs count everything)."""
-    import pyarrow.parquet as pq
-
-    n_ok = n_err = 0
-    for sid in shard_ids:
-        p = pool.column_path(stage, sid)
-        if p.exists():
-            n_ok += pq.read_metadata(p).num_rows
-        e = pool.error_path(stage, sid)
-        if e.exists():
-            uids = pq.read_table(e, columns=["uid"]).column("uid")
-            n_err += len(uids) - uids.null_count  # shard-level problems have no uid and are not samples
-    return {"n_in": n_ok + n_err, "n_ok": n_ok, "n_err": n_err}
-
-
-def _move_cross_shard_duplicates(pool: Pool, stage: str):
-    """A uid seen in an earlier shard (by shard id order) is an error row in later shards.
-
-    Its stamp (removed whenever a shard's output is written) lets a rerun with nothing new skip it; a run
-    killed inside it leaves no stamp and the next run finishes it. Each step is idempotent: error rows are
-    added once, embeddings are trimmed only while they still have the table's length, the table last."""
-    import pyarrow.parquet as pq
-
-    from ..pool import CROSS_SHARD_STAMP, atomic_save_npy, atomic_write_bytes
-
-    stamp = pool.root / "columns" / stage / CROSS_SHARD_STAMP
-    if stamp.exists() or not stamp.parent.exists():
-        return
-    first: dict[str, str] = {}
-    for sid in pool.done_shards(stage):
-        uids = pq.read_table(pool.column_path(stage, sid), columns=["uid"]).column("uid").to_pylist()
-        dup = [i for i, u in enumerate(uids) if u in first]
-        for u in uids:
-            first.setdefault(u, sid)
-        if not dup:
-            continue
-        table = pool.read_columns(stage, sid)
-        keep = np.setdiff1d(np.arange(len(uids)), dup)
-        keys = table.column("key").to_pylist()
-        err_path = pool.error_path(stage, sid)
-        old = pq.read_table(err_path).to_pylist() if err_path.exists() else []
-        seen = {(r["uid"], r["reason"]) for r in old}
-        new = [
-            {"uid": uids[i], "key": keys[i], "reason": f"duplicate uid {uids[i]} (first in shard {first[uids[i]]})"}
-            for i in dup
-        ]
-        new = [r for r in new if (r["uid"], r["reason"]) not in seen]
-        if new:
-            write_errors(err_path, stage, sid, old + new)
-        for p in (pool.root / "embeddings" / stage).glob(f"{sid}.*.npy"):
-            arr = np.load(p, mmap_mode="r")
-            if len(arr) == len(uids):  # not trimmed yet
-                atomic_save_npy(p, np.asarray(arr[keep]))
-        atomic_write_table(pool.column_path(stage, sid), table.take(keep))
-    atomic_write_bytes(stamp, b"")
-
-
-__all__ = [
-    "run_stage",
-    "process_shard",
-    "StageSummary",
-    "StageConflict",
-    "iter_pool_samples",
-    "to_arrow",
-    "stage_counts",
-    "limit_threads",
-]
+__all__ = ["run_stage", "process_shard", "limit_threads"]

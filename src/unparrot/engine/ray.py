@@ -17,15 +17,8 @@ import time
 from ..ops import get_op
 from ..pool import Pool, Shard
 from ..progress import progress_bar
-from .local import (
-    ShardResult,
-    StageSummary,
-    _move_cross_shard_duplicates,
-    limit_threads,
-    prepare_stage,
-    process_shard,
-    stage_counts,
-)
+from .local import limit_threads, process_shard
+from .stage import ShardResult, StageSummary, finish_stage, prepare_stage
 
 # an actor that dies is restarted this many times, and the shard call it held retried (a worker kill)
 ACTOR_RESTARTS = 3
@@ -126,19 +119,7 @@ def run_stage_ray(
         finally:
             if started:
                 ray.shutdown()
-    _move_cross_shard_duplicates(pool, stage)
-    counts = stage_counts(pool, stage, [s.id for s in all_shards])
-    return StageSummary(
-        stage=stage,
-        shards=len(all_shards),
-        skipped=len(all_shards) - len(todo),
-        n_in=counts["n_in"],
-        n_ok=counts["n_ok"],
-        n_err=counts["n_err"],
-        seconds=time.time() - t0,
-        problems=[p for r in results for p in r.problems],
-        error_dir=str(pool.root / "errors" / stage),
-    )
+    return finish_stage(pool, stage, all_shards, todo, results, t0)
 
 
 def _run_actors(pool, todo, op, params, stage, workers, batch_size, progress, threads, num_cpus, num_gpus):

@@ -297,7 +297,6 @@ def resolve_models(cfg: AuditConfig) -> list[ModelSpec]:
 def _pool_pairs(pool_path: str, n: int, seed: int) -> dict:
     """Up to `n` text-bearing pairs of a profiled pool (a seeded choice by uid): image bytes, caption, boxes;
     plus the pool's share of text-bearing images."""
-    from ..engine.local import iter_pool_samples
     from ..pool import Pool
 
     pool = Pool(pool_path)
@@ -310,7 +309,7 @@ def _pool_pairs(pool_path: str, n: int, seed: int) -> dict:
     want = set(chosen)
     boxes = dict(zip(text["uid"], text["boxes"]))
     images, captions, quads, uids = [], [], [], []
-    for row in iter_pool_samples(pool):
+    for row in pool.samples():
         if row["uid"] in want and row["image"] is not None and row["caption"]:
             uids.append(row["uid"])
             images.append(row["image"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..engine.local import iter_pool_samples
 from ..imaging.decode import open_image
 from .html import Section, draw_boxes, esc, fig_tag, grid, table
 
@@ -16,7 +15,7 @@ def fetch_samples(pool, rows, max_side: int = 512) -> dict:
     for r in rows:
         want.setdefault(r["shard"], set()).add(r["uid"])
     out = {}
-    for row in iter_pool_samples(pool, [s for s in pool.shards() if s.id in want]):
+    for row in pool.samples([s for s in pool.shards() if s.id in want]):
         if row["uid"] in want.get(row["shard"], ()):
             try:
                 im = open_image(row["image"], draft=max_side)

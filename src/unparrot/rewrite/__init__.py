@@ -20,10 +20,8 @@ from typing import Sequence
 
 import pyarrow as pa
 
-from ..engine.local import _check_stage
-from ..io.samples import parse_sample
-from ..io.tar import ShardProblem, iter_samples
-from ..pool import Pool
+from ..engine.stage import claim_stage, select_shards, shards_to_do, stage_counts
+from ..pool import FirstSeen, Pool, Shard
 from ..progress import progress_bar
 from .backends import BACKENDS, Backend, Completion, Request, get_backend
 from .cache import RewriteCache, task_key
@@ -161,21 +159,9 @@ def rewrite(pool: Pool | str, backend: str = "llama-cpp", k: int = 4, styles: Se
     """
     t0 = time.time()
     pool = pool if isinstance(pool, Pool) else Pool(pool)
-    if backend not in BACKENDS:
-        raise KeyError(f"unknown rewrite backend {backend!r}; known: {', '.join(BACKENDS)}")
-    if k < 1:
-        raise ValueError("rewrite: k must be at least 1")
-    if retries < 0 or max_tokens < 1 or not 0 < top_p <= 1 or temperature < 0:
-        raise ValueError("rewrite: need retries >= 0, max_tokens >= 1, 0 < top_p <= 1, temperature >= 0")
-    all_shards = pool.shards()
-    if not all_shards:
-        raise FileNotFoundError(f"no shards found in {pool.root} (expected shards/*.tar or pool.yaml)")
-    source = None
-    if caption_column:
-        from ..curate.reshard import parse_columns
-
-        ((cst, (ccol,)),) = parse_columns([caption_column], pool).items()
-        source = (cst, ccol)
+    _check_arguments(backend, k, retries, max_tokens, top_p, temperature)
+    all_shards = select_shards(pool)
+    source = _caption_source(pool, caption_column)
     cls = BACKENDS[backend]
     styles = tuple(dict.fromkeys(styles or cls.default_styles))
     style_ids = _style_ids(cls, styles)
@@ -189,102 +175,172 @@ def rewrite(pool: Pool | str, backend: str = "llama-cpp", k: int = 4, styles: Se
         params = be.params()
         if be.needs_prompt:
             params["draws"] = draws
-        record = {"op": "rewrite", "version": PROMPT_VERSION,
-                  "params": {"backend": backend, "model": be.model_id, "k": k, "styles": list(style_ids.values()),
-                             "seed": seed, "max_caption_chars": max_caption_chars, "max_captions": max_captions,
-                             **params}}
-        if source is not None:  # recorded only when used, so existing stages keep their record
-            record["params"]["caption_column"] = ".".join(source)
-        _check_stage(pool, stage, record, overwrite)
-        done = set(pool.done_shards(stage)) - set(pool.changed_shards(stage, all_shards))
-        todo = [s for s in all_shards if retry_failed or s.id not in done]
+        record = _stage_record(backend, be.model_id, k, style_ids, seed, max_caption_chars, max_captions, params,
+                               source)
+        claim_stage(pool, stage, record, overwrite)
+        todo = list(all_shards) if retry_failed else shards_to_do(pool, stage, all_shards)
         summary = RewriteSummary(stage=stage, backend=backend, model=be.model_id, shards=len(all_shards),
                                  skipped=len(all_shards) - len(todo), error_dir=str(pool.root / "errors" / stage))
         rows, errors = _read_captions(pool, todo, max_caption_chars, progress, source)
         slots = [(styles[i % len(styles)], i // len(styles)) for i in range(k)]
-        captions = list(dict.fromkeys(r["caption"] for rs in rows.values() for r in rs if r["caption"] is not None))
-        if max_captions is not None:  # the most frequent first; ties keep their first appearance
-            freq = Counter(r["caption"] for rs in rows.values() for r in rs if r["caption"] is not None)
-            captions = sorted(captions, key=lambda c: -freq[c])[:max(0, int(max_captions))]
+        captions = _captions_to_rewrite(rows, max_captions)
         cache = RewriteCache(pool.root / "cache" / "rewrite" / "rewrites.jsonl")
         try:
-            tasks: dict[tuple[str, int, str], Task] = {}
-            for cap in captions:
-                for style, slot in slots:
-                    label = style_ids[style] + (f"#{slot}" if slot else "")
-                    key = task_key(cap, backend, be.model_id, PROMPT_VERSION, label, seed, params)
-                    tasks[(cap, slot, style)] = Task(cap, style, slot, key)
-            todo_tasks, starts = [], {}
-            for t in tasks.values():
-                hit = cache.get(t.key)
-                if hit is not None and (hit["ok"] or not retry_failed):
-                    summary.cached += 1
-                else:
-                    todo_tasks.append(t)
-                    if hit is not None:
-                        starts[t.key] = int(hit.get("attempts") or 0)
-            bar = progress_bar(total=len(todo_tasks), desc=stage, unit="rewrite", disable=not progress)
-
-            def on_final(t: Task, entry: dict):
-                cache.put(t.key, {**entry, "style": t.label, "backend": backend, "model": be.model_id})
-                if entry["ok"]:
-                    summary.generated += 1
-                bar.update(1)
-
-            try:
-                summary.calls = run_tasks(be, todo_tasks, seed=seed, retries=retries, draws=draws,
-                                          on_final=on_final, starts=starts)
-            finally:
-                bar.close()
+            tasks = _make_tasks(captions, slots, style_ids, backend, be.model_id, seed, params)
+            todo_tasks, starts = _tasks_to_run(tasks, cache, retry_failed, summary)
+            summary.calls = _generate(be, todo_tasks, cache, summary, starts=starts, seed=seed, retries=retries,
+                                      draws=draws, progress=progress)
             for sh in todo:
-                cols = {"uid": [], "key": [], "rewrites": [], "rewrite_styles": [], "rewrite_failures": []}
-                for r in rows[sh.id]:
-                    texts, labels, fails = [], [], []
-                    if r["caption"] is None:
-                        fails.append(f"no caption to rewrite: {'.'.join(source)} is null")
-                    for style, slot in slots if r["caption"] is not None else ():
-                        t = tasks.get((r["caption"], slot, style))
-                        if t is None:
-                            fails.append(f"{style}: not selected (max_captions={max_captions})")
-                            continue
-                        e = cache.get(t.key)
-                        if e is not None and e["ok"]:
-                            texts.append(e["text"])
-                            labels.append(t.label)
-                        else:
-                            reason = e["reason"] if e is not None else "not generated"
-                            fails.append(f"{t.label}: {reason}")
-                    for c, v in (("uid", r["uid"]), ("key", r["key"]), ("rewrites", texts),
-                                 ("rewrite_styles", labels), ("rewrite_failures", fails)):
-                        cols[c].append(v)
+                cols = _shard_columns(rows[sh.id], slots, tasks, cache, source, max_captions)
                 pool.write_columns(stage, sh.id, cols, errors[sh.id], schema=REWRITE_SCHEMA, source=sh.path)
-            reasons: dict[str, int] = {}
-            for t in tasks.values():
-                e = cache.get(t.key)
-                if e is None or not e["ok"]:
-                    summary.failed += 1
-                    r = (e or {}).get("reason", "not generated").split(" (after")[0]
-                    reasons[r] = reasons.get(r, 0) + 1
-            summary.failure_reasons = reasons
+            summary.failed, summary.failure_reasons = _failures(tasks, cache)
             summary.captions, summary.tasks = len(captions), len(tasks)
         finally:
             cache.close()
     finally:
         be.close()
-    from ..engine.local import stage_counts
-
     counts = stage_counts(pool, stage, [s.id for s in all_shards])
     summary.n_in, summary.n_ok, summary.n_err = counts["n_in"], counts["n_ok"], counts["n_err"]
     if summary.shards and summary.skipped == summary.shards:  # nothing ran: the failures on record
-        summary.failed = sum(
-            1
-            for sid in pool.done_shards(stage)
-            for fs in pool.read_columns(stage, sid, ["rewrite_failures"]).column("rewrite_failures").to_pylist()
-            for f in fs or ()
-            if "not selected (max_captions" not in f
-        )
+        summary.failed = _failures_on_record(pool, stage)
     summary.seconds, summary.setup_seconds = time.time() - t0, setup
     return summary
+
+
+def _check_arguments(backend: str, k: int, retries: int, max_tokens: int, top_p: float, temperature: float):
+    """Refuse bad arguments before a model loads or a file is written."""
+    if backend not in BACKENDS:
+        raise KeyError(f"unknown rewrite backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if k < 1:
+        raise ValueError("rewrite: k must be at least 1")
+    if retries < 0 or max_tokens < 1 or not 0 < top_p <= 1 or temperature < 0:
+        raise ValueError("rewrite: need retries >= 0, max_tokens >= 1, 0 < top_p <= 1, temperature >= 0")
+
+
+def _caption_source(pool: Pool, caption_column: str | None) -> tuple[str, str] | None:
+    """(stage, column) whose values are rewritten instead of the shards' captions, or None."""
+    if not caption_column:
+        return None
+    from ..curate.reshard import parse_columns
+
+    ((cst, (ccol,)),) = parse_columns([caption_column], pool).items()
+    return cst, ccol
+
+
+def _stage_record(backend: str, model_id: str, k: int, style_ids: dict, seed: int, max_caption_chars: int,
+                  max_captions: int | None, params: dict, source: tuple[str, str] | None) -> dict:
+    """The stage's `_stage.json`: everything that changes the rewrites (a rerun with other values is a
+    `StageConflict`, never a stage that mixes two settings)."""
+    record = {"op": "rewrite", "version": PROMPT_VERSION,
+              "params": {"backend": backend, "model": model_id, "k": k, "styles": list(style_ids.values()),
+                         "seed": seed, "max_caption_chars": max_caption_chars, "max_captions": max_captions,
+                         **params}}
+    if source is not None:  # recorded only when used, so existing stages keep their record
+        record["params"]["caption_column"] = ".".join(source)
+    return record
+
+
+def _make_tasks(captions: list[str], slots: list, style_ids: dict, backend: str, model_id: str, seed: int,
+                params: dict) -> dict[tuple[str, int, str], Task]:
+    """(caption, slot, style) -> its task, keyed in the cache by everything that decides its output."""
+    tasks: dict[tuple[str, int, str], Task] = {}
+    for cap in captions:
+        for style, slot in slots:
+            label = style_ids[style] + (f"#{slot}" if slot else "")
+            key = task_key(cap, backend, model_id, PROMPT_VERSION, label, seed, params)
+            tasks[(cap, slot, style)] = Task(cap, style, slot, key)
+    return tasks
+
+
+def _captions_to_rewrite(rows: dict, max_captions: int | None) -> list[str]:
+    """The unique captions in first-appearance order; with `max_captions`, the most frequent first (ties
+    keep their first appearance), cut to that many."""
+    captions = list(dict.fromkeys(r["caption"] for rs in rows.values() for r in rs if r["caption"] is not None))
+    if max_captions is not None:
+        freq = Counter(r["caption"] for rs in rows.values() for r in rs if r["caption"] is not None)
+        captions = sorted(captions, key=lambda c: -freq[c])[:max(0, int(max_captions))]
+    return captions
+
+
+def _tasks_to_run(tasks: dict, cache: RewriteCache, retry_failed: bool, summary: RewriteSummary):
+    """The tasks the cache does not answer (failures too, with `retry_failed`), and for a failure tried
+    again the attempt it continues from (so it gets new seeds). Counts the cached ones in `summary`."""
+    todo_tasks, starts = [], {}
+    for t in tasks.values():
+        hit = cache.get(t.key)
+        if hit is not None and (hit["ok"] or not retry_failed):
+            summary.cached += 1
+        else:
+            todo_tasks.append(t)
+            if hit is not None:
+                starts[t.key] = int(hit.get("attempts") or 0)
+    return todo_tasks, starts
+
+
+def _generate(be: Backend, tasks: list[Task], cache: RewriteCache, summary: RewriteSummary, *, starts: dict,
+              seed: int, retries: int, draws: int | None, progress: bool) -> int:
+    """Run the tasks with a progress bar, each final outcome written to the cache the moment it is known
+    (a killed run loses no finished rewrite). Returns the number of backend calls."""
+    bar = progress_bar(total=len(tasks), desc=summary.stage, unit="rewrite", disable=not progress)
+
+    def on_final(t: Task, entry: dict):
+        cache.put(t.key, {**entry, "style": t.label, "backend": summary.backend, "model": summary.model})
+        if entry["ok"]:
+            summary.generated += 1
+        bar.update(1)
+
+    try:
+        return run_tasks(be, tasks, seed=seed, retries=retries, draws=draws, on_final=on_final, starts=starts)
+    finally:
+        bar.close()
+
+
+def _shard_columns(rows: list[dict], slots: list, tasks: dict, cache: RewriteCache,
+                   source: tuple[str, str] | None, max_captions: int | None) -> dict:
+    """One shard's columns: per sample its rewrites, their style labels, and why the others are missing."""
+    cols = {"uid": [], "key": [], "rewrites": [], "rewrite_styles": [], "rewrite_failures": []}
+    for r in rows:
+        texts, labels, fails = [], [], []
+        if r["caption"] is None:
+            fails.append(f"no caption to rewrite: {'.'.join(source)} is null")
+        for style, slot in slots if r["caption"] is not None else ():
+            t = tasks.get((r["caption"], slot, style))
+            if t is None:
+                fails.append(f"{style}: not selected (max_captions={max_captions})")
+                continue
+            e = cache.get(t.key)
+            if e is not None and e["ok"]:
+                texts.append(e["text"])
+                labels.append(t.label)
+            else:
+                reason = e["reason"] if e is not None else "not generated"
+                fails.append(f"{t.label}: {reason}")
+        for c, v in (("uid", r["uid"]), ("key", r["key"]), ("rewrites", texts),
+                     ("rewrite_styles", labels), ("rewrite_failures", fails)):
+            cols[c].append(v)
+    return cols
+
+
+def _failures(tasks: dict, cache: RewriteCache) -> tuple[int, dict[str, int]]:
+    """How many tasks have no usable rewrite, and how often each reason (without its attempt count)."""
+    reasons: dict[str, int] = {}
+    for t in tasks.values():
+        e = cache.get(t.key)
+        if e is None or not e["ok"]:
+            r = (e or {}).get("reason", "not generated").split(" (after")[0]
+            reasons[r] = reasons.get(r, 0) + 1
+    return sum(reasons.values()), reasons
+
+
+def _failures_on_record(pool: Pool, stage: str) -> int:
+    """The failed rewrites the stage's files hold (those cut by `max_captions` are not failures)."""
+    return sum(
+        1
+        for sid in pool.done_shards(stage)
+        for fs in pool.read_columns(stage, sid, ["rewrite_failures"]).column("rewrite_failures").to_pylist()
+        for f in fs or ()
+        if "not selected (max_captions" not in f
+    )
 
 
 def _style_ids(cls, styles: Sequence[str]) -> dict[str, str]:
@@ -301,51 +357,41 @@ def _style_ids(cls, styles: Sequence[str]) -> dict[str, str]:
     return {s: s for s in styles}
 
 
-def _read_captions(pool: Pool, shards, max_caption_chars: int, progress: bool = False,
+def _read_captions(pool: Pool, shards: list[Shard], max_caption_chars: int, progress: bool = False,
                    source: tuple[str, str] | None = None) -> tuple[dict, dict]:
     """Per shard: rows (uid, key, caption) to rewrite, and error rows for samples without a usable caption.
-    With `source` (stage, column), the caption is that column's value (None when it is null)."""
+    With `source` (stage, column), the caption is that column's value (None when it is null). The shards
+    are read as the engines read them (`Pool.rows`), one uid kept once across all of them."""
     rows: dict[str, list] = {}
     errors: dict[str, list] = {}
-    seen: dict[str, str] = {}
+    seen = FirstSeen()
+    inputs = {source[0]: [source[1]]} if source is not None else {}
+
+    def caption(row: dict) -> str | None:
+        """The caption to rewrite, cleaned, into row["caption"]; or why there is none."""
+        if source is not None and row[source[1]] is None:
+            row["caption"] = None  # nothing to rewrite: a row that says so
+            return None
+        text = row[source[1]] if source is not None else row["caption"]
+        cap = clean_caption(text) if text is not None else None
+        if not cap:
+            return "empty caption"
+        if len(cap) > max_caption_chars:
+            return f"caption too long to rewrite: {len(cap)} characters (max_caption_chars={max_caption_chars})"
+        row["caption"] = cap
+        return None
+
     bar = progress_bar(total=len(shards), desc="reading captions", unit="shard", disable=not progress)
     for sh in shards:
         bar.update(1)
         rs, errs = [], []
-        alt = None
-        if source is not None:
-            cpath = pool.column_path(source[0], sh.id)
-            t = pool.read_columns(source[0], sh.id, ["uid", source[1]]).to_pydict() if cpath.exists() else {}
-            alt = dict(zip(t.get("uid", []), t.get(source[1], [])))
-        for item in iter_samples(sh.path):
-            if isinstance(item, ShardProblem):
-                errs.append({"uid": None, "key": item.after_key, "reason": item.reason})
-                continue
-            row = parse_sample(item, sh.id)
-            p = row["problems"]
-            cap = clean_caption(row["caption"]) if row["caption"] is not None else None
-            reason = p.get("sample") or p.get("caption")
-            if reason is None and alt is not None:
-                if row["uid"] not in alt:
-                    reason = f"no {source[0]!r} output for this sample (see errors/{source[0]})"
-                elif alt[row["uid"]] is None:
-                    if row["uid"] not in seen:
-                        seen[row["uid"]] = sh.id
-                        rs.append({"uid": row["uid"], "key": row["key"], "caption": None})
-                        continue
-                else:
-                    cap = clean_caption(alt[row["uid"]])
-            if reason is None and not cap:
-                reason = "empty caption"
-            if reason is None and len(cap) > max_caption_chars:
-                reason = f"caption too long to rewrite: {len(cap)} characters (max_caption_chars={max_caption_chars})"
-            if reason is None and row["uid"] in seen:
-                reason = f"duplicate uid {row['uid']} (first in shard {seen[row['uid']]})"
-            if reason is not None:
+        for row, reason, problem in pool.rows(sh, inputs, ("caption",), check=caption, seen=seen):
+            if row is None:
+                errs.append({"uid": None, "key": problem.after_key, "reason": reason})
+            elif reason is not None:
                 errs.append({"uid": row["uid"], "key": row["key"], "reason": reason})
-                continue
-            seen[row["uid"]] = sh.id
-            rs.append({"uid": row["uid"], "key": row["key"], "caption": cap})
+            else:
+                rs.append({"uid": row["uid"], "key": row["key"], "caption": row["caption"]})
         rows[sh.id], errors[sh.id] = rs, errs
     bar.close()
     return rows, errors

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from ..engine.local import iter_pool_samples
 from ..pool import Pool
 from ..cotr import co_embedded
 
@@ -20,7 +19,7 @@ def truth_stats(pool: Pool | str, top: int = 10) -> dict:
     kinds: Counter = Counter()
     backgrounds: Counter = Counter()
     styles: Counter = Counter()
-    for row in iter_pool_samples(pool):
+    for row in pool.samples():
         truth = (row["meta"] or {}).get("synth")
         if truth is None or row["caption"] is None:
             continue
