@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from ..flags import option
 from ..io.samples import parse_sample
 from ..io.tar import ShardProblem, count_samples, iter_samples
 from ..ops import get_op
@@ -284,16 +285,25 @@ def prepare_stage(pool: Pool, op: str, params: dict, stage: str, shards, overwri
     return op_cls, all_shards, [s for s in all_shards if s.id not in done]
 
 
+@dataclass
+class StageConfig:
+    """A per-sample stage run's own options (the engine's are EngineConfig's); `run_stage`'s defaults."""
+
+    stage: str | None = option(None, "output stage name (default: the operator name)")
+    batch_size: int = option(64, "samples per operator call")
+    overwrite: bool = option(False, "recompute a stage made with other parameters")
+
+
 def run_stage(
     pool: Pool | str,
     op: str,
     params: dict | None = None,
     *,
-    stage: str | None = None,
+    stage: str | None = StageConfig.stage,
     workers: int = 1,
-    batch_size: int = 64,
+    batch_size: int = StageConfig.batch_size,
     shards: list[str] | None = None,
-    overwrite: bool = False,
+    overwrite: bool = StageConfig.overwrite,
     progress: bool = True,
     threads: int | None = None,
 ) -> StageSummary:
