@@ -61,7 +61,7 @@ class TrainConfig:
     seed: int = option(0, "seed of the model init and the data order")
     # data loader processes per training process (not `workers`: that is the engines' operator copies;
     # the old name still reads, as a flag and in configs)
-    loader_workers: int = field(default=1, metadata={"aliases": ("--workers",)})
+    loader_workers: int = option(1, "data loader processes per training process", aliases=("--workers",))
     shuffle_buffer: int = option(1000, "samples in the shuffle buffer")
     # global (layout-independent) or sharded (scalable)
     data_order: str = option("global", "global (same batches for any process layout) or sharded (scalable)")
