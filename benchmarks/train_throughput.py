@@ -50,7 +50,7 @@ def ours(shards, steps, batch, warm) -> tuple[float, float]:
         str(steps * batch),
         "--batch-size",
         str(batch),
-        "--workers",
+        "--loader-workers",
         "1",
         "--quiet",
     ]

@@ -342,7 +342,7 @@ def test_rewrite_stage_takes_captions_from_the_deparrot_column(tmp_path):
     pool = make_text_pool(tmp_path / "p", items)
     deparrot(pool, progress=False)
     with FakeLLM({}) as srv:
-        s = rewrite(pool, backend="openai", base_url=srv.url, api_key_env="", k=1, progress=False,
+        s = rewrite(pool, backend="openai", base_url=srv.url, api_key_env="", n_rewrites=1, progress=False,
                     caption_column="deparrot_caption")
         asked = set(srv.seen)
     assert s.n_ok == 3 and s.captions == 2

@@ -72,7 +72,7 @@ def test_robustness_across_result_files(tmp_path):
     assert any(x["task"] == "robustness" for x in read_results(tmp_path))
     table = results_table(tmp_path)
     assert "| new |" in table and "ER mean" in table
-    assert results_table(tmp_path, fmt="csv").splitlines()[0].startswith("model,")
+    assert results_table(tmp_path, format="csv").splitlines()[0].startswith("model,")
     with pytest.raises(KeyError, match="missing"):
         robustness(tmp_path, ["clean"], ["shift-c"], baselines=["m1", "m2"])
 

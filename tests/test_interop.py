@@ -118,7 +118,7 @@ def test_rewrite_gives_an_empty_shard_its_columns(tmp_path, monkeypatch):
     pool = Pool(make_pool(tmp_path / "p", ["a red ball", "blue box"], shards=1))
     write_tar(pool.root / "shards" / "00003.tar", [])
     (pool.root / "shards" / "00004.tar").write_bytes(b"this is not a tar file" * 40)
-    assert rewrite(pool, backend="counting", k=1, progress=False).n_ok == 2
+    assert rewrite(pool, backend="counting", n_rewrites=1, progress=False).n_ok == 2
     _check_schemas(pool, "rewrite")
 
 

@@ -35,7 +35,7 @@ def trained(synth_pool, tmp_path_factory):
     pool = Pool(synth_pool)
     write_subset(tmp / "all.npy", [r["uid"] for r in pool.samples()])
     reshard(pool, tmp / "all.npy", tmp / "rs", shard_size=100, progress=False)
-    cfg = TrainConfig(train_data=str(tmp / "rs"), out=str(tmp / "run"), samples=64, batch_size=16, workers=0,
+    cfg = TrainConfig(train_data=str(tmp / "rs"), out=str(tmp / "run"), samples=64, batch_size=16, loader_workers=0,
                       threads=1, warmup=1, vocab_texts=[str(synth_pool / "eval" / "clean" / "classnames.txt")],
                       progress=False)
     assert cfg.model == "unparrot-rn-tiny-v1k"  # the default model, with its 1,024-row token table

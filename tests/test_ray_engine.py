@@ -99,7 +99,7 @@ def test_engine_flags_on_every_per_sample_stage_and_defaults_in_one_place():
     import dataclasses
     import inspect
 
-    from unparrot.cli import _engine_options, build_parser
+    from unparrot.cli import build_parser, engine_options
     from unparrot.engine import EngineConfig, run_stage
     from unparrot.engine.ray import run_stage_ray
 
@@ -107,10 +107,10 @@ def test_engine_flags_on_every_per_sample_stage_and_defaults_in_one_place():
     ray_flags = ["--engine", "ray", "--address", "auto", "--num-gpus", "0.5", "--num-cpus", "3", "--threads", "2"]
     for cmd in (["run", "P", "inspect"], ["spot", "P"], ["parrot", "P"], ["profile", "P"], ["embed", "P"],
                 ["aesthetic", "P", "--weights", "W"]):
-        got = _engine_options(p.parse_args(cmd + ray_flags + ["--workers", "4"]))
+        got = engine_options(p.parse_args(cmd + ray_flags + ["--workers", "4"]))
         assert got == {"engine": "ray", "workers": 4, "threads": 2, "address": "auto", "num_cpus": 3.0,
                        "num_gpus": 0.5}, cmd
-        unset = _engine_options(p.parse_args(cmd))
+        unset = engine_options(p.parse_args(cmd))
         assert {k: v for k, v in unset.items() if k != "workers"} == {
             k: v for k, v in dataclasses.asdict(EngineConfig()).items() if k != "workers"}
     a = p.parse_args(["deparrot", "P", "--engine", "ray", "--address", "auto", "--num-gpus", "1"])

@@ -240,7 +240,7 @@ def test_stage_columns_errors_and_counts(tmp_path, counting):
 def test_max_captions_rewrites_the_most_frequent(tmp_path, counting):
     caps = ["a red ball"] * 3 + ["blue box"] * 2 + ["green ring", "pink star"]
     pool = make_pool(tmp_path / "p", caps)
-    s = rewrite(pool, backend="counting", k=1, max_captions=2, progress=False)
+    s = rewrite(pool, backend="counting", n_rewrites=1, max_captions=2, progress=False)
     assert s.captions == 2 and counting.calls == 2 and s.n_ok == len(caps)
     df = Pool(pool).load("rewrite").set_index("key")
     assert list(df.loc["000000"]["rewrites"]) == ["a chat view of a red ball"]
@@ -282,15 +282,15 @@ def test_killed_run_resumes_without_repeating(tmp_path, counting):
 
 def test_parameters_are_part_of_the_stage_and_the_key(tmp_path, counting):
     pool = make_pool(tmp_path / "p", ["a red ball", "blue box"], shards=1)
-    rewrite(pool, backend="counting", progress=False, k=2)
+    rewrite(pool, backend="counting", progress=False, n_rewrites=2)
     with pytest.raises(StageConflict):
-        rewrite(pool, backend="counting", progress=False, k=2, seed=1)
+        rewrite(pool, backend="counting", progress=False, n_rewrites=2, seed=1)
     n = counting.calls
-    rewrite(pool, backend="counting", progress=False, k=2, seed=1, stage="rewrite_s1")
+    rewrite(pool, backend="counting", progress=False, n_rewrites=2, seed=1, stage="rewrite_s1")
     assert counting.calls == n + 4  # new seed: new keys
-    rewrite(pool, backend="counting", progress=False, k=2, temperature=0.5, stage="rewrite_t")
+    rewrite(pool, backend="counting", progress=False, n_rewrites=2, temperature=0.5, stage="rewrite_t")
     assert counting.calls == n + 8
-    s = rewrite(pool, backend="counting", progress=False, k=6, stage="rewrite_k6")
+    s = rewrite(pool, backend="counting", progress=False, n_rewrites=6, stage="rewrite_k6")
     assert s.tasks == 12 and counting.calls == n + 8 + 8  # the first 2 styles were cached
     labels = list(Pool(pool).load("rewrite_k6")["rewrite_styles"][0])
     assert labels == ["chat", "bard", "human", "coco", "chat#1", "bard#1"]
@@ -303,7 +303,7 @@ def test_bad_arguments(tmp_path, counting):
     with pytest.raises(KeyError, match="unknown rewrite style"):
         rewrite(pool, backend="counting", styles=["pirate"])
     with pytest.raises(ValueError):
-        rewrite(pool, backend="counting", k=0)
+        rewrite(pool, backend="counting", n_rewrites=0)
     with pytest.raises(KeyError, match="EDA"):
         rewrite(pool, backend="eda", styles=["chat"])
 

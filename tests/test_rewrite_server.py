@@ -162,10 +162,11 @@ def test_openai_backend_survives_every_fault(tmp_path, monkeypatch):
     pool = make_pool(tmp_path / "p", list(FAULTS) + FINE, shards=2)
     opts = {"request_retries": 3, "backoff": 0.05}
     with FaultServer(FAULTS) as srv:
-        s = rewrite(pool, backend="openai", base_url=srv.url, api_key_env="UNPARROT_TEST_KEY", k=1, timeout=1.0,
+        s = rewrite(pool, backend="openai", base_url=srv.url, api_key_env="UNPARROT_TEST_KEY", n_rewrites=1,
+                    timeout=1.0,
                     concurrency=4, progress=False, backend_options=opts)
         # a plain rerun does nothing; it must name the way to retry the failures (regression: it did not)
-        again = rewrite(pool, backend="openai", base_url=srv.url, api_key_env="UNPARROT_TEST_KEY", k=1,
+        again = rewrite(pool, backend="openai", base_url=srv.url, api_key_env="UNPARROT_TEST_KEY", n_rewrites=1,
                         timeout=1.0, concurrency=4, progress=False, backend_options=opts)
     assert again.skipped == 2 and again.failed == 4 and "--retry-failed" in again.line(), again.line()
     # bounded by attempts, not by how fast this machine is: every fault got 1 + request_retries tries at most
@@ -229,7 +230,7 @@ def test_dead_server_records_failures_fast(tmp_path):
     url = f"http://127.0.0.1:{port}/v1"
     with pytest.raises(ConnectionError, match="cannot list the models"):
         rewrite(pool, backend="openai", base_url=url, progress=False)  # no model name: fails before any work
-    s = rewrite(pool, backend="openai", base_url=url, model="m", k=2, timeout=2, progress=False,
+    s = rewrite(pool, backend="openai", base_url=url, model="m", n_rewrites=2, timeout=2, progress=False,
                 backend_options={"request_retries": 2, "backoff": 0.05, "max_consecutive_failures": 8})
     assert s.n_ok == 40 and s.failed == 80 and s.generated == 0
     reasons = [f for fs in Pool(pool).load("rewrite")["rewrite_failures"] for f in fs]
@@ -266,12 +267,12 @@ def test_openai_backend_against_llama_cpp_server(tmp_path):
         with urllib.request.urlopen(srv.url + "/models", timeout=5) as r:
             assert json.load(r)["data"][0]["id"] == "gemma-3-270m"
         pool = make_pool(tmp_path / "p", CAPTIONS, shards=1)
-        s = rewrite(pool, backend="openai", base_url=srv.url, k=2, concurrency=2, timeout=120, progress=False)
+        s = rewrite(pool, backend="openai", base_url=srv.url, n_rewrites=2, concurrency=2, timeout=120, progress=False)
         assert s.model == "gemma-3-270m" and s.tasks == 6
         assert s.generated >= 4, s.line()
         fails = [f for fs in Pool(pool).load("rewrite")["rewrite_failures"] for f in fs]
         assert not any("connection" in f or "HTTP" in f for f in fails), fails
-        s2 = rewrite(pool, backend="openai", base_url=srv.url, k=2, progress=False, overwrite=True)
+        s2 = rewrite(pool, backend="openai", base_url=srv.url, n_rewrites=2, progress=False, overwrite=True)
         assert s2.calls == 0 and s2.cached == 6 and s.calls >= 6
     finally:
         proc = srv.proc
@@ -323,8 +324,8 @@ def test_a_thousand_captions_through_every_fault_and_a_server_restart(tmp_path):
             plan[c] = [modes[int(rng.integers(len(modes)))]]
     pool = make_pool(tmp_path / "p", caps, shards=4)
     opts = {"request_retries": 2, "backoff": 0.01, "max_consecutive_failures": 10**6}
-    kw = dict(backend="openai", model="fault-model", k=1, timeout=0.5, concurrency=8, retries=1, progress=False,
-              backend_options=opts)
+    kw = dict(backend="openai", model="fault-model", n_rewrites=1, timeout=0.5, concurrency=8, retries=1,
+              progress=False, backend_options=opts)
     srv = FaultServer(plan, hang=1.0)
     port = srv.server_address[1]
     restarted = []

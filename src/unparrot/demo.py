@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .flags import option
+
 SHIFTS = ("shift-background", "shift-sketch", "shift-invert")
 
 
@@ -38,10 +40,22 @@ class DemoOptions:
     """Options of `unparrot demo` beyond size, seed, workers and models (CLI flags are generated from these
     fields, and their defaults live here only)."""
 
-    protocol: str = "demo"  # a built-in protocol (src/unparrot/protocols/<name>.yaml) or a YAML file
+    # a built-in protocol (src/unparrot/protocols/<name>.yaml) or a YAML file
+    protocol: str = option("demo", "built-in protocol name or YAML file: findings, sizes, worlds, ER design")
 
 
-DEMO_OPTION_HELP = {"protocol": "built-in protocol name or YAML file: findings, sizes, worlds, ER design"}
+@dataclass
+class DemoConfig:
+    """The run options of `demo()` (its signature defaults read these; the CLI's flags are made from them)."""
+
+    out: str = option("demo-out", "output folder (a rerun resumes)")
+    size: str = option("default", "a size of the protocol: small (CI check, ~3 min), default (~25 min on 2 cores), "
+                       "full (every finding, with the effective-robustness design) or large")
+    seed: int = option(0, "seed of the world, the subsets and the training runs")
+    workers: int = option(2, "worker processes (stages) and models trained at a time")
+    models: list | None = option(None, "comma-separated models to train instead of the size's set (all, clip-score, "
+                                 "parrot-debiased, less-is-more, t-mars, cotr, random, laclip, laclip-debiased)",
+                                 item=str)
 
 
 def _say(msg: str):
@@ -94,7 +108,7 @@ def _train_argv(data: str, run: Path, steps: int, seed: int, tr: dict, vocab_fil
            "--samples", str(steps * tr["batch"]), "--batch-size", str(tr["batch"]), "--lr", str(tr["lr"]),
            "--warmup", str(tr["warmup"]), "--weight-decay", str(tr["weight_decay"]),
            "--init-logit-scale", str(tr["init_logit_scale"]), "--seed", str(seed), "--threads", "1",
-           "--workers", "0", "--vocab-texts", json.dumps([str(vocab_file)]), "--checkpoint-every", str(every),
+           "--loader-workers", "0", "--vocab-texts", json.dumps([str(vocab_file)]), "--checkpoint-every", str(every),
            "--quiet"]
     if keep_all:
         cmd += ["--keep-checkpoints", "0"]  # every intermediate checkpoint is a point of the ER family
@@ -110,11 +124,11 @@ def _trained(run: Path) -> bool:
 
 
 def demo(
-    out: str = "demo-out",
-    size: str = "default",
-    seed: int = 0,
-    workers: int = 2,
-    models: list[str] | None = None,
+    out: str = DemoConfig.out,
+    size: str = DemoConfig.size,
+    seed: int = DemoConfig.seed,
+    workers: int = DemoConfig.workers,
+    models: list[str] | None = DemoConfig.models,
     protocol: str = DemoOptions.protocol,
 ) -> dict:
     """Run the demo into `out` (a rerun resumes; nothing finished is trained twice) and return the findings
@@ -227,7 +241,7 @@ def demo(
         r = rewrite(
             pool,
             backend="llama-cpp",
-            k=cfg.rewrite_k,
+            n_rewrites=cfg.rewrite_k,
             seed=seed,
             threads=workers,
             draws=8,

@@ -11,7 +11,9 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 
+from .flags import option
 from .pool import Pool
+from .rewrite import RewriteConfig as R
 
 COTR_OPTIONS = ("stopwords", "min_len", "fuzzy", "fuzzy_min_len", "keep_non_latin")
 
@@ -20,30 +22,37 @@ COTR_OPTIONS = ("stopwords", "min_len", "fuzzy", "fuzzy_min_len", "keep_non_lati
 class DeparrotConfig:
     """Everything that defines a deparrot run; `validate` checks it before any work."""
 
-    mode: str = "strip"  # strip (deterministic, fast) or rewrite (an LLM told which words not to spell)
-    min_words: int = 1  # fewer content words left -> null caption
-    stage: str = "deparrot"
-    spot_stage: str = "spot"
-    parrot_stage: str = "parrot"
-    engine: str = "local"
-    workers: int = 1
-    batch_size: int = 256
-    overwrite: bool = False
+    # strip (deterministic, fast) or rewrite (an LLM told which words not to spell)
+    mode: str = option("strip", "strip (remove the spelled words; deterministic) or rewrite (LLM rewrite, checked, "
+        "strip fallback)")
+    # fewer content words left -> null caption
+    min_words: int = option(1, "a caption left with fewer content words (not stop words, not 'sign', 'logo', ...) is "
+        "null")
+    stage: str = option("deparrot", "output stage name")
+    spot_stage: str = option("spot", "stage with the spotted texts")
+    parrot_stage: str = option("parrot", "stage with the co-embedded words (its CoTR options are used for "
+        "residual_cotr)")
+    engine: str = option("local", "local (worker processes) or ray (Ray Data)")
+    workers: int = option(1, "worker processes (Ray: operator actors); rewrite mode: keep 1 for a local model")
+    batch_size: int = option(256, "samples per operator call")
+    overwrite: bool = option(False, "recompute a stage made with other parameters")
     # rewrite mode
-    backend: str = "llama-cpp"
-    model: str | None = None
-    base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    concurrency: int = 4
-    timeout: float = 120.0
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_tokens: int = 48
-    retries: int = 2
-    seed: int = 0
-    threads: int | None = None
-    max_rewrite_chars: int = 1000
-    backend_options: dict = field(default_factory=dict)
+    backend: str = option(R.backend, "rewrite mode: llama-cpp (in-process GGUF) or openai (OpenAI-compatible server)")
+    model: str | None = option(None, "rewrite mode: GGUF path (default: bundled Gemma-3-270M) or the server's model "
+        "name")
+    base_url: str | None = option(None, "rewrite mode, openai backend: the server, e.g. http://host:8000/v1")
+    api_key_env: str = option(R.api_key_env, "environment variable holding the API key")
+    concurrency: int = option(R.concurrency, "openai backend: requests in flight")
+    timeout: float = option(R.timeout, "openai backend: seconds per request")
+    temperature: float = option(0.7, "sampling temperature")
+    top_p: float = option(R.top_p, "nucleus sampling")
+    max_tokens: int = option(48, "tokens per rewrite")
+    retries: int = option(R.retries, "extra attempts (new seeds) for a rewrite that fails its checks, before the strip "
+        "fallback")
+    seed: int = option(R.seed, "sampling seed")
+    threads: int | None = option(None, "llama-cpp threads")
+    max_rewrite_chars: int = option(1000, "longer captions are stripped, not sent to the model")
+    backend_options: dict = field(default_factory=dict, metadata={"help": "extra backend options (YAML mapping)"})
 
     def validate(self) -> "DeparrotConfig":
         from .ops.deparrot import MODES
@@ -55,33 +64,6 @@ class DeparrotConfig:
         if self.mode == "rewrite" and self.backend == "eda":
             raise ValueError("deparrot: rewrite mode needs an LLM backend (llama-cpp or openai), not eda")
         return self
-
-
-OPTION_HELP = {
-    "mode": "strip (remove the spelled words; deterministic) or rewrite (LLM rewrite, checked, strip fallback)",
-    "min_words": "a caption left with fewer content words (not stop words, not 'sign', 'logo', ...) is null",
-    "stage": "output stage name",
-    "spot_stage": "stage with the spotted texts",
-    "parrot_stage": "stage with the co-embedded words (its CoTR options are used for residual_cotr)",
-    "engine": "local (worker processes) or ray (Ray Data)",
-    "workers": "worker processes (Ray: operator actors); rewrite mode: keep 1 for a local model",
-    "batch_size": "samples per operator call",
-    "overwrite": "recompute a stage made with other parameters",
-    "backend": "rewrite mode: llama-cpp (in-process GGUF) or openai (OpenAI-compatible server)",
-    "model": "rewrite mode: GGUF path (default: bundled Gemma-3-270M) or the server's model name",
-    "base_url": "rewrite mode, openai backend: the server, e.g. http://host:8000/v1",
-    "api_key_env": "environment variable holding the API key",
-    "concurrency": "openai backend: requests in flight",
-    "timeout": "openai backend: seconds per request",
-    "temperature": "sampling temperature",
-    "top_p": "nucleus sampling",
-    "max_tokens": "tokens per rewrite",
-    "retries": "extra attempts (new seeds) for a rewrite that fails its checks, before the strip fallback",
-    "seed": "sampling seed",
-    "threads": "llama-cpp threads",
-    "max_rewrite_chars": "longer captions are stripped, not sent to the model",
-    "backend_options": "extra backend options (YAML mapping)",
-}
 
 
 def parrot_options(pool: Pool, parrot_stage: str) -> dict:
@@ -147,4 +129,4 @@ def deparrot_counts(pool: Pool | str, stage: str = "deparrot") -> dict:
     }
 
 
-__all__ = ["DeparrotConfig", "deparrot", "deparrot_counts", "operator_params", "OPTION_HELP"]
+__all__ = ["DeparrotConfig", "deparrot", "deparrot_counts", "operator_params"]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from .flags import comma_list, option
 from .io.readers import read_image_folder, read_imagenet_captions, read_parquet, read_table
 from .io.samples import content_uid, normalize_uid
 from .io.sizes import write_size_files
@@ -64,18 +65,37 @@ def detect_format(source: str) -> str:
     raise ValueError(f"cannot tell the format of {source!r}; pass format= one of {', '.join(FORMATS[1:])}")
 
 
+@dataclass
+class IngestConfig:
+    """The options of `ingest()` (its signature defaults read these; the CLI's flags are made from them)."""
+
+    source: str = option(help="shard folder/glob/{a..b} pattern, .parquet, .csv/.tsv/.jsonl, ImageNet-Captions "
+                         ".json, or image folder", positional=True)
+    pool: str = option(help="pool folder to create", positional=True)
+    format: str = option("auto", "auto, wds, parquet, table, imagenet-captions, folder")
+    shard_size: int = option(10000, "samples per written shard")
+    image_col: str | None = option(None, "parquet column with image bytes")
+    caption_col: str | None = option(None, "column with captions")
+    path_col: str | None = option(None, "column with image paths")
+    image_root: str | None = option(None, "folder that image paths are relative to (default: the table's folder)")
+    sep: str | None = option(None, "CSV separator (default: tab for .tsv, comma otherwise)")
+    caption_fields: tuple = option(("title", "tags", "description"), "ImageNet-Captions fields joined into the "
+                                   "caption (comma list)", item=comma_list, metavar="A,B,C")
+    caption_join: str = option(" ", "separator between ImageNet-Captions fields")
+
+
 def ingest(
     source: str,
     pool: str | os.PathLike,
-    format: str = "auto",
-    shard_size: int = 10000,
-    image_col: str | None = None,
-    caption_col: str | None = None,
-    path_col: str | None = None,
-    image_root: str | None = None,
-    sep: str | None = None,
-    caption_fields: tuple[str, ...] = ("title", "tags", "description"),
-    caption_join: str = " ",
+    format: str = IngestConfig.format,
+    shard_size: int = IngestConfig.shard_size,
+    image_col: str | None = IngestConfig.image_col,
+    caption_col: str | None = IngestConfig.caption_col,
+    path_col: str | None = IngestConfig.path_col,
+    image_root: str | None = IngestConfig.image_root,
+    sep: str | None = IngestConfig.sep,
+    caption_fields: tuple[str, ...] = IngestConfig.caption_fields,
+    caption_join: str = IngestConfig.caption_join,
     progress: bool = True,
 ) -> IngestSummary:
     """Create (or complete) pool folder `pool` from `source`. Re-running skips shards already written.

@@ -17,6 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .flags import option
+
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 _REGISTERED = False
 PAD_ID, UNK_ID = 0, 1
@@ -251,7 +253,17 @@ def expand_token_table(weight, vocab: Sequence[int], context_length: int, full_s
     return weight[torch.from_numpy(index)].clone()
 
 
-def export_open_clip(checkpoint: str | os.PathLike, out: str | os.PathLike, model: str | None = None) -> Path:
+@dataclass
+class ExportConfig:
+    """The options of `export_open_clip()` (its signature defaults read these; the CLI's flags too)."""
+
+    checkpoint: str = option(help="checkpoint file (unparrot train's or open_clip_train's)", positional=True)
+    out: str = option(help="output folder", positional=True)
+    model: str | None = option(None, "architecture (default: the checkpoint's `name`)")
+
+
+def export_open_clip(checkpoint: str | os.PathLike, out: str | os.PathLike,
+                     model: str | None = ExportConfig.model) -> Path:
     """Write `out/open_clip_config.json` and `out/open_clip_model.safetensors` from a checkpoint of
     `unparrot train` (or any open_clip checkpoint of a config open_clip or unparrot knows).
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from .engine import run
+from .flags import key_value, option
+from .ops.spot import SpotConfig
 from .pool import Pool
 from .cotr import STOPWORDS, tokens
 
@@ -76,16 +78,34 @@ def summarize(
     )
 
 
+@dataclass
+class ProfileConfig:
+    """The options of `profile()` (its signature defaults read these; so do the spot and parrot commands'
+    batch size and workers). The engine options are EngineConfig's."""
+
+    backend: str = option(SpotConfig.backend, "OCR backend: rapidocr, oracle or module:Class")
+    workers: int = option(2, "operator copies working on shards at once (local: processes; ray: actors)")
+    batch_size: int = option(32, "samples per spot call")
+    spot_params: dict | None = option(None, "spot operator option (repeatable)", action="append", item=key_value,
+                                      convert=dict, metavar="KEY=VALUE", aliases=("--spot-param",))
+    parrot_params: dict | None = option(None, "CoTR variant: stopwords=true, min_len=2, fuzzy=true, "
+                                        "keep_non_latin=true (repeatable)", action="append", item=key_value,
+                                        convert=dict, metavar="KEY=VALUE", aliases=("--parrot-param",))
+    spot_stage: str = option("spot", "spot stage name")
+    parrot_stage: str = option("parrot", "parrot stage name")
+    overwrite: bool = option(False, "recompute stages made with other parameters")
+
+
 def profile(
     pool: Pool | str,
-    backend: str = "rapidocr",
-    workers: int = 2,
-    batch_size: int = 32,
-    spot_params: dict | None = None,
-    parrot_params: dict | None = None,
-    spot_stage: str = "spot",
-    parrot_stage: str = "parrot",
-    overwrite: bool = False,
+    backend: str = ProfileConfig.backend,
+    workers: int = ProfileConfig.workers,
+    batch_size: int = ProfileConfig.batch_size,
+    spot_params: dict | None = ProfileConfig.spot_params,
+    parrot_params: dict | None = ProfileConfig.parrot_params,
+    spot_stage: str = ProfileConfig.spot_stage,
+    parrot_stage: str = ProfileConfig.parrot_stage,
+    overwrite: bool = ProfileConfig.overwrite,
     progress: bool = True,
     **engine,
 ) -> ProfileSummary:
@@ -112,19 +132,64 @@ def profile(
     return out
 
 
+@dataclass
+class InfoConfig:
+    """The options of `pool_info()` (its signature defaults read these; `unparrot info`'s flags too)."""
+
+    truth: bool = option(False, "also the synthetic ground-truth statistics (synth.stats.truth_stats)")
+
+
+def pool_info(pool: Pool | str, truth: bool = InfoConfig.truth) -> dict:
+    """A pool at a glance, from its files: shards and samples, each stage's finished shards, rows, errors
+    and operator, each subset's size (and with `truth`, the synthetic ground truth's statistics)."""
+    from .engine.stage import stage_counts
+    from .io.sizes import shard_samples
+
+    pool = pool if isinstance(pool, Pool) else Pool(pool)
+    shards = pool.shards()
+    ids = [s.id for s in shards]
+    stages = {}
+    for st in pool.stages():
+        c = stage_counts(pool, st, ids)
+        stages[st] = {"done_shards": len(pool.done_shards(st)), "rows": c["n_ok"], "errors": c["n_err"],
+                      "op": (pool.stage_info(st) or {}).get("op", "?")}
+    subset_files = sorted((pool.root / "subsets").glob("*.npy")) if (pool.root / "subsets").exists() else []
+    subsets = {p.stem: len(np.load(p, mmap_mode="r")) for p in subset_files}
+    out = {"root": str(pool.root), "shards": len(shards), "samples": sum(shard_samples(s.path) for s in shards),
+           "stages": stages, "subsets": subsets}
+    if truth:
+        from .synth.stats import truth_stats
+
+        out["truth"] = truth_stats(pool)
+    return out
+
+
 # header row of each vocabulary layout: unparrot's, and the Parrot paper's (pandas' `Series.to_csv` of
 # word counts: the words are the unnamed index column, which its loader reads back as `Unnamed: 0`)
 VOCAB_HEADERS = {"unparrot": ["ngram", "count"], "parrot": ["", "count"]}
 
 
+@dataclass
+class VocabConfig:
+    """The options of `vocab()` (its signature defaults read these; the CLI's flags are made from them)."""
+
+    out: str | None = option(None, "output folder (default POOL/vocab)")
+    top: int = option(1000, "n-grams kept per file (the most frequent)")
+    stopwords: bool = option(False, "drop stop words")
+    min_len: int = option(1, "drop tokens shorter than this")
+    parrot_stage: str = option("parrot", "stage with the co-embedded words")
+    format: str = option("unparrot", "CSV layout: unparrot (header ngram,count) or parrot (the Parrot paper's "
+                         "pandas layout, header ,count)", choices=tuple(VOCAB_HEADERS))
+
+
 def vocab(
     pool: Pool | str,
-    out: str | os.PathLike | None = None,
-    top: int = 1000,
-    stopwords: bool = False,
-    min_len: int = 1,
-    parrot_stage: str = "parrot",
-    format: str = "unparrot",
+    out: str | os.PathLike | None = VocabConfig.out,
+    top: int = VocabConfig.top,
+    stopwords: bool = VocabConfig.stopwords,
+    min_len: int = VocabConfig.min_len,
+    parrot_stage: str = VocabConfig.parrot_stage,
+    format: str = VocabConfig.format,
 ) -> dict[str, list[tuple[str, int]]]:
     """Caption 1-gram and 2-gram counts and co-embedded 1-gram counts (top `top` of each).
 

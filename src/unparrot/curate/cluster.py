@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from ..flags import option
 from ..pool import Pool, atomic_save_npy, atomic_write_bytes, atomic_write_table, stage_aside, to_arrow
 
 
@@ -202,24 +203,49 @@ KMEANS = {
 }
 
 
+@dataclass
+class ClusterConfig:
+    """The options of `cluster()` (its signature defaults read these; the CLI's flags are made from them).
+    The k-means settings left None come from `KMEANS[kmeans]`."""
+
+    embed_stage: str = option("embed", "stage with the embeddings")
+    embedding: str = option("image", "which embeddings: image or text")
+    k: int | None = option(None, "k-means clusters (default: about sqrt(n), at most 4000)", short="-k")
+    pca_dim: int = option(256, "PCA dimensions before k-means")
+    niter: int | None = option(None, "k-means iterations (default: the --kmeans settings')")
+    nredo: int | None = option(None, "k-means restarts (default: the --kmeans settings')")
+    seed: int | None = option(None, "k-means seed (default: the --kmeans settings')")
+    min_points_per_centroid: int | None = option(None, "faiss min points per centroid", aliases=("--min-points",))
+    max_points_per_centroid: int | None = option(
+        None, "faiss max points per centroid (training subsample)", aliases=("--max-points",))
+    eps: float = option(0.05, "duplicates: cosine similarity > 1 - eps")
+    keep: str = option("far", "far (SemDeDup: least typical first) or near")
+    centroids: str | None = option(None, "folder of a previous run (POOL/cluster/<stage>) to assign with")
+    stage: str = option("cluster", "output stage name")
+    dedup_fraction: float | None = option(None, "instead of eps: drop about this share of the pool")
+    kmeans: str = option("fast", "named k-means settings: fast (ours: niter 20, nredo 1, seed 42, 1/256 points "
+                         "per centroid) or parrot (the Parrot paper's: 300, 10, 42, 10000/200000); the flags above "
+                         "override", choices=tuple(KMEANS))
+
+
 def cluster(
     pool: Pool | str,
-    embed_stage: str = "embed",
-    embedding: str = "image",
-    k: int | None = None,
-    pca_dim: int = 256,
-    niter: int | None = None,
-    nredo: int | None = None,
-    seed: int | None = None,
-    min_points_per_centroid: int | None = None,
-    max_points_per_centroid: int | None = None,
-    eps: float = 0.05,
-    keep: str = "far",
-    centroids: str | None = None,
-    stage: str = "cluster",
-    dedup_fraction: float | None = None,
+    embed_stage: str = ClusterConfig.embed_stage,
+    embedding: str = ClusterConfig.embedding,
+    k: int | None = ClusterConfig.k,
+    pca_dim: int = ClusterConfig.pca_dim,
+    niter: int | None = ClusterConfig.niter,
+    nredo: int | None = ClusterConfig.nredo,
+    seed: int | None = ClusterConfig.seed,
+    min_points_per_centroid: int | None = ClusterConfig.min_points_per_centroid,
+    max_points_per_centroid: int | None = ClusterConfig.max_points_per_centroid,
+    eps: float = ClusterConfig.eps,
+    keep: str = ClusterConfig.keep,
+    centroids: str | None = ClusterConfig.centroids,
+    stage: str = ClusterConfig.stage,
+    dedup_fraction: float | None = ClusterConfig.dedup_fraction,
     progress: bool = True,
-    kmeans: str = "fast",
+    kmeans: str = ClusterConfig.kmeans,
 ) -> ClusterSummary:
     """Cluster the pool's `embedding` vectors of `embed_stage` and mark near-duplicates.
 

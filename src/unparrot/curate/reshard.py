@@ -19,7 +19,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..imaging.mask import Masker
+from ..flags import option
+from ..imaging.mask import DEFAULT_FILL, FILLS, Masker
+from ..ingest import IngestConfig
 from ..io.samples import parse_sample
 from ..io.sizes import write_size_files
 from ..io.tar import ShardProblem, ShardWriter, iter_samples
@@ -79,17 +81,33 @@ def _jsonable(v):
     return v
 
 
+@dataclass
+class ReshardConfig:
+    """The options of `reshard()` (its signature defaults read these; the CLI's flags are made from them)."""
+
+    subset: str = option(help="subset .npy (sorted uids, dtype u8,u8)", positional=True)
+    out: str = option(help="output folder", positional=True)
+    shard_size: int = option(IngestConfig.shard_size, "samples per written shard")
+    columns: list | None = option(None, "columns (stage.column or column) to add to each .json", nargs="*")
+    mask_text: bool = option(False, "write images with text boxes masked (needs spot)")
+    mask_fill: str = option(DEFAULT_FILL, "mean, inpaint or solid", choices=FILLS)
+    spot_stage: str = option("spot", "stage with the text boxes (mask_text)")
+    caption_column: str | None = option(None, "column (stage.column or column) written as each .txt instead of "
+                                        "the caption, e.g. deparrot_caption; the original goes to .json "
+                                        "original_caption")
+
+
 def reshard(
     pool: Pool | str,
     subset: str | os.PathLike | np.ndarray,
     out: str | os.PathLike,
-    shard_size: int = 10000,
-    columns: Sequence[str] | None = None,
-    mask_text: bool = False,
-    mask_fill: str = "mean",
-    spot_stage: str = "spot",
+    shard_size: int = ReshardConfig.shard_size,
+    columns: Sequence[str] | None = ReshardConfig.columns,
+    mask_text: bool = ReshardConfig.mask_text,
+    mask_fill: str = ReshardConfig.mask_fill,
+    spot_stage: str = ReshardConfig.spot_stage,
     progress: bool = True,
-    caption_column: str | None = None,
+    caption_column: str | None = ReshardConfig.caption_column,
 ) -> ReshardSummary:
     """Write the samples of `pool` whose uid is in `subset` (a DataComp .npy or array) to `out/shards/`.
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from ..flags import key_value, option
 from ..pool import Pool, atomic_write_bytes, write_subset
 from .expr import ExprError, check, columns_of, evaluate, parse, rank_mask
 
@@ -237,13 +238,24 @@ class Selection:
         )
 
 
+@dataclass
+class SelectConfig:
+    """The options of `select()` besides the recipe (its signature defaults read these)."""
+
+    out: str | None = option(None, "subset path (default POOL/subsets/<name>.npy)")
+    name: str | None = option(None, "subset name (default: the recipe name)")
+    overrides: dict | None = option(None, "recipe parameter, e.g. min_clip_score=0.28 (repeatable)", action="append",
+                                    item=key_value, convert=dict, metavar="KEY=VALUE", aliases=("--set",))
+    size_like: str | None = option(None, "cut to the size of another subset (random control)")
+
+
 def select(
     pool: Pool | str,
     recipe: str | dict | Recipe,
-    out: str | os.PathLike | None = None,
-    name: str | None = None,
-    overrides: dict | None = None,
-    size_like: str | None = None,
+    out: str | os.PathLike | None = SelectConfig.out,
+    name: str | None = SelectConfig.name,
+    overrides: dict | None = SelectConfig.overrides,
+    size_like: str | None = SelectConfig.size_like,
 ) -> Selection:
     """Apply a recipe: write POOL/subsets/<name>.npy (DataComp u8,u8 uids, sorted) and <name>.json (funnel)."""
     pool = pool if isinstance(pool, Pool) else Pool(pool)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .local import run_stage
+from ..flags import option
+from .local import StageConfig, run_stage
 from .stage import StageConflict, StageSummary
 
 
@@ -19,12 +20,14 @@ class EngineConfig:
     `workers` means the same on both engines: operator copies working on shards at once (local: worker
     processes; Ray: actors). The Ray-only fields are refused on the local engine rather than ignored."""
 
-    engine: str = "local"
-    workers: int = 1
-    threads: int | None = None  # per worker; default: cores // workers (Ray: num_cpus)
-    address: str | None = None  # Ray: "auto", "ray://head:10001", ...; None starts a local Ray
-    num_cpus: float | None = None  # Ray: CPUs each actor reserves; default cores // workers locally, 1 on a cluster
-    num_gpus: float = 0.0  # Ray: GPUs each actor reserves
+    engine: str = option("local", "local (worker processes) or ray (Ray actors, one shard per call; docs/scale.md)")
+    workers: int = option(1, "operator copies working on shards at once (local: processes; ray: actors)")
+    threads: int | None = option(None, "threads per worker (default: cores / workers; ray: --num-cpus)")
+    address: str | None = option(None, "ray: cluster to join (auto, ray://HOST:10001); default: a local Ray for "
+                                 "this stage")
+    num_cpus: float | None = option(None, "ray: CPUs each actor reserves (default: cores / workers locally, 1 on "
+                                    "a cluster)")
+    num_gpus: float = option(0.0, "ray: GPUs each actor reserves (fractions share a GPU)")
 
     def validate(self) -> "EngineConfig":
         if self.engine not in ENGINES:
@@ -48,16 +51,6 @@ class EngineConfig:
         return kw
 
 
-ENGINE_HELP = {
-    "engine": "local (worker processes) or ray (Ray actors, one shard per call; docs/scale.md)",
-    "workers": "operator copies working on shards at once (local: processes; ray: actors)",
-    "threads": "threads per worker (default: cores / workers; ray: --num-cpus)",
-    "address": "ray: cluster to join (auto, ray://HOST:10001); default: a local Ray for this stage",
-    "num_cpus": "ray: CPUs each actor reserves (default: cores / workers locally, 1 on a cluster)",
-    "num_gpus": "ray: GPUs each actor reserves (fractions share a GPU)",
-}
-
-
 def _ray(*a, **kw):
     from .ray import run_stage_ray
 
@@ -75,4 +68,4 @@ def run(pool, op: str, params: dict | None = None, *, engine: str = "local", **k
     return ENGINES[cfg.engine](pool, op, params, **cfg.run_kwargs(), **kw)
 
 
-__all__ = ["run", "run_stage", "StageSummary", "StageConflict", "ENGINES", "EngineConfig", "ENGINE_HELP"]
+__all__ = ["run", "run_stage", "StageSummary", "StageConflict", "ENGINES", "EngineConfig", "StageConfig"]

@@ -13,10 +13,12 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
+from ..flags import option
 from ..io.tar import count_samples
 from ..ops import get_op
 from ..ops.base import Outputs
@@ -161,16 +163,25 @@ def _run_in_worker(pool_root: str, shard: Shard, stage: str, batch_size: int) ->
     )
 
 
+@dataclass
+class StageConfig:
+    """A per-sample stage run's own options (the engine's are EngineConfig's); `run_stage`'s defaults."""
+
+    stage: str | None = option(None, "output stage name (default: the operator name)")
+    batch_size: int = option(64, "samples per operator call")
+    overwrite: bool = option(False, "recompute a stage made with other parameters")
+
+
 def run_stage(
     pool: Pool | str,
     op: str,
     params: dict | None = None,
     *,
-    stage: str | None = None,
+    stage: str | None = StageConfig.stage,
     workers: int = 1,
-    batch_size: int = 64,
+    batch_size: int = StageConfig.batch_size,
     shards: list[str] | None = None,
-    overwrite: bool = False,
+    overwrite: bool = StageConfig.overwrite,
     progress: bool = True,
     threads: int | None = None,
 ) -> StageSummary:

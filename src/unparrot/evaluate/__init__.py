@@ -13,9 +13,13 @@ import os
 import time
 from pathlib import Path
 
+from dataclasses import dataclass
+
+from ..flags import comma_list, named_path, option
 from .attack import build_attack
 from .datasets import load_set
 from .results import (
+    ResultsConfig,
     outcomes_path,
     read_outcomes,
     read_results,
@@ -29,19 +33,41 @@ from .robustness import robustness
 TASKS = ("zeroshot", "retrieval", "sync")
 
 
+@dataclass
+class EvaluateConfig:
+    """The options of `evaluate()` (its signature defaults read these; the CLI's flags are made from them;
+    `sync_words` comes from the CLI's --sync-vocab)."""
+
+    model: str = option(help="open_clip architecture or unparrot config")
+    pretrained: str | None = option(None, "checkpoint file (or open_clip tag)")
+    datasets: dict | None = option(None, "labelled set for zeroshot (repeatable)", action="append", item=named_path,
+                                   convert=dict, metavar="NAME=PATH", aliases=("--dataset",))
+    tasks: tuple = option(("zeroshot",), "comma list of " + ", ".join(TASKS), item=comma_list, metavar="A,B")
+    out: str = option(ResultsConfig.out, "results folder")
+    name: str | None = option(None, "name of the model in the results (default: the run folder or model)")
+    retrieval_sets: dict | None = option(None, "set with captions for retrieval (repeatable)", action="append",
+                                         item=named_path, convert=dict, metavar="NAME=PATH",
+                                         aliases=("--retrieval",))
+    sync_words: list | None = option(None, "words to render for the Sync score")
+    sync_font_scale: float | None = option(None, "font px / canvas (default 32/224)")
+    templates: str | None = option(None, "openai, simple, plain or a file (default: the set's own)")
+    batch_size: int = option(64, "images per forward pass")
+    overwrite: bool = option(False, "recompute existing results")
+
+
 def evaluate(
     model: str,
-    pretrained: str | None = None,
-    datasets: dict[str, str] | None = None,
-    tasks: tuple[str, ...] = ("zeroshot",),
-    out: str | os.PathLike = "results",
-    name: str | None = None,
-    retrieval_sets: dict[str, str] | None = None,
-    sync_words: list[str] | None = None,
-    sync_font_scale: float | None = None,
-    templates: str | None = None,
-    batch: int = 64,
-    overwrite: bool = False,
+    pretrained: str | None = EvaluateConfig.pretrained,
+    datasets: dict[str, str] | None = EvaluateConfig.datasets,
+    tasks: tuple[str, ...] = EvaluateConfig.tasks,
+    out: str | os.PathLike = EvaluateConfig.out,
+    name: str | None = EvaluateConfig.name,
+    retrieval_sets: dict[str, str] | None = EvaluateConfig.retrieval_sets,
+    sync_words: list[str] | None = EvaluateConfig.sync_words,
+    sync_font_scale: float | None = EvaluateConfig.sync_font_scale,
+    templates: str | None = EvaluateConfig.templates,
+    batch_size: int = EvaluateConfig.batch_size,
+    overwrite: bool = EvaluateConfig.overwrite,
     progress: bool = True,
 ) -> list[dict]:
     """Evaluate one model. `datasets` (name -> labelled set folder) feed `zeroshot`; `retrieval_sets` (or
@@ -59,7 +85,7 @@ def evaluate(
     jobs = []
     if "zeroshot" in tasks:
         if not datasets:
-            raise ValueError("zeroshot needs at least one labelled set (--dataset NAME=PATH)")
+            raise ValueError("zeroshot needs at least one labelled set (--datasets NAME=PATH)")
         jobs += [("zeroshot", d, p) for d, p in datasets.items()]
     if "retrieval" in tasks:
         jobs += [("retrieval", d, p) for d, p in (retrieval_sets or datasets).items()]
@@ -90,12 +116,13 @@ def evaluate(
         if task == "sync":
             from .sync import sync_score
 
-            metrics = sync_score(clip, sync_words, font_scale=sync_font_scale, batch=batch, outcomes=per_item)
+            metrics = sync_score(clip, sync_words, font_scale=sync_font_scale, batch=batch_size, outcomes=per_item)
         else:
             from .zeroshot import retrieval, zeroshot
 
             ds = load_set(p, d, templates)
-            metrics = zeroshot(clip, ds, batch, outcomes=per_item) if task == "zeroshot" else retrieval(clip, ds, batch)
+            metrics = (zeroshot(clip, ds, batch_size, outcomes=per_item) if task == "zeroshot"
+                       else retrieval(clip, ds, batch_size))
         metrics["seconds"] = round(time.time() - t0, 2)
         if per_item:
             write_outcomes(out, name, task, d, per_item)

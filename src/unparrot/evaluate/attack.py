@@ -15,6 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dataclasses import dataclass
+
+from ..flags import option
 from ..imaging import typography
 from ..imaging.decode import DecodeError, open_image
 from .datasets import load_set, write_set
@@ -45,15 +48,29 @@ def write_word(
     return im
 
 
+@dataclass
+class AttackConfig:
+    """The options of `build_attack()` (its signature defaults read these; the CLI's flags too)."""
+
+    src: str = option(help="labelled set folder", positional=True)
+    out: str = option(help="output folder", positional=True)
+    mode: str = option("attr", "attr or random")
+    model: str | None = option(None, "reference model for attr")
+    pretrained: str | None = option(None, "reference checkpoint")
+    size_frac: float = option(0.25, "font size / short side of the image", aliases=("--size",))
+    color: tuple = option((220, 20, 20), "RGB colour of the word (attr)")
+    seed: int = option(0, "seed of the random choices")
+
+
 def build_attack(
     src: str | os.PathLike,
     out: str | os.PathLike,
-    mode: str = "attr",
-    model: str | None = None,
-    pretrained: str | None = None,
-    size_frac: float = 0.25,
-    color=(220, 20, 20),
-    seed: int = 0,
+    mode: str = AttackConfig.mode,
+    model: str | None = AttackConfig.model,
+    pretrained: str | None = AttackConfig.pretrained,
+    size_frac: float = AttackConfig.size_frac,
+    color=AttackConfig.color,
+    seed: int = AttackConfig.seed,
 ) -> dict:
     """Write an attacked copy of the labelled set `src` to `out` (same layout). `attr` needs a reference
     model (`model`, `pretrained`); `random` needs none."""

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..flags import option
 from . import audit_metrics as am
 
 SYNC_FONTS = ("DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf")  # open licence (matplotlib ships them)
@@ -41,31 +42,58 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 class AuditConfig:
     """Everything that defines an audit; every default lives here (the CLI's flags are made from it)."""
 
-    models: list = field(default_factory=list)  # checkpoint files, or model names (random weights)
-    model: str | None = None  # architecture of checkpoints that do not record their own
-    out: str = "cards"
-    name: str | None = None  # card name (one model only); default: the run folder or file name
-    vocab: str | None = None  # vocab CSV, a pool's vocab folder, or one word per line; default built-in
-    vocab_top: int = 200  # most frequent words of the vocabulary file
-    labelled: str | None = None  # labelled set (webdataset + classnames.txt, or class folders); default built-in
-    templates: str | None = None  # zero-shot templates: openai, simple, plain or a file (default: the set's)
-    pool: str | None = None  # a pool with a spot stage: measure text reliance on it
-    pool_samples: int = 500  # text-bearing pairs of the pool to score
-    renders: int = 4  # renderings per word (colour styles vary fastest, then positions and fonts)
-    fonts: list = field(default_factory=lambda: list(SYNC_FONTS))
-    font_scale: float = 32 / 224  # font px / canvas side (the Parrot paper: 32 px on 224)
-    derangements: int = 5  # mismatched pairings of the vocabulary for the Sync gap
-    attack_size: float = 0.3  # attack font size / the image's short side
-    attack_target: str = "random"  # random (seeded: the same images for every model) or confused (ImageNet-Attr)
-    max_images: int = 500  # images of the labelled set (a seeded subset by key when larger)
-    builtin_per_class: int = 20  # images per class of the built-in synthetic set
-    carried_fraction: float = 0.5  # text reliance: share of the score margin the text must carry
-    bootstrap: int = 1000  # bootstrap resamples per interval
-    seed: int = 0
-    device: str = "cpu"
-    batch_size: int = 64
-    workers: int = 1  # threads drawing and transforming images (more for a fast GPU)
-    progress: bool = True
+    # checkpoint files, or model names (random weights)
+    models: list = option([], "checkpoint files (or model names, for random weights)", positional=True, nargs="+")
+    # architecture of checkpoints that do not record their own
+    model: str | None = option(None, "architecture of checkpoint files that do not record it (unparrot train's "
+        "checkpoints do)")
+    out: str = option("cards", "folder of cards: OUT/<name>/card.json and card.html, OUT/comparison.html for several "
+        "models")
+    # card name (one model only); default: the run folder or file name
+    name: str | None = option(None, "card name for a single model (default: its run folder or file name)")
+    # vocab CSV, a pool's vocab folder, or one word per line; default built-in
+    vocab: str | None = option(None, "words: a vocab CSV (unparrot vocab), a pool's vocab folder or one word per line "
+        "(default: built-in)")
+    # most frequent words of the vocabulary file
+    vocab_top: int = option(200, "most frequent words taken from the vocabulary file")
+    # labelled set (webdataset + classnames.txt, or class folders); default built-in
+    labelled: str | None = option(None, "labelled set for the attack: webdataset with classnames.txt, or class "
+        "folders (default: built-in)")
+    # zero-shot templates: openai, simple, plain or a file (default: the set's)
+    templates: str | None = option(None, "zero-shot templates: openai, simple, plain or a file (default: the set's "
+        "own)")
+    # a pool with a spot stage: measure text reliance on it
+    pool: str | None = option(None, "a pool with a spot stage: CLIP score with and without its text masked")
+    # text-bearing pairs of the pool to score
+    pool_samples: int = option(500, "text-bearing pairs of the pool to score")
+    # renderings per word (colour styles vary fastest, then positions and fonts)
+    renders: int = option(4, "renderings per vocabulary word")
+    fonts: list = field(default_factory=lambda: list(SYNC_FONTS), metadata={"help": "fonts of the renderings (DejaVu "
+        "names or .ttf paths)", "nargs": "+"})
+    # font px / canvas side (the Parrot paper: 32 px on 224)
+    font_scale: float = option(32 / 224, "rendered font size / canvas side")
+    # mismatched pairings of the vocabulary for the Sync gap
+    derangements: int = option(5, "mismatched pairings of the vocabulary for the Sync gap")
+    # attack font size / the image's short side
+    attack_size: float = option(0.3, "attack word size / the image's short side")
+    # random (seeded: the same images for every model) or confused (ImageNet-Attr)
+    attack_target: str = option("random", "random (seeded wrong class, same for every model) or confused (the model's "
+        "own confusions)")
+    # images of the labelled set (a seeded subset by key when larger)
+    max_images: int = option(500, "images of the labelled set (a seeded subset when larger)")
+    # images per class of the built-in synthetic set
+    builtin_per_class: int = option(20, "images per class of the built-in synthetic set")
+    # text reliance: share of the score margin the text must carry
+    carried_fraction: float = option(0.5, "a pair is carried by its text when masking takes this share of its score "
+        "margin")
+    # bootstrap resamples per interval
+    bootstrap: int = option(1000, "bootstrap resamples per 95 percent interval")
+    seed: int = option(0, "seed of every random choice and of the bootstrap")
+    device: str = option("cpu", "cpu, cuda or cuda:N")
+    batch_size: int = option(64, "images per forward pass")
+    # threads drawing and transforming images (more for a fast GPU)
+    workers: int = option(1, "threads that draw and transform images")
+    progress: bool = option(True, "")
 
     def validate(self) -> "AuditConfig":
         errs = []
@@ -95,33 +123,6 @@ class AuditConfig:
             except OSError:
                 raise ValueError(f"font {f!r} not found (DejaVu fonts ship with matplotlib; or a .ttf path)") from None
         return self
-
-
-OPTION_HELP = {
-    "model": "architecture of checkpoint files that do not record it (unparrot train's checkpoints do)",
-    "out": "folder of cards: OUT/<name>/card.json and card.html, OUT/comparison.html for several models",
-    "name": "card name for a single model (default: its run folder or file name)",
-    "vocab": "words: a vocab CSV (unparrot vocab), a pool's vocab folder or one word per line (default: built-in)",
-    "vocab_top": "most frequent words taken from the vocabulary file",
-    "labelled": "labelled set for the attack: webdataset with classnames.txt, or class folders (default: built-in)",
-    "templates": "zero-shot templates: openai, simple, plain or a file (default: the set's own)",
-    "pool": "a pool with a spot stage: CLIP score with and without its text masked",
-    "pool_samples": "text-bearing pairs of the pool to score",
-    "renders": "renderings per vocabulary word",
-    "fonts": "fonts of the renderings (DejaVu names or .ttf paths)",
-    "font_scale": "rendered font size / canvas side",
-    "derangements": "mismatched pairings of the vocabulary for the Sync gap",
-    "attack_size": "attack word size / the image's short side",
-    "attack_target": "random (seeded wrong class, same for every model) or confused (the model's own confusions)",
-    "max_images": "images of the labelled set (a seeded subset when larger)",
-    "builtin_per_class": "images per class of the built-in synthetic set",
-    "carried_fraction": "a pair is carried by its text when masking takes this share of its score margin",
-    "bootstrap": "bootstrap resamples per 95 percent interval",
-    "seed": "seed of every random choice and of the bootstrap",
-    "device": "cpu, cuda or cuda:N",
-    "batch_size": "images per forward pass",
-    "workers": "threads that draw and transform images",
-}
 
 
 # ---- inputs ---------------------------------------------------------------------------------------
@@ -443,7 +444,7 @@ def audit_model(spec: ModelSpec, cfg: AuditConfig, words: list[str], ds: AuditSe
         t0 = time.time()
         from ..imaging.mask import Masker
 
-        masker = Masker("mean")
+        masker = Masker()
 
         def masked(i):
             return masker.mask_pil(open_image(pool["images"][i], draft=None), pool["boxes"][i])

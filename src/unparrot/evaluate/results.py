@@ -7,7 +7,10 @@ import io
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+
+from ..flags import option
 
 
 def result_path(out: str | os.PathLike, model: str, task: str, dataset: str) -> Path:
@@ -103,7 +106,18 @@ def _headline(r: dict) -> dict:
     return {}
 
 
-def results_table(out: str | os.PathLike, fmt: str = "md", models: list[str] | None = None) -> str:
+@dataclass
+class ResultsConfig:
+    """The options of `results_table()` (its signature defaults read these); `out` is every results
+    folder's default."""
+
+    out: str = option("results", "results folder", positional=True)
+    format: str = option("md", "md or csv")
+    models: list | None = option(None, "models to show (default: all)", nargs="*")
+
+
+def results_table(out: str | os.PathLike = ResultsConfig.out, format: str = ResultsConfig.format,
+                  models: list[str] | None = ResultsConfig.models) -> str:
     """Models x headline metrics as markdown or CSV (blank where a model lacks a result)."""
     rows: dict[str, dict] = {}
     for r in read_results(out):
@@ -116,7 +130,7 @@ def results_table(out: str | os.PathLike, fmt: str = "md", models: list[str] | N
     def fmt_v(v):
         return "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
-    if fmt == "csv":
+    if format == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(["model"] + cols)

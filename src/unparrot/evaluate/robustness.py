@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..flags import comma_list, option
 from .metrics import link_fn, effective_robustness, fit_trend
-from .results import read_results, write_result
+from .results import ResultsConfig, read_results, write_result
 
 
 def accuracy_table(out: str | os.PathLike) -> dict[str, dict[str, float]]:
@@ -20,16 +22,36 @@ def accuracy_table(out: str | os.PathLike) -> dict[str, dict[str, float]]:
     return acc
 
 
+@dataclass(kw_only=True)
+class RobustnessConfig:
+    """The options of `robustness()` (its signature defaults read these; the CLI's flags too)."""
+
+    out: str = option(ResultsConfig.out, "results folder", positional=True)
+    id_sets: tuple = option(help="in-distribution set name(s), comma separated", item=comma_list,
+                            convert=list, metavar="A,B", aliases=("--id",))
+    ood_sets: tuple = option(help="shifted set names, comma separated", item=comma_list, convert=list,
+                             metavar="A,B", aliases=("--ood",))
+    baselines: tuple | None = option(None, "models defining the trend, comma separated: a separate family (Fang "
+                                     "et al.)", item=comma_list, convert=list, metavar="A,B")
+    link: str = option("logit", "logit, probit or linear")
+    models: tuple | None = option(None, "models to score, comma separated (default: all)", item=comma_list,
+                                  convert=list, metavar="A,B")
+    plot: str | None = option(None, "write a PNG of the fits")
+    score_baselines: bool = option(False, "also score baseline models (their ER is fitted, ~0 by construction); "
+                                   "with no --baselines, fit the line through every model")
+    band_boot: int = option(500, "bootstrap resamples of the trend band")
+
+
 def robustness(
     out: str | os.PathLike,
     id_sets: list[str],
     ood_sets: list[str],
-    baselines: list[str] | None = None,
-    link: str = "logit",
-    models: list[str] | None = None,
-    plot: str | os.PathLike | None = None,
-    score_baselines: bool = False,
-    band_boot: int = 500,
+    baselines: list[str] | None = RobustnessConfig.baselines,
+    link: str = RobustnessConfig.link,
+    models: list[str] | None = RobustnessConfig.models,
+    plot: str | os.PathLike | None = RobustnessConfig.plot,
+    score_baselines: bool = RobustnessConfig.score_baselines,
+    band_boot: int = RobustnessConfig.band_boot,
 ) -> dict:
     """Fit link(acc_ood) = a link(acc_id) + b over `baselines` for each (ID, OOD) pair; ER per model and
     shift, averaged over shifts and ID sets. Writes a `robustness` result per scored model.

@@ -13,11 +13,13 @@ from PIL import Image, ImageDraw
 
 from .decode import decode_rgb, encode_image
 
-FILLS = ("mean", "inpaint", "solid")
+DEFAULT_FILL = "mean"  # the one default of every mask_fill option (T-MARS)
+FILLS = (DEFAULT_FILL, "inpaint", "solid")
 
 
 class Masker:
-    def __init__(self, fill: str = "mean", color: tuple = (127, 127, 127), inpaint_radius: int = 3, dilate: int = 0):
+    def __init__(self, fill: str = DEFAULT_FILL, color: tuple = (127, 127, 127), inpaint_radius: int = 3,
+                 dilate: int = 0):
         if fill not in FILLS:
             raise ValueError(f"unknown mask fill {fill!r}; one of {', '.join(FILLS)}")
         self.fill, self.color, self.radius, self.dilate = (

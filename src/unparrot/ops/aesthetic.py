@@ -8,9 +8,12 @@ loads as released. Embeddings of another width are a clear error, not a silent g
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 
+from ..flags import option
 from .base import Operator, column
 
 
@@ -55,12 +58,20 @@ def load_aesthetic(weights: str):
     return mlp.eval()
 
 
+@dataclass
+class AestheticConfig:
+    """The aesthetic operator's options (its `__init__` defaults read these)."""
+
+    weights: str = option(help="the predictor's weight file (e.g. sac+logos+ava1-l14-linearMSE.pth)")
+    embed_stage: str = option("embed", "stage with the ViT-L/14 image embeddings")
+
+
 class Aesthetic(Operator):
     needs = ()
     version = 1
     schema = {"aesthetic": pa.float32()}
 
-    def __init__(self, weights: str, embed_stage: str = "embed"):
+    def __init__(self, weights: str, embed_stage: str = AestheticConfig.embed_stage):
         self.mlp = load_aesthetic(weights)
         self.inputs = {embed_stage: ["image"]}
         self.embed_stage = embed_stage

@@ -10,12 +10,28 @@ decoding hides behind compute (PIL and torch both release the GIL).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ..imaging.decode import MAX_PIXELS, DecodeError, open_image
-from ..imaging.mask import Masker
 from ..prefetch import prefetch
 from .base import Operator, Outputs, column
+from ..flags import option
+from ..imaging.mask import DEFAULT_FILL, FILLS, Masker
+
+
+@dataclass
+class EmbedConfig:
+    """The embed operator's options (its `__init__` defaults read these; `unparrot embed`'s flags too)."""
+
+    model: str = option("ViT-B-32", "open_clip architecture or an unparrot config")
+    pretrained: str | None = option(None, "checkpoint file, or an open_clip tag (needs the hub)")
+    masked: bool = option(False, "also score the text-masked image (masked_clip_score; needs spot)")
+    spot_stage: str = option("spot", "stage with the text boxes (masked)")
+    mask_fill: str = option(DEFAULT_FILL, "mean (T-MARS), inpaint or solid", choices=FILLS)
+    chunk: int = option(32, "images per model call")
+    device: str = option("cpu", "cpu, cuda or cuda:N")
 
 
 class Embed(Operator):
@@ -24,13 +40,13 @@ class Embed(Operator):
 
     def __init__(
         self,
-        model: str = "ViT-B-32",
-        pretrained: str | None = None,
-        masked: bool = False,
-        spot_stage: str = "spot",
-        mask_fill: str = "mean",
-        chunk: int = 32,
-        device: str = "cpu",
+        model: str = EmbedConfig.model,
+        pretrained: str | None = EmbedConfig.pretrained,
+        masked: bool = EmbedConfig.masked,
+        spot_stage: str = EmbedConfig.spot_stage,
+        mask_fill: str = EmbedConfig.mask_fill,
+        chunk: int = EmbedConfig.chunk,
+        device: str = EmbedConfig.device,
         max_pixels: int = MAX_PIXELS,
     ):
         from ..models import load_clip

@@ -9,10 +9,26 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from dataclasses import dataclass
+
 from ..cotr import CotrOptions, co_embedded
+from ..flags import option
 from .base import Operator, column, map_rows
 
 PARROT_COLUMNS = ("co_emb", "n_caption_tokens", "cotr", "iou", "ocr_coverage", "is_parrot")
+
+
+@dataclass
+class ParrotConfig:
+    """The parrot operator's options (its `__init__` defaults read these; the CoTR variants' defaults are
+    text.CotrOptions's)."""
+
+    spot_stage: str = option("spot", "stage with the spotted texts")
+    stopwords: bool = option(CotrOptions.stopwords, "CoTR variant: drop stop words from both sides")
+    min_len: int = option(CotrOptions.min_len, "CoTR variant: drop tokens shorter than this")
+    fuzzy: bool = option(CotrOptions.fuzzy, "CoTR variant: edit distance <= 1 for long caption tokens")
+    fuzzy_min_len: int = option(CotrOptions.fuzzy_min_len, "shortest caption token matched fuzzily")
+    keep_non_latin: bool = option(CotrOptions.keep_non_latin, "CoTR variant: keep non-Latin tokens")
 
 
 class Parrot(Operator):
@@ -29,12 +45,12 @@ class Parrot(Operator):
 
     def __init__(
         self,
-        spot_stage: str = "spot",
-        stopwords: bool = False,
-        min_len: int = 1,
-        fuzzy: bool = False,
-        fuzzy_min_len: int = 5,
-        keep_non_latin: bool = False,
+        spot_stage: str = ParrotConfig.spot_stage,
+        stopwords: bool = ParrotConfig.stopwords,
+        min_len: int = ParrotConfig.min_len,
+        fuzzy: bool = ParrotConfig.fuzzy,
+        fuzzy_min_len: int = ParrotConfig.fuzzy_min_len,
+        keep_non_latin: bool = ParrotConfig.keep_non_latin,
     ):
         self.opt = CotrOptions(
             stopwords=bool(stopwords),

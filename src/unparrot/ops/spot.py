@@ -8,12 +8,15 @@ Only instances that pass the filters are kept: recognition score >= `min_score`,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import io
 import re
 
 import numpy as np
 import pyarrow as pa
 
+from ..flags import option
 from ..imaging.decode import MAX_PIXELS, DecodeError, decode_rgb
 from .base import Operator, column
 from .spotters import get_spotter
@@ -58,6 +61,19 @@ def image_size(data: bytes) -> tuple[int, int]:
         raise DecodeError(f"cannot decode image: {type(e).__name__}: {e}") from None
 
 
+@dataclass
+class SpotConfig:
+    """The spot operator's options (its `__init__` defaults read these). The det_* sides are options of
+    the rapidocr backend, passed through only when given."""
+
+    backend: str = option("rapidocr", "OCR backend: rapidocr, oracle (synthetic ground truth) or module:Class")
+    min_score: float = option(0.5, "minimum recognition score of a text instance")
+    min_area: float = option(0.0, "minimum box area in pixels")
+    min_chars: int = option(2, "minimum letters/digits in a text instance")
+    det_max_side: int | None = option(None, "downscale images whose long side is larger (speed)")
+    det_min_side: int | None = option(None, "upscale images whose long side is smaller (recall on tiny images)")
+
+
 class Spot(Operator):
     needs = ("image",)
     version = 1
@@ -74,10 +90,10 @@ class Spot(Operator):
 
     def __init__(
         self,
-        backend: str = "rapidocr",
-        min_score: float = 0.5,
-        min_area: float = 0.0,
-        min_chars: int = 2,
+        backend: str = SpotConfig.backend,
+        min_score: float = SpotConfig.min_score,
+        min_area: float = SpotConfig.min_area,
+        min_chars: int = SpotConfig.min_chars,
         max_pixels: int = MAX_PIXELS,
         **backend_params,
     ):

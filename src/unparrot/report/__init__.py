@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..flags import option
 from ..pool import Pool, atomic_write_bytes
 from .html import Section, page
 
@@ -55,11 +56,20 @@ def register_section(name: str, fn, after: str | None = None):
     SECTIONS.update(items)
 
 
+@dataclass
+class ReportConfig:
+    """The options of `report()` (its signature defaults read these; the CLI's flags are made from them)."""
+
+    out: str | None = option(None, "output file (default POOL/report.html)")
+    sections: list | None = option(None, "sections to include (default: all with data)", nargs="*")
+    title: str | None = option(None, "page title (default: the pool's name)")
+
+
 def report(
     pool: Pool | str,
-    out: str | os.PathLike | None = None,
-    sections: list[str] | None = None,
-    title: str | None = None,
+    out: str | os.PathLike | None = ReportConfig.out,
+    sections: list[str] | None = ReportConfig.sections,
+    title: str | None = ReportConfig.title,
     **options,
 ) -> Path:
     """Write the HTML report of `pool` (default POOL/report.html) and return its path."""

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from ..engine.stage import claim_stage, select_shards, shards_to_do, stage_counts
 from ..pool import FirstSeen, Pool, Shard
+from ..flags import key_value, option
 from ..progress import progress_bar
 from .backends import BACKENDS, Backend, Completion, Request, get_backend
 from .cache import RewriteCache, task_key
@@ -81,7 +82,7 @@ class RewriteSummary:
 class Task:
     caption: str
     style: str      # a style name (LLM backends) or an EDA operation
-    slot: int       # which repeat of the style, when k exceeds the number of styles
+    slot: int       # which repeat of the style, when n_rewrites exceeds the number of styles
     key: str
 
     @property
@@ -140,15 +141,55 @@ def run_tasks(backend: Backend, tasks: Sequence[Task], *, seed: int = 0, retries
     return calls
 
 
-def rewrite(pool: Pool | str, backend: str = "llama-cpp", k: int = 4, styles: Sequence[str] | None = None,
-            model: str | None = None, seed: int = 0, temperature: float = 0.9, top_p: float = 0.95,
-            max_tokens: int = 77, retries: int = 2, retry_failed: bool = False, concurrency: int = 4,
-            timeout: float = 120.0, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
-            workers: int = 1, threads: int | None = None, draws: int | None = None,
-            max_caption_chars: int = 1000, max_captions: int | None = None, overwrite: bool = False,
-            progress: bool = True, stage: str = "rewrite", backend_options: dict | None = None,
-            caption_column: str | None = None) -> RewriteSummary:
-    """Add `k` rewrites per caption to a pool (resumable; unique captions only; cached).
+@dataclass
+class RewriteConfig:
+    """The options of `rewrite()` (its signature defaults read these; the CLI's flags are made from them,
+    and deparrot's rewrite mode shares the server defaults)."""
+
+    backend: str = option("llama-cpp", "llama-cpp (in-process GGUF), openai (any OpenAI-compatible "
+                          "/v1/completions server) or eda (WordNet EDA baseline)")
+    n_rewrites: int = option(4, "rewrites per caption, LaCLIP's K (style i mod the number of styles)",
+                             aliases=("-k",))
+    styles: list | None = option(None, "styles to use (LLMs: chat bard human coco; EDA: sr ri rs rd)", nargs="*")
+    model: str | None = option(None, "GGUF path (llama-cpp; default: bundled Gemma-3-270M) or the server's "
+                               "model name")
+    seed: int = option(0, "sampling seed")
+    temperature: float = option(0.9, "sampling temperature")
+    top_p: float = option(0.95, "nucleus sampling")
+    max_tokens: int = option(77, "tokens per rewrite")
+    retries: int = option(2, "extra attempts for an unusable rewrite or a failed call")
+    retry_failed: bool = option(False, "try again the rewrites that failed in a previous run")
+    concurrency: int = option(4, "openai backend: requests in flight")
+    timeout: float = option(120.0, "openai backend: seconds per request")
+    base_url: str | None = option(None, "openai backend: the server, e.g. http://host:8000/v1")
+    api_key_env: str = option("OPENAI_API_KEY", "environment variable holding the API key")
+    workers: int = option(1, "llama-cpp: model copies in worker processes")
+    threads: int | None = option(None, "llama-cpp threads per worker")
+    draws: int | None = option(None, "fixed in-context draws per style (reuses the KV cache; faster on CPU)")
+    max_caption_chars: int = option(1000, "longer captions are error rows")
+    max_captions: int | None = option(None, "rewrite only the N most frequent unique captions (a budget)")
+    overwrite: bool = option(False, "redo a stage made with other parameters")
+    stage: str = option("rewrite", "output stage name")
+    backend_options: dict | None = option(None, "extra backend option (repeatable)", action="append",
+                                          item=key_value, convert=dict, metavar="KEY=VALUE", aliases=("--param",))
+    caption_column: str | None = option(None, "rewrite this column's captions instead of the shards' (e.g. "
+                                        "deparrot_caption: LaCLIP rewrites of de-parroted captions)")
+
+
+_C = RewriteConfig
+
+
+def rewrite(pool: Pool | str, backend: str = _C.backend, n_rewrites: int = _C.n_rewrites,
+            styles: Sequence[str] | None = _C.styles, model: str | None = _C.model, seed: int = _C.seed,
+            temperature: float = _C.temperature, top_p: float = _C.top_p, max_tokens: int = _C.max_tokens,
+            retries: int = _C.retries, retry_failed: bool = _C.retry_failed, concurrency: int = _C.concurrency,
+            timeout: float = _C.timeout, base_url: str | None = _C.base_url, api_key_env: str = _C.api_key_env,
+            workers: int = _C.workers, threads: int | None = _C.threads, draws: int | None = _C.draws,
+            max_caption_chars: int = _C.max_caption_chars, max_captions: int | None = _C.max_captions,
+            overwrite: bool = _C.overwrite, progress: bool = True, stage: str = _C.stage,
+            backend_options: dict | None = _C.backend_options,
+            caption_column: str | None = _C.caption_column) -> RewriteSummary:
+    """Add `n_rewrites` rewrites per caption to a pool (resumable; unique captions only; cached).
 
     `styles` defaults to the backend's (chat, bard, human, coco for LLMs; sr, ri, rs, rd for EDA);
     rewrite i uses style i mod len(styles). `draws=N` fixes N in-context draws per style so a local
@@ -159,7 +200,7 @@ def rewrite(pool: Pool | str, backend: str = "llama-cpp", k: int = 4, styles: Se
     """
     t0 = time.time()
     pool = pool if isinstance(pool, Pool) else Pool(pool)
-    _check_arguments(backend, k, retries, max_tokens, top_p, temperature)
+    _check_arguments(backend, n_rewrites, retries, max_tokens, top_p, temperature)
     all_shards = select_shards(pool)
     source = _caption_source(pool, caption_column)
     cls = BACKENDS[backend]
@@ -175,14 +216,14 @@ def rewrite(pool: Pool | str, backend: str = "llama-cpp", k: int = 4, styles: Se
         params = be.params()
         if be.needs_prompt:
             params["draws"] = draws
-        record = _stage_record(backend, be.model_id, k, style_ids, seed, max_caption_chars, max_captions, params,
+        record = _stage_record(backend, be.model_id, n_rewrites, style_ids, seed, max_caption_chars, max_captions, params,
                                source)
         claim_stage(pool, stage, record, overwrite)
         todo = list(all_shards) if retry_failed else shards_to_do(pool, stage, all_shards)
         summary = RewriteSummary(stage=stage, backend=backend, model=be.model_id, shards=len(all_shards),
                                  skipped=len(all_shards) - len(todo), error_dir=str(pool.root / "errors" / stage))
         rows, errors = _read_captions(pool, todo, max_caption_chars, progress, source)
-        slots = [(styles[i % len(styles)], i // len(styles)) for i in range(k)]
+        slots = [(styles[i % len(styles)], i // len(styles)) for i in range(n_rewrites)]
         captions = _captions_to_rewrite(rows, max_captions)
         cache = RewriteCache(pool.root / "cache" / "rewrite" / "rewrites.jsonl")
         try:
@@ -207,12 +248,12 @@ def rewrite(pool: Pool | str, backend: str = "llama-cpp", k: int = 4, styles: Se
     return summary
 
 
-def _check_arguments(backend: str, k: int, retries: int, max_tokens: int, top_p: float, temperature: float):
+def _check_arguments(backend: str, n_rewrites: int, retries: int, max_tokens: int, top_p: float, temperature: float):
     """Refuse bad arguments before a model loads or a file is written."""
     if backend not in BACKENDS:
         raise KeyError(f"unknown rewrite backend {backend!r}; known: {', '.join(BACKENDS)}")
-    if k < 1:
-        raise ValueError("rewrite: k must be at least 1")
+    if n_rewrites < 1:
+        raise ValueError("rewrite: n_rewrites must be at least 1")
     if retries < 0 or max_tokens < 1 or not 0 < top_p <= 1 or temperature < 0:
         raise ValueError("rewrite: need retries >= 0, max_tokens >= 1, 0 < top_p <= 1, temperature >= 0")
 
@@ -227,12 +268,12 @@ def _caption_source(pool: Pool, caption_column: str | None) -> tuple[str, str] |
     return cst, ccol
 
 
-def _stage_record(backend: str, model_id: str, k: int, style_ids: dict, seed: int, max_caption_chars: int,
+def _stage_record(backend: str, model_id: str, n_rewrites: int, style_ids: dict, seed: int, max_caption_chars: int,
                   max_captions: int | None, params: dict, source: tuple[str, str] | None) -> dict:
     """The stage's `_stage.json`: everything that changes the rewrites (a rerun with other values is a
     `StageConflict`, never a stage that mixes two settings)."""
     record = {"op": "rewrite", "version": PROMPT_VERSION,
-              "params": {"backend": backend, "model": model_id, "k": k, "styles": list(style_ids.values()),
+              "params": {"backend": backend, "model": model_id, "k": n_rewrites, "styles": list(style_ids.values()),
                          "seed": seed, "max_caption_chars": max_caption_chars, "max_captions": max_captions,
                          **params}}
     if source is not None:  # recorded only when used, so existing stages keep their record

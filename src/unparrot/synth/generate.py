@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..flags import option
 from ..imaging.decode import encode_image
 from ..io.sizes import write_size_files
 from ..io.tar import ShardWriter
@@ -102,16 +103,31 @@ def _remake_eval_sets(cfg, seed: int, out: Path, old: dict, request: dict, worke
     return stats
 
 
+@dataclasses.dataclass
+class SynthConfig:
+    """The options of `synth()` (its signature defaults read these; the CLI's flags are made from them)."""
+
+    out: str = option(help="output folder (becomes a pool)", positional=True)
+    n: int = option(10000, "number of pairs", short="-n")
+    preset: str = option("laion", "laion (LAION-like statistics) or learnable (tiny-CLIP friendly)")
+    seed: int = option(0, "seed of the world and its samples")
+    shard_size: int = option(1000, "samples per shard")
+    eval_per_class: int = option(50, "images per class in each evaluation set")
+    eval_sets: tuple | None = option(EVAL_SETS, "evaluation sets to write (YAML list; null: none)")
+    workers: int = option(2, "worker processes")
+    attack_size: float = option(0.3, "attack font size / the image's short side")
+
+
 def synth(
     out: str | os.PathLike,
-    n: int = 10000,
-    preset: str = "laion",
-    seed: int = 0,
-    shard_size: int = 1000,
-    eval_per_class: int = 50,
-    eval_sets: tuple[str, ...] | None = EVAL_SETS,
-    workers: int = 2,
-    attack_size: float = 0.3,
+    n: int = SynthConfig.n,
+    preset: str = SynthConfig.preset,
+    seed: int = SynthConfig.seed,
+    shard_size: int = SynthConfig.shard_size,
+    eval_per_class: int = SynthConfig.eval_per_class,
+    eval_sets: tuple[str, ...] | None = SynthConfig.eval_sets,
+    workers: int = SynthConfig.workers,
+    attack_size: float = SynthConfig.attack_size,
     progress: bool = True,
     **overrides,
 ) -> dict:

@@ -152,7 +152,7 @@ class SampleMaker:
             if boxes:
                 from ..imaging.mask import Masker
 
-                im = Masker("mean").mask_pil(im, boxes)
+                im = Masker().mask_pil(im, boxes)
         if self.rrc_scale:
             top, left, ch, cw = crop_params(rng, im.width, im.height, tuple(self.rrc_scale))
             im = im.crop((left, top, left + cw, top + ch)).resize((self.image_size, self.image_size), Image.BICUBIC)

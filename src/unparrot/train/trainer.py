@@ -23,48 +23,84 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..flags import option
 from ..pool import atomic_write_bytes, remove_stale_temp
+
+
+# old option names that configs (YAML files, run folders) may still use
+RENAMED = {"workers": "loader_workers"}
 
 
 @dataclass
 class TrainConfig:
     """Everything that defines a run; validated before any work (`validate`)."""
 
-    train_data: str | list = ""  # pool/reshard folder, folder of tars, glob or {a..b} pattern
-    out: str = "runs/run"  # run folder: checkpoints/, metrics.jsonl, tensorboard/
-    model: str = "unparrot-rn-tiny-v1k"
-    pretrained: str | None = None
-    samples: int = 115_200  # samples seen in the whole run
-    batch_size: int = 64  # global batch (all processes)
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup: float = 0.05  # < 1: share of the steps; >= 1: steps
-    betas: tuple = (0.9, 0.98)
-    eps: float = 1e-6
-    grad_clip: float | None = 1.0
-    accum: int = 1  # gradient accumulation micro-steps per optimizer step
-    init_logit_scale: float | None = None  # e.g. 33.3 (temperature 0.03); None keeps open_clip's 1/0.07
-    seed: int = 0
-    workers: int = 1  # data loader processes per training process
-    shuffle_buffer: int = 1000
-    data_order: str = "global"  # global (layout-independent) or sharded (scalable)
-    rrc_scale: tuple | None = (0.5, 1.0)  # RandomResizedCrop scale (LaCLIP); None: no augmentation
-    rewrites: bool = False  # LaCLIP: sample among the caption and its rewrites
-    original_weight: float = 1.0  # weight of the original caption among the rewrites
-    rewrite_weights: list | None = None  # weights of rewrites 1, 2, ... (default 1 each; missing ones 1)
-    mask_text_prob: float = 0.0  # probability of filling the text boxes (needs "boxes" in .json)
-    vocab_texts: list = field(default_factory=list)  # extra texts/files for a dense vocabulary (eval prompts)
-    precision: str = "auto"  # auto (fp32 on CPU, amp bf16 on GPU), fp32, bf16, amp
-    device: str = "auto"
-    threads: int | None = None  # torch threads per process (default: cores / processes)
-    checkpoint_every: int = 0  # steps; 0: only at the end
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    stop_at_step: int | None = None  # stop early (schedule unchanged): budgets, preemption tests
-    resume: str | None = None  # a checkpoint path, or "latest"
-    sync_bn: bool = False
-    export_open_clip: bool = True  # at the end, RUN/open_clip/: a folder open_clip's own loaders read
-    progress: bool = True
+    # pool/reshard folder, folder of tars, glob or {a..b} pattern
+    train_data: str | list = option("", "")
+    # run folder: checkpoints/, metrics.jsonl, tensorboard/
+    out: str = option("runs/run", "run folder (checkpoints/, metrics.jsonl, tensorboard/, summary.json)")
+    model: str = option("unparrot-rn-tiny-v1k", "open_clip architecture or an unparrot config "
+        "(unparrot-rn-tiny[-v1k], unparrot-vit-tiny)")
+    pretrained: str | None = option(None, "initial weights: checkpoint file or open_clip tag")
+    # samples seen in the whole run
+    samples: int = option(115_200, "samples seen in the whole run (steps = samples // batch_size)")
+    # global batch (all processes)
+    batch_size: int = option(64, "global batch over all processes")
+    lr: float = option(1e-3, "peak learning rate (AdamW)")
+    weight_decay: float = option(0.1, "AdamW weight decay (not on biases, norms, embeddings, logit scale)")
+    # < 1: share of the steps; >= 1: steps
+    warmup: float = option(0.05, "warmup: a share of the steps (< 1) or a number of steps")
+    betas: tuple = option((0.9, 0.98), "AdamW betas")
+    eps: float = option(1e-6, "AdamW eps")
+    grad_clip: float | None = option(1.0, "gradient norm clipping (empty: off)")
+    # gradient accumulation micro-steps per optimizer step
+    accum: int = option(1, "gradient accumulation micro-batches per step (exact for the contrastive loss)")
+    # e.g. 33.3 (temperature 0.03); None keeps open_clip's 1/0.07
+    init_logit_scale: float | None = option(None, "initial logit scale, e.g. 33.3 (temperature 0.03); default "
+        "open_clip's 1/0.07")
+    seed: int = option(0, "seed of the model init and the data order")
+    # data loader processes per training process (not `workers`: that is the engines' operator copies;
+    # the old name still reads, as a flag and in configs)
+    loader_workers: int = option(1, "data loader processes per training process", aliases=("--workers",))
+    shuffle_buffer: int = option(1000, "samples in the shuffle buffer")
+    # global (layout-independent) or sharded (scalable)
+    data_order: str = option("global", "global (same batches for any process layout) or sharded (scalable)")
+    # RandomResizedCrop scale (LaCLIP); None: no augmentation
+    rrc_scale: tuple | None = option((0.5, 1.0), "RandomResizedCrop scale range (LaCLIP: [0.5, 1.0]); null: no "
+        "augmentation")
+    # LaCLIP: sample among the caption and its rewrites
+    rewrites: bool = option(False, "LaCLIP: sample the caption among the original and its rewrites (.json 'rewrites')")
+    # weight of the original caption among the rewrites
+    original_weight: float = option(1.0, "relative weight of the original caption among the rewrites")
+    # weights of rewrites 1, 2, ... (default 1 each; missing ones 1)
+    rewrite_weights: list | None = option(None, "weights of rewrite 1, 2, ... (YAML list, e.g. [1, 1, 0.5, 0.5]; "
+        "default 1 each)")
+    # probability of filling the text boxes (needs "boxes" in .json)
+    mask_text_prob: float = option(0.0, "probability of filling the text boxes (.json 'boxes', from reshard --columns "
+        "boxes)")
+    # extra texts/files for a dense vocabulary (eval prompts)
+    vocab_texts: list = field(default_factory=list, metadata={"help": "extra texts or text files for a dense "
+        "vocabulary (-v1k models): evaluation prompts, "
+        "class names"})
+    # auto (fp32 on CPU, amp bf16 on GPU), fp32, bf16, amp
+    precision: str = option("auto", "auto (fp32 on CPU, bf16 autocast on GPU), fp32, bf16, amp")
+    device: str = option("auto", "auto, cpu, cuda")
+    # torch threads per process (default: cores / processes)
+    threads: int | None = option(None, "torch threads per process (default cores / processes)")
+    # steps; 0: only at the end
+    checkpoint_every: int = option(0, "save every N steps (0: only at the end)")
+    keep_checkpoints: int = option(2, "step checkpoints kept")
+    log_every: int = option(10, "progress/TensorBoard interval in steps (metrics.jsonl has every step)")
+    # stop early (schedule unchanged): budgets, preemption tests
+    stop_at_step: int | None = option(None, "stop at this step with the schedule of the full run")
+    # a checkpoint path, or "latest"
+    resume: str | None = option(None, "checkpoint path or 'latest' (exact continuation)")
+    sync_bn: bool = option(False, "SyncBatchNorm across GPUs")
+    # at the end, RUN/open_clip/: a folder open_clip's own loaders read
+    export_open_clip: bool = option(True, "write RUN/open_clip/ at the end (open_clip_config.json + weights; "
+        "open_clip, open_clip_train and CLIP_benchmark load it as "
+        "local-dir:RUN/open_clip)")
+    progress: bool = option(True, "")
 
     def validate(self) -> "TrainConfig":
         errs = []
@@ -101,49 +137,12 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
+        d = {RENAMED.get(k, k): v for k, v in d.items()}
         bad = set(d) - names
         if bad:
             raise TypeError(f"unknown training options {sorted(bad)}")
         d = {k: tuple(v) if isinstance(v, list) and k in ("betas", "rrc_scale") else v for k, v in d.items()}
         return cls(**d)
-
-
-OPTION_HELP = {
-    "out": "run folder (checkpoints/, metrics.jsonl, tensorboard/, summary.json)",
-    "model": "open_clip architecture or an unparrot config (unparrot-rn-tiny[-v1k], unparrot-vit-tiny)",
-    "pretrained": "initial weights: checkpoint file or open_clip tag",
-    "samples": "samples seen in the whole run (steps = samples // batch_size)",
-    "batch_size": "global batch over all processes",
-    "lr": "peak learning rate (AdamW)",
-    "weight_decay": "AdamW weight decay (not on biases, norms, embeddings, logit scale)",
-    "warmup": "warmup: a share of the steps (< 1) or a number of steps",
-    "betas": "AdamW betas",
-    "eps": "AdamW eps",
-    "grad_clip": "gradient norm clipping (empty: off)",
-    "accum": "gradient accumulation micro-batches per step (exact for the contrastive loss)",
-    "init_logit_scale": "initial logit scale, e.g. 33.3 (temperature 0.03); default open_clip's 1/0.07",
-    "seed": "seed of the model init and the data order",
-    "workers": "data loader processes per training process",
-    "shuffle_buffer": "samples in the shuffle buffer",
-    "data_order": "global (same batches for any process layout) or sharded (scalable)",
-    "rrc_scale": "RandomResizedCrop scale range (LaCLIP: [0.5, 1.0]); null: no augmentation",
-    "rewrites": "LaCLIP: sample the caption among the original and its rewrites (.json 'rewrites')",
-    "original_weight": "relative weight of the original caption among the rewrites",
-    "rewrite_weights": "weights of rewrite 1, 2, ... (YAML list, e.g. [1, 1, 0.5, 0.5]; default 1 each)",
-    "mask_text_prob": "probability of filling the text boxes (.json 'boxes', from reshard --columns boxes)",
-    "vocab_texts": "extra texts or text files for a dense vocabulary (-v1k models): evaluation prompts, class names",
-    "precision": "auto (fp32 on CPU, bf16 autocast on GPU), fp32, bf16, amp",
-    "device": "auto, cpu, cuda",
-    "threads": "torch threads per process (default cores / processes)",
-    "checkpoint_every": "save every N steps (0: only at the end)",
-    "keep_checkpoints": "step checkpoints kept",
-    "log_every": "progress/TensorBoard interval in steps (metrics.jsonl has every step)",
-    "stop_at_step": "stop at this step with the schedule of the full run",
-    "resume": "checkpoint path or 'latest' (exact continuation)",
-    "export_open_clip": "write RUN/open_clip/ at the end (open_clip_config.json + weights; open_clip, "
-    "open_clip_train and CLIP_benchmark load it as local-dir:RUN/open_clip)",
-    "sync_bn": "SyncBatchNorm across GPUs",
-}
 
 
 def _dist_env():
@@ -296,10 +295,10 @@ def train(cfg: TrainConfig | dict) -> dict:
     loader = tud.DataLoader(
         stream,
         batch_size=None,
-        num_workers=cfg.workers,
+        num_workers=cfg.loader_workers,
         persistent_workers=False,
-        prefetch_factor=4 if cfg.workers else None,
-        multiprocessing_context="spawn" if cfg.workers else None,
+        prefetch_factor=4 if cfg.loader_workers else None,
+        multiprocessing_context="spawn" if cfg.loader_workers else None,
     )
 
     is_main = rank == 0
