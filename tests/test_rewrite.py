@@ -320,7 +320,7 @@ def test_duplicate_uids_and_caption_column(tmp_path, counting):
     write_tar(root / "shards" / "00.tar", _sample("a", "a red ball", 1) + _sample("b", "blue box", 2)
               + _sample("c", "other", 2) + _sample("d", "", 3) + _sample("e", "green", 3) + _sample("f", "pink", 4))
     write_tar(root / "shards" / "01.tar", _sample("m", "a red ball", 1) + _sample("n", "fresh", 5))
-    s = rewrite(root, backend="counting", k=1, progress=False)
+    s = rewrite(root, backend="counting", n_rewrites=1, progress=False)
     errs = Pool(root).errors("rewrite").set_index("key")["reason"].to_dict()
     assert errs == {"c": f"duplicate uid {2:032x} (first at key b of this shard)", "d": "empty caption",
                     "m": f"duplicate uid {1:032x} (first in shard 00)"}
@@ -329,7 +329,7 @@ def test_duplicate_uids_and_caption_column(tmp_path, counting):
     pool = Pool(root)
     pool.write_columns("src", "00", {"uid": [f"{u:032x}" for u in (1, 2, 3)], "key": list("abe"),
                                      "alt": ["alt one", None, "alt three"]})
-    s = rewrite(root, backend="counting", k=1, progress=False, caption_column="src.alt", stage="rw_alt")
+    s = rewrite(root, backend="counting", n_rewrites=1, progress=False, caption_column="src.alt", stage="rw_alt")
     errs = pool.errors("rw_alt").set_index("key")["reason"].to_dict()
     assert errs["f"] == errs["n"] == "no 'src' output for this sample (see errors/src)"  # 01: no src file
     assert errs["m"] == "no 'src' output for this sample (see errors/src)"
