@@ -1,12 +1,27 @@
-"""Test doubles importable by worker processes (tests/ is put on sys.path by conftest)."""
+"""The tests' support module: test doubles (importable by worker processes: conftest puts tests/ on
+sys.path), builders of pools and tars, and shared asserts. Tests import from here, never from another
+test module or from conftest (which holds fixtures only)."""
 
 import hashlib
+import io
+import json
+import os
+import shutil
+import socket
+import tarfile
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
+import pytest
+from PIL import Image
 
 from unparrot.imaging.decode import open_image
 from unparrot.ops.base import Operator, column, map_rows
+from unparrot.pool import Pool
+from unparrot.rewrite.backends import Backend, Completion
 
 
 class SlowDigest(Operator):
@@ -229,3 +244,275 @@ class DiesOnce(SlowDigest):
             open(self.marker, "w").close()
             os._exit(1)
         return super().__call__(batch)
+
+
+# ---- images and tars, as the tests write them ---------------------------------------------------
+def jpeg_bytes(color=(200, 30, 30), size=(32, 24), fmt="JPEG", mode="RGB", **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def write_tar(path, members):
+    """members: list of (name, bytes) written in order, exactly as given (names unchecked)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+# ---- the HTML report in a real browser --------------------------------------------------------
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def browser_or_skip():
+    if CHROMIUM is None:
+        if os.environ.get("UNPARROT_REQUIRE_BROWSER"):
+            pytest.fail("chromium is required (make test installs Debian's chromium package)")
+        pytest.skip("chromium not installed (make test installs it)")
+    from playwright.sync_api import sync_playwright
+
+    return sync_playwright, CHROMIUM
+
+
+def open_in_chromium(html_path, screenshot):
+    """Load a page in headless Chromium; return console errors/page errors and per-image load state."""
+    sync_playwright, exe = browser_or_skip()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=exe,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        problems = []
+        page.on(
+            "console",
+            lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning") else None,
+        )
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
+        page.goto(f"file://{html_path}")
+        page.wait_for_load_state("load")
+        images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
+        headings = page.evaluate("Array.from(document.querySelectorAll('h2,h3')).map(h => h.textContent)")
+        page.screenshot(path=str(screenshot), full_page=True)
+        browser.close()
+    return problems, images, headings
+
+
+# ---- an OpenAI-style completions server that fails on a plan ------------------------------------
+SECRET = "sk-unparrot-test-secret-0042"
+
+
+class FaultServer(ThreadingHTTPServer):
+    """An OpenAI-style /v1/completions endpoint whose answers follow a per-caption plan of faults:
+    caption -> list of modes for its successive requests, then "ok"."""
+
+    daemon_threads = True
+
+    def __init__(self, plan, sleep_ok=0.0, hang=3.0, barrier=None):
+        super().__init__(("127.0.0.1", 0), FaultHandler)
+        self.plan, self.sleep_ok, self.hang, self.barrier = plan, sleep_ok, hang, barrier
+        self.dripped: list[int] = []  # body bytes each "drip" answer got out before the client hung up
+        self.lock = threading.Lock()
+        self.seen: dict[str, list[float]] = {}
+        self.auth: set[str] = set()
+        self.inflight = self.max_inflight = 0
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+        self.server_close()
+
+
+class FaultHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, status, body: bytes, headers=()):
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in headers:
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path == "/v1/models":
+            self._send(200, json.dumps({"data": [{"id": "fault-model"}]}).encode())
+        else:
+            self._send(404, b'{"error": "not found"}')
+
+    def do_POST(self):
+        s: FaultServer = self.server
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        s.auth.add(self.headers.get("Authorization", ""))
+        cap = body["prompt"].rsplit("\n\n", 1)[1][: -len(" =>")]
+        with s.lock:
+            n = len(s.seen.setdefault(cap, []))
+            s.seen[cap].append(time.monotonic())
+            s.inflight += 1
+            s.max_inflight = max(s.max_inflight, s.inflight)
+        plan = s.plan.get(cap, [])
+        mode = plan[n] if n < len(plan) else plan[-1] if plan and plan[-1].startswith("always") else "ok"
+        try:
+            if mode in ("500", "always500"):
+                self._send(500, b'{"error": {"message": "internal error"}}')
+            elif mode == "garbage":
+                self._send(200, b'{"choices": [ {"text": "unterminated')
+            elif mode == "wrongshape":
+                self._send(200, b'{"result": "nothing here"}')
+            elif mode == "timeout":
+                time.sleep(s.hang)
+                self._send(200, b"{}")
+            elif mode == "trickle":  # headers at once, then a byte now and then: only a deadline stops it
+                self.send_response(200)
+                self.send_header("Content-Length", "100000")
+                self.end_headers()
+                for _ in range(int(s.hang / 0.2)):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            elif mode in ("drip", "alwaysdrip"):  # a complete-looking answer, one byte per DRIP_SECONDS
+                body = json.dumps({"choices": [{"text": " " * DRIP_BYTES, "finish_reason": "stop"}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                sent = 0
+                try:
+                    for b in body:
+                        self.wfile.write(bytes([b]))
+                        self.wfile.flush()
+                        sent += 1
+                        time.sleep(DRIP_SECONDS)
+                finally:
+                    with s.lock:
+                        s.dripped.append(sent)
+            elif mode == "empty":
+                self._send(200, json.dumps({"choices": [{"text": "", "finish_reason": "stop"}]}).encode())
+            elif mode == "drop":
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+            elif mode == "429":
+                self._send(429, b'{"error": "slow down"}', [("Retry-After", "1")])
+            elif mode in ("400", "always400"):
+                self._send(400, b'{"error": {"message": "prompt too long"}}')
+            else:
+                time.sleep(s.sleep_ok)
+                if s.barrier is not None:  # answers only once `parties` requests are in flight together
+                    s.barrier.wait()
+                text = f" a rewritten {cap} for testing\n" if cap != "runaway" else " on and on and on"
+                reason = "length" if cap == "runaway" else "stop"
+                self._send(200, json.dumps({"choices": [{"text": text, "finish_reason": reason}]}).encode())
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass
+        finally:
+            with s.lock:
+                s.inflight -= 1
+
+
+DRIP_BYTES, DRIP_SECONDS = 200, 0.05  # a dripped answer takes 10 s to arrive whole
+
+
+# ---- a counting rewrite backend, and a pool of captions ------------------------------------------
+class Counting(Backend):
+    """Test double: a deterministic "rewrite" that counts calls; captions containing 'copy' come back
+    unchanged (a failure); 'boom' raises after `explode_after` results (a killed run)."""
+
+    name = "counting"
+    model_id = "count-1"
+    default_styles = ("chat", "bard", "human", "coco")
+    calls = 0
+    explode_after = None
+
+    def __init__(self, **opts):
+        self.opts = opts
+
+    def params(self):
+        return {"temperature": self.opts.get("temperature")}
+
+    def generate(self, requests):
+        for i, r in enumerate(requests):
+            if Counting.explode_after is not None and Counting.calls >= Counting.explode_after:
+                raise KeyboardInterrupt
+            Counting.calls += 1
+            cap = r.prompt.rsplit("\n\n", 1)[1][: -len(" =>")]
+            yield i, Completion(f" {cap}" if "copy" in cap else f" a {r.style} view of {cap}\n", "stop")
+
+
+def make_pool(root, captions, shards=2):
+    """captions: list of str (None = no .txt member, b'...' = raw bytes)."""
+    root.mkdir(parents=True, exist_ok=True)
+    per = -(-len(captions) // shards)
+    for s in range(shards):
+        members = []
+        for i in range(s * per, min(len(captions), (s + 1) * per)):
+            key = f"{i:06d}"
+            members.append((f"{key}.jpg", jpeg_bytes()))
+            c = captions[i]
+            if c is not None:
+                members.append((f"{key}.txt", c if isinstance(c, bytes) else c.encode()))
+            members.append((f"{key}.json", json.dumps({"uid": f"{i:032x}"}).encode()))
+        write_tar(root / "shards" / f"{s:05d}.tar", members)
+    return root
+
+
+# ---- samples and a pool with every kind of broken input -----------------------------------------
+def tar_sample(key, caption=b"a red square", uid=None, image=None, ext="jpg"):
+    members = [(f"{key}.{ext}", jpeg_bytes() if image is None else image), (f"{key}.txt", caption)]
+    if uid is not None:
+        members.append((f"{key}.json", json.dumps({"uid": uid}).encode()))
+    return members
+
+
+def bad_input_pool(tmp_path):
+    """One shard per kind of breakage the issue names, plus a good one."""
+    u = lambda i: f"{i:032x}"  # noqa: E731
+    sh = tmp_path / "shards"
+    write_tar(sh / "00-good.tar", tar_sample("g0", uid=u(1)) + tar_sample("g1", uid=u(2)))
+    png = io.BytesIO()
+    Image.new("L", (10000, 10000), 128).save(png, format="PNG", compress_level=1)  # 100 megapixels
+    write_tar(
+        sh / "01-bad.tar",
+        tar_sample("zero", image=b"", uid=u(3))
+        + tar_sample("nonimg", image=b"<html>not an image</html>", uid=u(4))
+        + tar_sample("trunc", image=jpeg_bytes(size=(200, 200))[:300], uid=u(5))
+        + tar_sample("huge", image=png.getvalue(), ext="png", uid=u(6))
+        + tar_sample("../evil", uid=u(7))
+        + tar_sample("badutf", caption=b"caf\xe9 \xff", uid=u(8))
+        + [("nocap.jpg", jpeg_bytes()), ("nocap.json", json.dumps({"uid": u(9)}).encode())]
+        + tar_sample("dup1", uid=u(10))
+        + tar_sample("dup2", uid=u(10))
+        + tar_sample("ok", uid=u(11)),
+    )
+    full = write_tar(
+        tmp_path / "tmp.tar",
+        sum((tar_sample(f"t{i}", uid=u(100 + i), image=jpeg_bytes(size=(120, 120))) for i in range(6)), []),
+    )
+    data = open(full, "rb").read()
+    (sh / "02-truncated.tar").write_bytes(data[: int(len(data) * 0.6)])
+    os.unlink(full)
+    write_tar(sh / "03-crossdup.tar", tar_sample("x", uid=u(1)) + tar_sample("y", uid=u(12)))
+    return Pool(tmp_path)

@@ -115,7 +115,7 @@ def test_bad_checkpoints_and_names(tmp_path):
 
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
-    from conftest import write_tar
+    from helpers import write_tar
 
     torch.save([1, 2], tmp_path / "list.pt")
     (tmp_path / "bad.txt").write_text("a\n\u0416\n")
@@ -198,7 +198,7 @@ def test_card_is_reproducible(cards, tmp_path):
 
 @pytest.mark.browser
 def test_card_and_comparison_render_in_chromium(cards, tmp_path):
-    from test_report import open_in_chromium
+    from helpers import open_in_chromium
 
     html = (cards / "other" / "card.html").read_text()
     assert "http://" not in html and "https://" not in html and "0.317" in html and "0.368" in html

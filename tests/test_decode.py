@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import jpeg_bytes
+from helpers import jpeg_bytes
 from unparrot.imaging.decode import DecodeError, decode_rgb, open_image
 
 

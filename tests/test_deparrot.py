@@ -8,8 +8,8 @@ import tarfile
 
 import pytest
 
-from conftest import jpeg_bytes, write_tar
-from test_rewrite_server import FaultHandler, FaultServer
+from helpers import jpeg_bytes, write_tar
+from helpers import FaultHandler, FaultServer
 from unparrot.deparrot import DeparrotConfig, deparrot, deparrot_counts
 from unparrot.ops.deparrot import Deparrot, check_deparrot, claims_text, deparrot_strip, strip_caption
 from unparrot.pool import Pool
@@ -357,7 +357,7 @@ def test_rewrite_stage_takes_captions_from_the_deparrot_column(tmp_path):
 # ---- report ------------------------------------------------------------------------------------------
 @pytest.mark.browser
 def test_deparrot_report_section_renders_in_chromium(synth_pool, tmp_path):
-    from test_report import open_in_chromium
+    from helpers import open_in_chromium
     from unparrot.curate.select import select
     from unparrot.report import report
 

@@ -1,4 +1,3 @@
-import io
 import json
 import os
 import shutil
@@ -10,52 +9,17 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
-from conftest import jpeg_bytes, write_tar
 from unparrot.engine import StageConflict, run_stage
 from unparrot.pool import Pool
+from helpers import bad_input_pool
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 
 
-def _sample(key, caption=b"a red square", uid=None, image=None, ext="jpg"):
-    members = [(f"{key}.{ext}", jpeg_bytes() if image is None else image), (f"{key}.txt", caption)]
-    if uid is not None:
-        members.append((f"{key}.json", json.dumps({"uid": uid}).encode()))
-    return members
 
 
-def _bad_input_pool(tmp_path):
-    """One shard per kind of breakage the issue names, plus a good one."""
-    u = lambda i: f"{i:032x}"  # noqa: E731
-    sh = tmp_path / "shards"
-    write_tar(sh / "00-good.tar", _sample("g0", uid=u(1)) + _sample("g1", uid=u(2)))
-    png = io.BytesIO()
-    Image.new("L", (10000, 10000), 128).save(png, format="PNG", compress_level=1)  # 100 megapixels
-    write_tar(
-        sh / "01-bad.tar",
-        _sample("zero", image=b"", uid=u(3))
-        + _sample("nonimg", image=b"<html>not an image</html>", uid=u(4))
-        + _sample("trunc", image=jpeg_bytes(size=(200, 200))[:300], uid=u(5))
-        + _sample("huge", image=png.getvalue(), ext="png", uid=u(6))
-        + _sample("../evil", uid=u(7))
-        + _sample("badutf", caption=b"caf\xe9 \xff", uid=u(8))
-        + [("nocap.jpg", jpeg_bytes()), ("nocap.json", json.dumps({"uid": u(9)}).encode())]
-        + _sample("dup1", uid=u(10))
-        + _sample("dup2", uid=u(10))
-        + _sample("ok", uid=u(11)),
-    )
-    full = write_tar(
-        tmp_path / "tmp.tar",
-        sum((_sample(f"t{i}", uid=u(100 + i), image=jpeg_bytes(size=(120, 120))) for i in range(6)), []),
-    )
-    data = open(full, "rb").read()
-    (sh / "02-truncated.tar").write_bytes(data[: int(len(data) * 0.6)])
-    os.unlink(full)
-    write_tar(sh / "03-crossdup.tar", _sample("x", uid=u(1)) + _sample("y", uid=u(12)))
-    return Pool(tmp_path)
 
 
 def _complete_keys(path) -> set:
@@ -74,7 +38,7 @@ def _complete_keys(path) -> set:
 
 
 def test_bad_input_gives_error_rows_and_counts_add_up(tmp_path):
-    pool = _bad_input_pool(tmp_path)
+    pool = bad_input_pool(tmp_path)
     s = run_stage(pool, "inspect", progress=False)
     assert s.n_in == s.n_ok + s.n_err
     errs = pool.errors("inspect")
@@ -227,7 +191,7 @@ def test_cross_shard_duplicate_pass_finishes_after_a_kill(tmp_path):
     from unparrot.engine.local import process_shard
     from unparrot.ops import get_op
 
-    pool = _bad_input_pool(tmp_path)
+    pool = bad_input_pool(tmp_path)
     clean = run_stage(pool, "inspect", progress=False)
     want_err = pool.errors("inspect").sort_values(["key", "reason"]).reset_index(drop=True)
     want_ok = sorted(pool.load("inspect")["uid"])

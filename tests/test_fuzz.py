@@ -19,7 +19,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from conftest import jpeg_bytes  # noqa: E402
+from helpers import jpeg_bytes  # noqa: E402
 from unparrot.curate.expr import ExprError, check, evaluate, parse  # noqa: E402
 from unparrot.imaging.decode import DecodeError, open_image  # noqa: E402
 from unparrot.io.readers import read_parquet, read_table  # noqa: E402

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import jpeg_bytes, write_tar
+from helpers import jpeg_bytes, write_tar
 from unparrot.cli import main as cli
 from unparrot.engine import run
 from unparrot.ingest import ingest
@@ -110,7 +110,7 @@ def test_empty_and_corrupt_shards_carry_the_stage_schema_ray(synth_pool, tmp_pat
 
 
 def test_rewrite_gives_an_empty_shard_its_columns(tmp_path, monkeypatch):
-    from test_rewrite import Counting, make_pool
+    from helpers import Counting, make_pool
     from unparrot.rewrite import BACKENDS, rewrite
 
     monkeypatch.setitem(BACKENDS, "counting", Counting)

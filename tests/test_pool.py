@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import jpeg_bytes, write_tar
+from helpers import jpeg_bytes, write_tar
 from unparrot.pool import (FirstSeen, Pool, expand_braces, read_subset, subset_contains, u8_to_uids, uids_to_u8,
                            write_subset)
 
@@ -85,7 +85,7 @@ def test_columns_join_and_embeddings(tmp_path):
 
 
 def test_shards_in_place_via_pool_yaml(tmp_path):
-    from conftest import write_tar
+    from helpers import write_tar
 
     ext = tmp_path / "elsewhere"
     for i in range(3):

@@ -13,7 +13,7 @@ pytest.importorskip("ray")
 
 @pytest.mark.slow
 def test_ray_engine_matches_local(synth_pool, tmp_path):
-    from test_engine import _bad_input_pool
+    from helpers import bad_input_pool
 
     a = Pool(shutil.copytree(synth_pool, tmp_path / "a"))
     b = Pool(shutil.copytree(synth_pool, tmp_path / "b"))
@@ -29,8 +29,8 @@ def test_ray_engine_matches_local(synth_pool, tmp_path):
             assert meta == pq.read_schema(a.column_path(stage, sid)).metadata and b"unparrot.source" in meta
     again = run(b, "parrot", engine="ray", workers=2, progress=False)
     assert again.skipped == 3  # finished shards are skipped
-    bad_local = _bad_input_pool(tmp_path / "bl")
-    bad_ray = _bad_input_pool(tmp_path / "br")
+    bad_local = bad_input_pool(tmp_path / "bl")
+    bad_ray = bad_input_pool(tmp_path / "br")
     sl = run(bad_local, "inspect", progress=False)
     sr = run(bad_ray, "inspect", engine="ray", workers=2, progress=False)
     assert (sl.n_in, sl.n_ok, sl.n_err) == (sr.n_in, sr.n_ok, sr.n_err)
@@ -39,7 +39,7 @@ def test_ray_engine_matches_local(synth_pool, tmp_path):
 
 
 def _small_pool(root, shards=3, per_shard=4):
-    from conftest import jpeg_bytes, write_tar
+    from helpers import jpeg_bytes, write_tar
 
     for s in range(shards):
         members = []

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import jpeg_bytes, write_tar
+from helpers import jpeg_bytes, write_tar
 from unparrot.engine import run_stage
 from unparrot.ingest import detect_format, ingest
 from unparrot.io.readers import imagenet_caption

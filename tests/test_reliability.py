@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import jpeg_bytes, write_tar
+from helpers import jpeg_bytes
 from helpers import KILLED, count_renames, count_temp_files, kill_points, run_killed, tree_bytes
 from unparrot.cli import main
 from unparrot.curate.cluster import cluster

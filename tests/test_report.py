@@ -1,4 +1,3 @@
-import os
 import shutil
 
 import pytest
@@ -6,51 +5,12 @@ import pytest
 from unparrot.profile import profile
 from unparrot.report import SECTIONS, register_section, report
 from unparrot.report.html import Section
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def _browser_or_skip():
-    if CHROMIUM is None:
-        if os.environ.get("UNPARROT_REQUIRE_BROWSER"):
-            pytest.fail("chromium is required (make test installs Debian's chromium package)")
-        pytest.skip("chromium not installed (make test installs it)")
-    from playwright.sync_api import sync_playwright
-
-    return sync_playwright, CHROMIUM
+from helpers import open_in_chromium
 
 
-def open_in_chromium(html_path, screenshot):
-    """Load a page in headless Chromium; return console errors/page errors and per-image load state."""
-    sync_playwright, exe = _browser_or_skip()
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=exe,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ],
-        )
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        problems = []
-        page.on(
-            "console",
-            lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning") else None,
-        )
-        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-        page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
-        page.goto(f"file://{html_path}")
-        page.wait_for_load_state("load")
-        images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
-        headings = page.evaluate("Array.from(document.querySelectorAll('h2,h3')).map(h => h.textContent)")
-        page.screenshot(path=str(screenshot), full_page=True)
-        browser.close()
-    return problems, images, headings
+
+
+
 
 
 @pytest.mark.browser

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import jpeg_bytes
+from helpers import jpeg_bytes
 from unparrot.engine import run_stage
 from unparrot.ingest import ingest
 from unparrot.curate.reshard import reshard

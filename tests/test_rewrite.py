@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from conftest import jpeg_bytes, write_tar
+from helpers import Counting, jpeg_bytes, make_pool, write_tar
 from unparrot.engine import StageConflict
 from unparrot.pool import Pool
 from unparrot.rewrite import BACKENDS, Task, rewrite, run_tasks
@@ -159,29 +159,6 @@ def test_each_attempt_has_its_own_seed_and_draw():
 
 
 # ---- the stage, with a counting test double ----------------------------------------------------------
-class Counting(Backend):
-    """Test double: a deterministic "rewrite" that counts calls; captions containing 'copy' come back
-    unchanged (a failure); 'boom' raises after `explode_after` results (a killed run)."""
-
-    name = "counting"
-    model_id = "count-1"
-    default_styles = ("chat", "bard", "human", "coco")
-    calls = 0
-    explode_after = None
-
-    def __init__(self, **opts):
-        self.opts = opts
-
-    def params(self):
-        return {"temperature": self.opts.get("temperature")}
-
-    def generate(self, requests):
-        for i, r in enumerate(requests):
-            if Counting.explode_after is not None and Counting.calls >= Counting.explode_after:
-                raise KeyboardInterrupt
-            Counting.calls += 1
-            cap = r.prompt.rsplit("\n\n", 1)[1][: -len(" =>")]
-            yield i, Completion(f" {cap}" if "copy" in cap else f" a {r.style} view of {cap}\n", "stop")
 
 
 @pytest.fixture
@@ -191,21 +168,6 @@ def counting(monkeypatch):
     return Counting
 
 
-def make_pool(root, captions, shards=2):
-    """captions: list of str (None = no .txt member, b'...' = raw bytes)."""
-    root.mkdir(parents=True, exist_ok=True)
-    per = -(-len(captions) // shards)
-    for s in range(shards):
-        members = []
-        for i in range(s * per, min(len(captions), (s + 1) * per)):
-            key = f"{i:06d}"
-            members.append((f"{key}.jpg", jpeg_bytes()))
-            c = captions[i]
-            if c is not None:
-                members.append((f"{key}.txt", c if isinstance(c, bytes) else c.encode()))
-            members.append((f"{key}.json", json.dumps({"uid": f"{i:032x}"}).encode()))
-        write_tar(root / "shards" / f"{s:05d}.tar", members)
-    return root
 
 
 CAPTIONS = ["a red ball", "a red ball", "blue box", "copy me", "", None, b"\xff\xfe bad", "x" * 2000,
@@ -308,7 +270,7 @@ def test_bad_arguments(tmp_path, counting):
         rewrite(pool, backend="eda", styles=["chat"])
 
 
-def _sample(key, caption, uid):
+def tar_sample(key, caption, uid):
     return [(f"{key}.jpg", jpeg_bytes()), (f"{key}.txt", caption.encode()),
             (f"{key}.json", json.dumps({"uid": f"{uid:032x}"}).encode())]
 
@@ -317,9 +279,9 @@ def test_duplicate_uids_and_caption_column(tmp_path, counting):
     """A uid kept once across the pool: a second sample with it is an error row (the engines' reasons),
     whatever its caption; a caption_column value that is null or missing is noted or an error row."""
     root = tmp_path / "p"
-    write_tar(root / "shards" / "00.tar", _sample("a", "a red ball", 1) + _sample("b", "blue box", 2)
-              + _sample("c", "other", 2) + _sample("d", "", 3) + _sample("e", "green", 3) + _sample("f", "pink", 4))
-    write_tar(root / "shards" / "01.tar", _sample("m", "a red ball", 1) + _sample("n", "fresh", 5))
+    write_tar(root / "shards" / "00.tar", tar_sample("a", "a red ball", 1) + tar_sample("b", "blue box", 2)
+              + tar_sample("c", "other", 2) + tar_sample("d", "", 3) + tar_sample("e", "green", 3) + tar_sample("f", "pink", 4))
+    write_tar(root / "shards" / "01.tar", tar_sample("m", "a red ball", 1) + tar_sample("n", "fresh", 5))
     s = rewrite(root, backend="counting", n_rewrites=1, progress=False)
     errs = Pool(root).errors("rewrite").set_index("key")["reason"].to_dict()
     assert errs == {"c": f"duplicate uid {2:032x} (first at key b of this shard)", "d": "empty caption",

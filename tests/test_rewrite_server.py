@@ -7,140 +7,25 @@ import socket
 import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import numpy as np
 import pytest
 
-from test_rewrite import make_pool
+from helpers import make_pool
 from unparrot.pool import Pool
 from unparrot.rewrite import Task, rewrite, run_tasks
 from unparrot.rewrite.backends import OpenAIBackend, Request
 from unparrot.rewrite.cache import task_key
 from unparrot.rewrite.client import CompletionClient
-
-SECRET = "sk-unparrot-test-secret-0042"
-
-
-class FaultServer(ThreadingHTTPServer):
-    """An OpenAI-style /v1/completions endpoint whose answers follow a per-caption plan of faults:
-    caption -> list of modes for its successive requests, then "ok"."""
-
-    daemon_threads = True
-
-    def __init__(self, plan, sleep_ok=0.0, hang=3.0, barrier=None):
-        super().__init__(("127.0.0.1", 0), FaultHandler)
-        self.plan, self.sleep_ok, self.hang, self.barrier = plan, sleep_ok, hang, barrier
-        self.dripped: list[int] = []  # body bytes each "drip" answer got out before the client hung up
-        self.lock = threading.Lock()
-        self.seen: dict[str, list[float]] = {}
-        self.auth: set[str] = set()
-        self.inflight = self.max_inflight = 0
-        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.shutdown()
-        self.server_close()
+from helpers import SECRET, FaultServer, FaultHandler, DRIP_BYTES
 
 
-class FaultHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, status, body: bytes, headers=()):
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in headers:
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self):
-        if self.path == "/v1/models":
-            self._send(200, json.dumps({"data": [{"id": "fault-model"}]}).encode())
-        else:
-            self._send(404, b'{"error": "not found"}')
-
-    def do_POST(self):
-        s: FaultServer = self.server
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        s.auth.add(self.headers.get("Authorization", ""))
-        cap = body["prompt"].rsplit("\n\n", 1)[1][: -len(" =>")]
-        with s.lock:
-            n = len(s.seen.setdefault(cap, []))
-            s.seen[cap].append(time.monotonic())
-            s.inflight += 1
-            s.max_inflight = max(s.max_inflight, s.inflight)
-        plan = s.plan.get(cap, [])
-        mode = plan[n] if n < len(plan) else plan[-1] if plan and plan[-1].startswith("always") else "ok"
-        try:
-            if mode in ("500", "always500"):
-                self._send(500, b'{"error": {"message": "internal error"}}')
-            elif mode == "garbage":
-                self._send(200, b'{"choices": [ {"text": "unterminated')
-            elif mode == "wrongshape":
-                self._send(200, b'{"result": "nothing here"}')
-            elif mode == "timeout":
-                time.sleep(s.hang)
-                self._send(200, b"{}")
-            elif mode == "trickle":  # headers at once, then a byte now and then: only a deadline stops it
-                self.send_response(200)
-                self.send_header("Content-Length", "100000")
-                self.end_headers()
-                for _ in range(int(s.hang / 0.2)):
-                    self.wfile.write(b" ")
-                    self.wfile.flush()
-                    time.sleep(0.2)
-            elif mode in ("drip", "alwaysdrip"):  # a complete-looking answer, one byte per DRIP_SECONDS
-                body = json.dumps({"choices": [{"text": " " * DRIP_BYTES, "finish_reason": "stop"}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                sent = 0
-                try:
-                    for b in body:
-                        self.wfile.write(bytes([b]))
-                        self.wfile.flush()
-                        sent += 1
-                        time.sleep(DRIP_SECONDS)
-                finally:
-                    with s.lock:
-                        s.dripped.append(sent)
-            elif mode == "empty":
-                self._send(200, json.dumps({"choices": [{"text": "", "finish_reason": "stop"}]}).encode())
-            elif mode == "drop":
-                self.close_connection = True
-                self.connection.shutdown(socket.SHUT_RDWR)
-            elif mode == "429":
-                self._send(429, b'{"error": "slow down"}', [("Retry-After", "1")])
-            elif mode in ("400", "always400"):
-                self._send(400, b'{"error": {"message": "prompt too long"}}')
-            else:
-                time.sleep(s.sleep_ok)
-                if s.barrier is not None:  # answers only once `parties` requests are in flight together
-                    s.barrier.wait()
-                text = f" a rewritten {cap} for testing\n" if cap != "runaway" else " on and on and on"
-                reason = "length" if cap == "runaway" else "stop"
-                self._send(200, json.dumps({"choices": [{"text": text, "finish_reason": reason}]}).encode())
-        except (BrokenPipeError, ConnectionResetError, OSError):
-            pass
-        finally:
-            with s.lock:
-                s.inflight -= 1
 
 
-DRIP_BYTES, DRIP_SECONDS = 200, 0.05  # a dripped answer takes 10 s to arrive whole
+
+
+
 
 FAULTS = {
     "five hundreds": ["500", "500"],

@@ -4,7 +4,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from conftest import write_tar
+from helpers import write_tar
 from unparrot.engine import run_stage
 from unparrot.ops.spot import Spot, polygon_union_area
 from unparrot.pool import Pool

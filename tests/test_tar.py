@@ -1,7 +1,7 @@
 import io
 import tarfile
 
-from conftest import jpeg_bytes, write_tar
+from helpers import jpeg_bytes, write_tar
 from unparrot.io.tar import RawSample, ShardProblem, ShardWriter, count_samples, iter_samples, split_key, unsafe_name
 
 
