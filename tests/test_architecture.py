@@ -143,3 +143,20 @@ def test_architecture_md_matches_the_tree():
     stale = sorted(n for n in named if n not in tree and not any(m.endswith("/" + n) or m == n for m in tree))
     assert not missing, f"modules missing from ARCHITECTURE.md: {missing}"
     assert not stale, f"ARCHITECTURE.md names modules that do not exist: {stale}"
+
+
+def test_top_level_exports_load_lazily():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, unparrot\n"
+        "lazy = [m for m in ('unparrot.engine', 'unparrot.curate.select', 'unparrot.evaluate.audit') if m in sys.modules]\n"
+        "import unparrot.ingest, unparrot.synth.generate\n"
+        "from unparrot import ingest, synth\n"
+        "print(lazy, callable(ingest) and ingest.__module__, callable(synth) and synth.__module__)\n"
+        "for n in unparrot.EXPORTS: assert getattr(unparrot, n).__name__ == n, n\n"
+        "assert set(unparrot.EXPORTS) <= set(dir(unparrot))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["[]", "unparrot.ingest", "unparrot.synth.generate"], out
