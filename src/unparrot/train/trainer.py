@@ -417,7 +417,8 @@ class _Logs:
         )
         metrics_path = out / "metrics.jsonl"
         if is_main and metrics_path.exists():
-            kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= run.start_step]
+            lines = metrics_path.read_text().splitlines()
+            kept = [ln for ln in lines if ln and json.loads(ln)["step"] <= run.start_step]
             metrics_path.write_text("".join(ln + "\n" for ln in kept))
         return cls(run, writer, bar, metrics_path)
 
