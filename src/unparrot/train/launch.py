@@ -90,16 +90,16 @@ def launch(config: TrainConfig | dict, log: str | os.PathLike | None = None, nam
 
 
 def launch_all(configs: dict[str, TrainConfig], workers: int, logs: str | os.PathLike | None = None,
-               on_start=None, on_done=None) -> dict[str, dict]:
+               on_start=None, on_done=None, env: dict | None = None) -> dict[str, dict]:
     """Train every config (name -> config), `workers` processes at a time, and return name -> summary.
     Each run logs to `logs/train-<name>.log`; `on_start(name)` and `on_done(name, summary, seconds)` report
-    progress. The first failed run raises."""
+    progress; `env` as in `launch`. The first failed run raises."""
     pending, running, done = list(configs.items()), [], {}
     while pending or running:
         while pending and len(running) < workers:
             name, config = pending.pop(0)
             log = Path(logs) / f"train-{name}.log" if logs is not None else None
-            running.append(launch(config, log=log, name=name))
+            running.append(launch(config, log=log, name=name, env=env))
             if on_start:
                 on_start(name)
         time.sleep(1)
