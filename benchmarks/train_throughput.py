@@ -20,6 +20,9 @@ import numpy as np
 
 from _util import OUT, report, synthetic_pool
 
+from unparrot.train import TrainConfig
+from unparrot.train.launch import launch
+
 
 def shards_dir():
     from unparrot.curate.reshard import reshard
@@ -36,25 +39,16 @@ def shards_dir():
 def ours(shards, steps, batch, warm) -> tuple[float, float]:
     run = OUT / "train-ours"
     shutil.rmtree(run, ignore_errors=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "unparrot",
-        "train",
-        str(shards),
-        "--out",
-        str(run),
-        "--model",
-        "unparrot-rn-tiny",
-        "--samples",
-        str(steps * batch),
-        "--batch-size",
-        str(batch),
-        "--loader-workers",
-        "1",
-        "--quiet",
-    ]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    config = TrainConfig(
+        train_data=str(shards),
+        out=str(run),
+        model="unparrot-rn-tiny",
+        samples=steps * batch,
+        batch_size=batch,
+        loader_workers=1,
+        progress=False,
+    )
+    launch(config, log=OUT / "train-ours.log").wait()  # a process of its own, like open_clip's trainer below
     m = [json.loads(ln) for ln in open(run / "metrics.jsonl")][warm:]
     step = np.array([x["step_seconds"] for x in m])
     wait = np.array([x["wait_seconds"] for x in m])

@@ -225,13 +225,12 @@ def test_card_separates_a_reader_from_a_non_reader(tmp_path):
     by the word; 20% shapes). The reader must score above the non-reader on the Sync gap, attack success and
     word reading. The models are too small for every interval to separate: the test asserts non-overlap
     where it was measured (APART, see docs/audit.md) and the direction elsewhere."""
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     from unparrot.synth.generate import synth
     from unparrot.synth.world import make_config
+    from unparrot.train import TrainConfig
+    from unparrot.train.launch import launch_all
 
     words = list(make_config("learnable").classes) + list(make_config("learnable", vocab_size=30).words())
     (tmp_path / "words.txt").write_text("\n".join(words) + "\n")
@@ -239,16 +238,12 @@ def test_card_separates_a_reader_from_a_non_reader(tmp_path):
     synth(tmp_path / "see", seed=0, p_pure_parrot=0.0, **common)
     synth(tmp_path / "read", seed=1, p_pure_parrot=0.8, p_class_word=0.7, vocab_size=30, **common)
     root = Path(__file__).parent.parent
-    env = {**os.environ, "PYTHONPATH": str(root / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    procs = []
-    for name in ("see", "read"):
-        cmd = [sys.executable, "-m", "unparrot", "train", str(tmp_path / name), "--out", str(tmp_path / f"run-{name}"),
-               "--samples", str(READER_STEPS * 64), "--batch-size", "64", "--threads", "1", "--workers", "0",
-               "--init-logit-scale", "33.3", "--vocab-texts", json.dumps([str(tmp_path / "words.txt")]), "--quiet"]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for p in procs:
-        out, _ = p.communicate(timeout=1500)
-        assert p.returncode == 0, out[-2000:]
+    env = {"PYTHONPATH": str(root / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    configs = {name: TrainConfig(train_data=str(tmp_path / name), out=str(tmp_path / f"run-{name}"),
+                                 samples=READER_STEPS * 64, batch_size=64, threads=1, workers=0, init_logit_scale=33.3,
+                                 vocab_texts=[str(tmp_path / "words.txt")], progress=False)
+               for name in ("see", "read")}
+    launch_all(configs, workers=2, logs=tmp_path / "logs", env=env)  # a process each, in parallel
     summaries = audit(AuditConfig(
         models=[str(tmp_path / f"run-{n}" / "checkpoints" / "final.pt") for n in ("see", "read")],
         out=str(tmp_path / "cards"), vocab=str(tmp_path / "words.txt"), font_scale=0.4, attack_size=0.45,

@@ -5,16 +5,14 @@ on parrot samples (images that are just a written class name, captioned by it) m
 gap and a higher typographic attack success rate than the text-free model.
 """
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from unparrot.evaluate import evaluate
 from unparrot.synth.generate import synth
+from unparrot.train import TrainConfig
+from unparrot.train.launch import launch_all
 
 ROOT = Path(__file__).parent.parent
 STEPS = 600
@@ -53,35 +51,22 @@ def test_text_free_sees_and_parrot_reads(tmp_path):
     words.write_text(
         "\n".join(classes + (ev / "clean" / "zeroshot_classification_templates.txt").read_text().splitlines())
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    procs = []
-    for name in ("obj", "par"):
-        cmd = [
-            sys.executable,
-            "-m",
-            "unparrot",
-            "train",
-            str(tmp_path / name),
-            "--out",
-            str(tmp_path / f"run-{name}"),
-            "--samples",
-            str(STEPS * 64),
-            "--batch-size",
-            "64",
-            "--threads",
-            "1",
-            "--workers",
-            "0",
-            "--init-logit-scale",
-            "33.3",
-            "--vocab-texts",
-            json.dumps([str(words)]),
-            "--quiet",
-        ]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for p in procs:
-        out, _ = p.communicate(timeout=1500)
-        assert p.returncode == 0, out[-2000:]
+    env = {"PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    configs = {
+        name: TrainConfig(
+            train_data=str(tmp_path / name),
+            out=str(tmp_path / f"run-{name}"),
+            samples=STEPS * 64,
+            batch_size=64,
+            threads=1,
+            loader_workers=0,
+            init_logit_scale=33.3,
+            vocab_texts=[str(words)],
+            progress=False,
+        )
+        for name in ("obj", "par")
+    }
+    launch_all(configs, workers=2, logs=tmp_path / "logs", env=env)  # a process each, in parallel
     m = {}
     for name in ("obj", "par"):
         recs = evaluate(

@@ -123,13 +123,6 @@ def test_profile_vocab_report_with_cotr_variants_through_the_cli(tmp_path, capsy
 
 
 
-def test_strip_option_handles_both_spellings():
-    from unparrot.cli import strip_option
-
-    assert strip_option(["train", "d", "--nproc", "2", "--out", "r"], "--nproc") == ["train", "d", "--out", "r"]
-    assert strip_option(["train", "d", "--nproc=2", "--out", "r"], "--nproc") == ["train", "d", "--out", "r"]
-    assert strip_option(["train", "--nprocs-x", "1"], "--nproc") == ["train", "--nprocs-x", "1"]
-
 
 # ---- flags generated from the configs ---------------------------------------------------------------------
 def _subparsers():

@@ -10,7 +10,7 @@ import torch
 
 from unparrot.io.tar import RawSample
 from unparrot.train.data import SampleMaker, crop_params
-from unparrot.train.trainer import _accumulated, lr_at, param_groups
+from unparrot.train.trainer import accumulated, lr_at, param_groups
 
 
 def test_warmup_then_cosine_to_zero():
@@ -57,7 +57,7 @@ def test_accumulation_gives_the_full_batch_gradient():
     want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     model.zero_grad()
-    got_loss = _accumulated(model, model, loss_fn, images, texts, 2, None)
+    got_loss = accumulated(model, model, loss_fn, images, texts, 2, None)
     assert got_loss == pytest.approx(float(full.detach()), rel=1e-5)
     # float32 sums in a different order per micro-batch (and per machine and thread count): the tolerance scales
     # with each tensor's largest gradient, so it holds anywhere, while a gradient counted once per micro-batch (the

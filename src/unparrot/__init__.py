@@ -32,8 +32,8 @@ EXPORTS = {
 # package attribute to the submodule whenever that submodule is first imported, so a lazy export would
 # turn into the module the moment any code imports `unparrot.ingest`. Binding the functions here, once,
 # after the submodules have loaded, keeps `from unparrot import synth, ingest` the functions.
-from .ingest import ingest  # noqa: E402
-from .synth.generate import synth  # noqa: E402
+from .ingest import ingest  # noqa: E402, F401
+from .synth.generate import synth  # noqa: E402, F401
 from .models import register_on_import  # noqa: E402
 
 register_on_import()  # open_clip knows unparrot's model configs once both are imported, in either order

@@ -226,36 +226,11 @@ def _train_fields():
     return [f for f in dataclasses.fields(TrainConfig) if f.name not in ("train_data", "progress")]
 
 
-def strip_option(argv: list[str], name: str) -> list[str]:
-    """argv without `name VALUE` / `name=VALUE` (to relaunch a command under another launcher)."""
-    out, skip = [], False
-    for x in argv:
-        if skip:
-            skip = False
-        elif x == name:
-            skip = True
-        elif not x.startswith(name + "="):
-            out.append(x)
-    return out
-
 
 def cmd_train(a):
     from .train import TrainConfig, train
+    from .train.launch import run_distributed, summary_line
 
-    if a.nproc and a.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        import subprocess
-
-        argv = strip_option(a.argv, "--nproc")
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={a.nproc}",
-            "-m",
-            "unparrot",
-        ] + argv
-        raise SystemExit(subprocess.call(cmd))
     cfg = yaml.safe_load(open(a.config)) if a.config else {}
     if not isinstance(cfg, dict):
         raise ValueError(f"{a.config}: a training config is a mapping of options")
@@ -266,12 +241,11 @@ def cmd_train(a):
     if a.train_data:
         cfg["train_data"] = a.train_data
     cfg["progress"] = not a.quiet
+    if a.nproc and a.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        raise SystemExit(run_distributed(TrainConfig.from_dict(cfg), a.nproc))
     s = train(TrainConfig.from_dict(cfg))
     if int(os.environ.get("RANK", "0")) == 0:
-        print(
-            f"train: {s['steps']} steps, {s['samples_seen']} samples seen, final loss {s['loss']:.4f}, "
-            f"{s['samples_per_s']:.0f} samples/s, data wait {100 * s['data_wait']:.1f}% -> {s['checkpoint']}"
-        )
+        print(summary_line(s))
 
 
 def cmd_export(a):

@@ -96,6 +96,7 @@ def effective_robustness(acc_id: float, acc_ood: float, a: float, b: float, link
     return float(acc_ood - _inverse(a * link_fn(acc_id, link) + b, link))
 
 
-def mean_std(x) -> tuple[float, float]:
+def mean_std(x, ddof: int = 0) -> tuple[float, float]:
+    """Mean and standard deviation (`ddof=1`: the sample std, as over seeds); nan for no values."""
     x = np.asarray(x, float)
-    return (float(x.mean()), float(x.std())) if len(x) else (math.nan, math.nan)
+    return (float(x.mean()), float(x.std(ddof=ddof))) if len(x) else (math.nan, math.nan)

@@ -200,31 +200,91 @@ def _latest_checkpoint(out: Path) -> Path | None:
     return p if p.exists() else None
 
 
-def train(cfg: TrainConfig | dict) -> dict:
-    """Train; returns a summary dict (final loss, steps, samples seen, checkpoint path, samples/s, ...)."""
-    import torch
+@dataclass
+class _Place:
+    """Where this process trains: its rank among `world` processes and its device."""
 
-    from ..models import load_clip, model_config
-    from .data import SampleMaker, TrainStream, resolve_shards
+    rank: int
+    world: int
+    local_rank: int
+    device: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class _Run:
+    """What the loop needs, built once by the steps before it."""
+
+    cfg: TrainConfig
+    out: Path
+    place: _Place
+    clip: object  # models.LoadedClip: the model, its tokenizer and image size
+    model: object  # the bare model (checkpoints, clipping, the logit-scale clamp)
+    ddp_model: object  # the model wrapped for DistributedDataParallel (the forward pass); `model` if one process
+    opt: object
+    vocab: list | None
+    start_step: int
+    steps: int  # the whole run's schedule
+    warmup: int
+    stop: int  # where this invocation stops (stop_at_step)
+    loss_fn: object = None
+    autocast: object = None
+
+
+def train(cfg: TrainConfig | dict) -> dict:
+    """Train; returns a summary dict (final loss, steps, samples seen, checkpoint path, samples/s, ...).
+
+    The steps run in a fixed order because the run must be reproducible bit for bit from its seed: the
+    model's initialisation draws from torch's RNG right after `manual_seed`, and the data loader's base seed
+    draws from it when the loop starts; nothing in between may draw."""
+    from .data import resolve_shards
 
     cfg = (TrainConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg).validate()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    place = _setup_process(cfg)
+    out = Path(cfg.out)
+    shards = resolve_shards(cfg.train_data)
+    resume_path, ckpt = _resume_point(cfg, out)
+    run = _model_and_optimizer(cfg, out, place, shards, ckpt)
+    if place.is_main:  # temp files of a killed run (its summary's; checkpoint temps are rewritten in place)
+        remove_stale_temp(out)
+    if run.start_step >= run.stop:  # a finished run resumed: nothing to do, nothing rewritten
+        return _finished_summary(out, cfg, resume_path, run.start_step, run.steps, place.world, place.is_main)
+    run.autocast = _autocast(cfg, place.device)
+    stream, loader = _data(run, shards)
+    logs = _Logs.open(run)
+    last, step, t_start = _loop(run, loader, stream, logs)
+    logs.bar.close()
+    path, exported = _save_final(run, step, logs)
+    return _write_summary(run, last, path, exported, t_start)
+
+
+def _setup_process(cfg: TrainConfig) -> _Place:
+    """Device, threads and the process group: from torchrun's environment (one process when absent), so the
+    same call trains alone or as one of N processes."""
+    import torch
+
     rank, world, local_rank = _dist_env()
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda":
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(local_rank)
-    threads = cfg.threads or max(1, (os.cpu_count() or 1) // world)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
     if world > 1:
         import torch.distributed as dist
 
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    out = Path(cfg.out)
-    shards = resolve_shards(cfg.train_data)
-    mcfg = model_config(cfg.model)
-    dense = mcfg.get("text_cfg", {}).get("vocab_size", 49408) < 49408
+    return _Place(rank, world, local_rank, device)
+
+
+def _resume_point(cfg: TrainConfig, out: Path):
+    """(path, checkpoint dict) to continue from, or (None, None): `latest` may be absent (a first run), an
+    explicit path may not."""
+    import torch
 
     resume_path = None
     if cfg.resume:
@@ -232,17 +292,29 @@ def train(cfg: TrainConfig | dict) -> dict:
         if cfg.resume != "latest" and not resume_path.exists():
             raise FileNotFoundError(f"resume checkpoint {cfg.resume} not found")
     ckpt = torch.load(resume_path, map_location="cpu", weights_only=True) if resume_path else None
+    return resume_path, ckpt
 
+
+def _model_and_optimizer(cfg: TrainConfig, out: Path, place: _Place, shards, ckpt) -> _Run:
+    """The model (seeded just before it is built), its optimizer and the schedule, restored from `ckpt`
+    when resuming. A dense-vocabulary model takes its vocabulary from the checkpoint when resuming, so a
+    resumed run tokenizes exactly as it started even if the shards changed."""
+    import torch
+    from open_clip.loss import ClipLoss
+
+    from ..models import load_clip, model_config
+
+    dense = model_config(cfg.model).get("text_cfg", {}).get("vocab_size", 49408) < 49408
     vocab = None
     if dense:
         vocab = list(ckpt["unparrot_vocab"]) if ckpt and "unparrot_vocab" in ckpt else build_vocab_for(cfg, shards)
     torch.manual_seed(cfg.seed)
-    clip = load_clip(cfg.model, cfg.pretrained, device=device, vocab=vocab, train=True)
+    clip = load_clip(cfg.model, cfg.pretrained, device=place.device, vocab=vocab, train=True)
     model = clip.model
     if cfg.init_logit_scale and not cfg.pretrained:
         with torch.no_grad():
             model.logit_scale.fill_(math.log(cfg.init_logit_scale))
-    if cfg.sync_bn and world > 1:
+    if cfg.sync_bn and place.world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     start_step = 0
@@ -253,33 +325,42 @@ def train(cfg: TrainConfig | dict) -> dict:
         if ckpt.get("config", {}).get("samples") not in (None, cfg.samples):
             raise ValueError(f"resume: the checkpoint's run has samples={ckpt['config']['samples']}, not {cfg.samples}")
     ddp_model = model
-    if world > 1:
+    if place.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ddp_model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None)
-
-    from open_clip.loss import ClipLoss
-
-    loss_fn = ClipLoss(local_loss=False, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world)
+        ddp_model = DDP(model, device_ids=[place.local_rank] if place.device.startswith("cuda") else None)
+    loss_fn = ClipLoss(
+        local_loss=False, gather_with_grad=True, cache_labels=True, rank=place.rank, world_size=place.world
+    )
     steps = cfg.steps
     warmup = int(cfg.warmup * steps) if cfg.warmup < 1 else int(cfg.warmup)
     stop = min(steps, cfg.stop_at_step) if cfg.stop_at_step else steps
-    if rank == 0:  # temp files of a killed run (its summary's; checkpoint temps are rewritten in place)
-        remove_stale_temp(out)
-    if start_step >= stop:  # a finished run resumed: nothing to do, nothing rewritten
-        return _finished_summary(out, cfg, resume_path, start_step, steps, world, rank == 0)
-    precision = cfg.precision if cfg.precision != "auto" else ("amp" if device.startswith("cuda") else "fp32")
-    autocast = (
-        torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        if precision in ("amp", "bf16") and device.startswith("cuda")
-        else torch.autocast(device_type="cpu", dtype=torch.bfloat16)
-        if precision == "bf16"
-        else None
-    )
+    return _Run(cfg, out, place, clip, model, ddp_model, opt, vocab, start_step, steps, warmup, stop, loss_fn)
 
+
+def _autocast(cfg: TrainConfig, device: str):
+    """The autocast context of the precision (None: fp32). `auto` is bf16 autocast on a GPU, fp32 on a CPU."""
+    import torch
+
+    precision = cfg.precision if cfg.precision != "auto" else ("amp" if device.startswith("cuda") else "fp32")
+    if precision in ("amp", "bf16") and device.startswith("cuda"):
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    if precision == "bf16":
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+    return None
+
+
+def _data(run: _Run, shards):
+    """The sample stream (from `start_step`, so a resumed run sees the batches it would have seen) and its
+    loader; data workers are spawned, never forked, so they do not inherit the training threads."""
+    import torch.utils.data as tud
+
+    from .data import SampleMaker, TrainStream
+
+    cfg, place = run.cfg, run.place
     maker = SampleMaker(
-        clip.image_size,
-        clip.tokenizer,
+        run.clip.image_size,
+        run.clip.tokenizer,
         seed=cfg.seed,
         rrc_scale=cfg.rrc_scale,
         use_rewrites=cfg.rewrites,
@@ -288,10 +369,9 @@ def train(cfg: TrainConfig | dict) -> dict:
         mask_text_prob=cfg.mask_text_prob,
     )
     stream = TrainStream(
-        shards, maker, cfg.batch_size, stop, start_step, rank, world, cfg.seed, cfg.shuffle_buffer, cfg.data_order
+        shards, maker, cfg.batch_size, run.stop, run.start_step, place.rank, place.world, cfg.seed,
+        cfg.shuffle_buffer, cfg.data_order,
     )
-    import torch.utils.data as tud
-
     loader = tud.DataLoader(
         stream,
         batch_size=None,
@@ -300,54 +380,80 @@ def train(cfg: TrainConfig | dict) -> dict:
         prefetch_factor=4 if cfg.loader_workers else None,
         multiprocessing_context="spawn" if cfg.loader_workers else None,
     )
+    return stream, loader
 
-    is_main = rank == 0
-    writer = None
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(str(out / "tensorboard"))
-        except Exception:  # noqa: BLE001 - tensorboard is optional
-            writer = None
-    from ..progress import progress_bar
+@dataclass
+class _Logs:
+    """The run's records (main process only): config.json, metrics.jsonl (every step), TensorBoard and the
+    progress bar (every `log_every` steps)."""
 
-    bar = progress_bar(
-        total=stop, initial=start_step, desc=f"train {out.name}", unit="step", disable=not (is_main and cfg.progress)
-    )
-    metrics_path = out / "metrics.jsonl"
-    if is_main and metrics_path.exists():  # a resumed run rewrites what came after its checkpoint
-        kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step]
-        metrics_path.write_text("".join(ln + "\n" for ln in kept))
+    run: _Run
+    writer: object
+    bar: object
+    metrics_path: Path
+
+    @classmethod
+    def open(cls, run: _Run) -> "_Logs":
+        """Writes config.json and cuts metrics.jsonl back to the resumed step (a resumed run rewrites what
+        came after its checkpoint)."""
+        from ..progress import progress_bar
+
+        cfg, out, is_main = run.cfg, run.out, run.place.is_main
+        writer = None
+        if is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                writer = SummaryWriter(str(out / "tensorboard"))
+            except Exception:  # noqa: BLE001 - tensorboard is optional
+                writer = None
+        bar = progress_bar(
+            total=run.stop, initial=run.start_step, desc=f"train {out.name}", unit="step",
+            disable=not (is_main and cfg.progress),
+        )
+        metrics_path = out / "metrics.jsonl"
+        if is_main and metrics_path.exists():
+            lines = metrics_path.read_text().splitlines()
+            kept = [ln for ln in lines if ln and json.loads(ln)["step"] <= run.start_step]
+            metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        return cls(run, writer, bar, metrics_path)
+
+    def record(self, last: dict):
+        """One step's metrics; the step's checkpoint when one is due (never at the stop step: the final
+        checkpoint follows the loop)."""
+        run, cfg, done = self.run, self.run.cfg, last["step"]
+        if not run.place.is_main:
+            return
+        due = done % cfg.log_every == 0 or done == run.stop
+        self.bar.update(1)
+        if due:
+            self.bar.set_postfix(loss=f"{last['loss']:.3f}", sps=f"{last['samples_per_s']:.0f}")
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(last) + "\n")
+        if self.writer is not None and due:
+            for k in ("loss", "lr", "logit_scale", "samples_per_s", "data_wait"):
+                self.writer.add_scalar(f"train/{k}", last[k], done)
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < run.stop:
+            save_checkpoint(run.out, run.model, run.opt, cfg, done, run.vocab)
+
+
+def _loop(run: _Run, loader, stream, logs: _Logs):
+    """Steps from `start_step` to `stop`, timing each and the data wait within it; returns (the last step's
+    metrics, the last step index, the start time)."""
+    cfg = run.cfg
     t_start = time.perf_counter()
     wait_total = step_total = 0.0
     last = {"loss": float("nan")}
-    micro = cfg.batch_size // cfg.accum // world
     t_prev = time.perf_counter()
-    step = start_step
+    step = run.start_step
     for step, images, texts in _plain_worker_errors(loader):
         t_got = time.perf_counter()
         wait = t_got - t_prev
-        lr = lr_at(step, cfg.lr, warmup, steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        ddp_model.train()
-        opt.zero_grad(set_to_none=True)
-        images, texts = images.to(device, non_blocking=True), texts.to(device, non_blocking=True)
-        total = 0.0
-        if cfg.accum == 1:
-            total = _forward_backward(ddp_model, loss_fn, images, texts, autocast)
-        else:
-            # exact accumulation for a contrastive loss: features of the whole batch first (no grad),
-            # then each chunk recomputed with grad against the cached features of the others
-            total = _accumulated(ddp_model, model, loss_fn, images, texts, micro, autocast)
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
+        lr = lr_at(step, cfg.lr, run.warmup, run.steps)
+        total = _optimizer_step(run, images, texts, lr)
         t_done = time.perf_counter()
         wait_total += wait
         step_total += t_done - t_prev
@@ -357,53 +463,82 @@ def train(cfg: TrainConfig | dict) -> dict:
             "step": done,
             "loss": total,
             "lr": lr,
-            "logit_scale": float(model.logit_scale.detach().exp()),
+            "logit_scale": float(run.model.logit_scale.detach().exp()),
             "step_seconds": t_done - (t_got - wait),
             "wait_seconds": wait,
             "samples_seen": done * cfg.batch_size,
             "data_wait": wait_total / max(step_total, 1e-9),
-            "samples_per_s": (done - start_step) * cfg.batch_size / max(t_done - t_start, 1e-9),
+            "samples_per_s": (done - run.start_step) * cfg.batch_size / max(t_done - t_start, 1e-9),
             "skipped_samples": stream.skipped,
         }
-        if is_main:
-            bar.update(1)
-            if done % cfg.log_every == 0 or done == stop:
-                bar.set_postfix(loss=f"{total:.3f}", sps=f"{last['samples_per_s']:.0f}")
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(last) + "\n")
-            if writer is not None and (done % cfg.log_every == 0 or done == stop):
-                for k in ("loss", "lr", "logit_scale", "samples_per_s", "data_wait"):
-                    writer.add_scalar(f"train/{k}", last[k], done)
-            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < stop:
-                save_checkpoint(out, model, opt, cfg, done, vocab)
-        if done >= stop:
+        logs.record(last)
+        if done >= run.stop:
             break
-    bar.close()
+    return last, step, t_start
+
+
+def _optimizer_step(run: _Run, images, texts, lr: float) -> float:
+    """One optimizer step at learning rate `lr`; returns the batch's loss. With `accum` > 1 the
+    accumulation is exact for the contrastive loss (`accumulated`)."""
+    import torch
+
+    cfg, model = run.cfg, run.model
+    for g in run.opt.param_groups:
+        g["lr"] = lr
+    run.ddp_model.train()
+    run.opt.zero_grad(set_to_none=True)
+    device = run.place.device
+    images, texts = images.to(device, non_blocking=True), texts.to(device, non_blocking=True)
+    if cfg.accum == 1:
+        total = forward_backward(run.ddp_model, run.loss_fn, images, texts, run.autocast)
+    else:
+        micro = cfg.batch_size // cfg.accum // run.place.world
+        total = accumulated(run.ddp_model, model, run.loss_fn, images, texts, micro, run.autocast)
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    run.opt.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))
+    return total
+
+
+def _save_final(run: _Run, step: int, logs: _Logs):
+    """The last checkpoint (final.pt when the whole schedule ran, else a step checkpoint to resume from)
+    and, for a finished run, the open_clip export; then every process waits for the main one, so none
+    exits before the files it may be asked about exist."""
+    cfg, out = run.cfg, run.out
     path = exported = None
-    if is_main:
-        path = save_checkpoint(out, model, opt, cfg, max(step + 1, start_step), vocab, final=stop == steps)
-        if cfg.export_open_clip and stop == steps:
+    if run.place.is_main:
+        path = save_checkpoint(
+            out, run.model, run.opt, cfg, max(step + 1, run.start_step), run.vocab, final=run.stop == run.steps
+        )
+        if cfg.export_open_clip and run.stop == run.steps:
             from ..models import export_open_clip
 
             exported = str(export_open_clip(path, out / "open_clip"))
-        if writer is not None:
-            writer.close()
-    if world > 1:
+        if logs.writer is not None:
+            logs.writer.close()
+    if run.place.world > 1:
         import torch.distributed as dist
 
         dist.barrier()
+    return path, exported
+
+
+def _write_summary(run: _Run, last: dict, path, exported, t_start: float) -> dict:
+    """summary.json, written last and atomically: its presence says the run (or this part of it) finished."""
     summary = {
         **last,
-        "steps": stop,
-        "planned_steps": steps,
+        "steps": run.stop,
+        "planned_steps": run.steps,
         "checkpoint": str(path) if path else None,
         "open_clip": exported,
         "seconds": time.perf_counter() - t_start,
-        "world_size": world,
-        "model": cfg.model,
+        "world_size": run.place.world,
+        "model": run.cfg.model,
     }
-    if is_main:
-        atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1).encode())
+    if run.place.is_main:
+        atomic_write_bytes(run.out / "summary.json", json.dumps(summary, indent=1).encode())
     return summary
 
 
@@ -461,7 +596,9 @@ def _finished_summary(out: Path, cfg: TrainConfig, resume_path, step: int, steps
     return summary
 
 
-def _forward_backward(ddp_model, loss_fn, images, texts, autocast) -> float:
+def forward_backward(ddp_model, loss_fn, images, texts, autocast) -> float:
+    """The whole batch's loss and gradients in one pass (no accumulation); the loss in float32 whatever
+    the autocast, as open_clip computes it."""
     import contextlib
 
     with autocast or contextlib.nullcontext():
@@ -471,7 +608,7 @@ def _forward_backward(ddp_model, loss_fn, images, texts, autocast) -> float:
     return float(loss.detach())
 
 
-def _accumulated(ddp_model, model, loss_fn, images, texts, micro, autocast) -> float:
+def accumulated(ddp_model, model, loss_fn, images, texts, micro, autocast) -> float:
     """Gradient accumulation that is exact for the contrastive loss (GradCache-style).
 
     Exact for models without batch statistics (ViT towers); BatchNorm towers (ModifiedResNet) see
