@@ -67,15 +67,17 @@ def _errbar(ax, labels, values, cis, title, chance=None, color="#4a7bd0"):
     ax.set_title(title)
 
 
+def _measure_rows(m: dict, measures: list[tuple[str, str]], digits: int) -> list[list[str]]:
+    """Table rows (label, value, its 95% interval) of the card's metrics, one per (label, key)."""
+    return [[label, _v(m[k], digits), _ci(m, k, digits)] for label, k in measures]
+
+
 def _sync_section(rec: dict, media: dict) -> Section:
     plt = _plt()
     m = rec["metrics"]
-    rows = [
-        ["Sync score (mean cosine, rendering and its word)", _v(m["sync_mean"], 4), _ci(m, "sync_mean", 4)],
-        ["Sync std", _v(m["sync_std"], 4), _ci(m, "sync_std", 4)],
-        ["mismatched mean (another word)", _v(m["mismatched_mean"], 4), _ci(m, "mismatched_mean", 4)],
-        ["Sync gap (matched - mismatched)", _v(m["sync_gap"], 4), _ci(m, "sync_gap", 4)],
-    ]
+    rows = _measure_rows(m, [("Sync score (mean cosine, rendering and its word)", "sync_mean"), ("Sync std", "sync_std"),
+                             ("mismatched mean (another word)", "mismatched_mean"),
+                             ("Sync gap (matched - mismatched)", "sync_gap")], digits=4)
     body = [table(["measure", "value", "95% interval"], rows)]
     body.append(f"<p class='note'>{m['n_words']} words x {m['n_renders'] // max(1, m['n_words'])} renderings "
                 f"({m['font_px']} px on {m['canvas']} px), {m['n_derangements']} derangements; intervals resample "
@@ -150,13 +152,10 @@ def _attack_section(rec: dict, media: dict) -> Section:
 def _reliance_section(rec: dict, media: dict) -> Section:
     plt = _plt()
     m = rec["metrics"]
-    rows = [
-        ["CLIP score (image, caption)", _v(m["clip_score"], 4), _ci(m, "clip_score", 4)],
-        ["CLIP score, text masked", _v(m["masked_clip_score"], 4), _ci(m, "masked_clip_score", 4)],
-        ["score drop when masked", _v(m["score_drop"], 4), _ci(m, "score_drop", 4)],
-        ["share of text-bearing pairs carried by their text", _v(m["carried_share"]), _ci(m, "carried_share")],
-        ["... of all pairs of the pool", _v(m["carried_share_of_pool"]), ""],
-    ]
+    rows = _measure_rows(m, [("CLIP score (image, caption)", "clip_score"), ("CLIP score, text masked", "masked_clip_score"),
+                             ("score drop when masked", "score_drop")], digits=4)
+    rows += [["share of text-bearing pairs carried by their text", _v(m["carried_share"]), _ci(m, "carried_share")],
+             ["... of all pairs of the pool", _v(m["carried_share_of_pool"]), ""]]
     body = [table(["measure", "value", "95% interval"], rows)]
     body.append(f"<p class='note'>{m['n_pairs']} text-bearing pairs of {esc(rec['dataset'])} "
                 f"({100 * m['share_with_text_pool']:.1f}% of the pool carries text). Carried: masking the text "

@@ -171,21 +171,10 @@ class LlamaCppBackend(Backend):
             self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
                                              initializer=_worker_init, initargs=(cfg,))
         chunks = [order[k:k + chunk] for k in range(0, len(order), chunk)]
-        futs = {}
-        it = iter(chunks)
-        for ids in it:  # at most 2 chunks in flight per worker: memory stays bounded
-            futs[self._pool.submit(_worker_run, [requests[i] for i in ids])] = ids
-            if len(futs) >= 2 * self.workers:
-                break
-        while futs:
-            done, _ = wait(futs, return_when=FIRST_COMPLETED)
-            for f in done:
-                ids = futs.pop(f)
-                for i, comp in zip(ids, f.result()):
-                    yield i, comp
-                nxt = next(it, None)
-                if nxt is not None:
-                    futs[self._pool.submit(_worker_run, [requests[i] for i in nxt])] = nxt
+        submit = lambda ids: self._pool.submit(_worker_run, [requests[i] for i in ids])  # noqa: E731
+        # at most 2 chunks in flight per worker: memory stays bounded
+        for ids, comps in completed_in_window(submit, chunks, 2 * self.workers):
+            yield from zip(ids, comps)
 
     def close(self):
         if self._pool is not None:
@@ -196,6 +185,26 @@ class LlamaCppBackend(Backend):
                 self._llm.close()
             self._llm = None
 
+
+
+def completed_in_window(submit, items, window: int):
+    """(item, result) for each of `items` as its job finishes, with at most `window` jobs in flight, so
+    memory and a server's queue stay bounded however many items there are. `submit(item)` returns a future;
+    a job is submitted for the next item as each one finishes."""
+    it = iter(items)
+    futs = {}
+    for item in it:
+        futs[submit(item)] = item
+        if len(futs) >= window:
+            break
+    while futs:
+        done, _ = wait(futs, return_when=FIRST_COMPLETED)
+        for f in done:
+            item = futs.pop(f)
+            yield item, f.result()
+            nxt = next(it, None)
+            if nxt is not None:
+                futs[submit(nxt)] = nxt
 
 _WORKER: dict = {}
 
@@ -271,20 +280,9 @@ class OpenAIBackend(Backend):
         try:
             # sorted by prompt, so consecutive requests share their in-context pairs: servers with a
             # prefix cache (llama.cpp's, vLLM's) skip re-reading them
-            todo = iter(sorted(range(len(requests)), key=lambda i: requests[i].prompt or ""))
-            futs = {}
-            for i in todo:  # a bounded window of submitted requests, not the whole list
-                futs[ex.submit(one, requests[i])] = i
-                if len(futs) >= 4 * self.concurrency:
-                    break
-            while futs:
-                done, _ = wait(futs, return_when=FIRST_COMPLETED)
-                for f in done:
-                    i = futs.pop(f)
-                    yield i, f.result()
-                    nxt = next(todo, None)
-                    if nxt is not None:
-                        futs[ex.submit(one, requests[nxt])] = nxt
+            todo = sorted(range(len(requests)), key=lambda i: requests[i].prompt or "")
+            # a bounded window of submitted requests, not the whole list
+            yield from completed_in_window(lambda i: ex.submit(one, requests[i]), todo, 4 * self.concurrency)
         finally:  # interrupted (Ctrl-C, a closed generator): stop waiting for requests still in flight
             stop.set()
             ex.shutdown(wait=False, cancel_futures=True)
