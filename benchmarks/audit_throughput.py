@@ -81,8 +81,17 @@ def main():
         torch.save({"state_dict": load_clip(a.model).model.state_dict()}, ckpt)
     out = OUT / "audit-cards"
     shutil.rmtree(out, ignore_errors=True)
-    cfg = dict(models=[str(ckpt)], model=a.model, out=str(out), vocab_top=a.words, builtin_per_class=a.per_class,
-               batch_size=a.batch, device=a.device, workers=a.workers, progress=False)
+    cfg = dict(
+        models=[str(ckpt)],
+        model=a.model,
+        out=str(out),
+        vocab_top=a.words,
+        builtin_per_class=a.per_class,
+        batch_size=a.batch,
+        device=a.device,
+        workers=a.workers,
+        progress=False,
+    )
     images = record_images(AuditConfig(**cfg))
     clip = load_clip(a.model, str(ckpt), device=a.device)
     base = bare(clip, images, a.batch, a.device)
@@ -92,8 +101,10 @@ def main():
     total = time.perf_counter() - t0
     t = s["timing"]
     ours = t["images"] / (total - t["load_s"])
-    print(f"audit of {a.model} (random weights, {a.device}): {t['images']} images ({len(images)} recorded), "
-          f"total {total:.1f} s including {t['load_s']:.1f} s model load -> {s['card']}")
+    print(
+        f"audit of {a.model} (random weights, {a.device}): {t['images']} images ({len(images)} recorded), "
+        f"total {total:.1f} s including {t['load_s']:.1f} s model load -> {s['card']}"
+    )
     ok = report(f"whole audit vs bare image forward ({a.model})", ours, base, "images/s", 0.85)
     return 0 if ok else 1
 

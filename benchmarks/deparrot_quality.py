@@ -33,7 +33,7 @@ TARGET_RETAIN, TARGET_PURE, TARGET_RATE = 0.95, 0.95, 20000.0
 
 def batches(rows, size=256):
     for i in range(0, len(rows), size):
-        part = rows[i:i + size]
+        part = rows[i : i + size]
         yield {k: [r[k] for r in part] for k in ("caption", "texts", "co_emb")}
 
 
@@ -58,8 +58,11 @@ def main(argv=None) -> int:
         profile(pool, backend="oracle", workers=1, progress=False)
     s = deparrot(pool, overwrite=True, progress=False)
     print(s.line())
-    df = pool.load(["deparrot", "spot", "parrot"], columns=["deparrot_caption", "deparrot_mode", "removed_words",
-                                                          "residual_cotr", "texts", "co_emb"], how="inner")
+    df = pool.load(
+        ["deparrot", "spot", "parrot"],
+        columns=["deparrot_caption", "deparrot_mode", "removed_words", "residual_cotr", "texts", "co_emb"],
+        how="inner",
+    )
     df = df.astype(object).where(df.notna(), None)  # null captions as None, not NaN
     out = {u: r for u, r in zip(df["uid"], df.to_dict("records"))}
     truth = {r["uid"]: (r["caption"], r["meta"]["synth"]) for r in pool.samples()}
@@ -85,26 +88,34 @@ def main(argv=None) -> int:
         keep[group][1] += 1
         keep[group][0] += new is not None and cls in tokens(new)
     modes = df["deparrot_mode"].value_counts().to_dict()
-    print(f"strip: {len(df)} samples; modes {modes}; null {sum(c is None for c in df['deparrot_caption'])}; "
-          f"max residual CoTR {residual_max:.4f} (must be 0)")
+    print(
+        f"strip: {len(df)} samples; modes {modes}; null {sum(c is None for c in df['deparrot_caption'])}; "
+        f"max residual CoTR {residual_max:.4f} (must be 0)"
+    )
     ok = residual_max == 0.0
 
     def share(k):
         return k[0] / k[1] if k[1] else float("nan")
 
     r_unw = share(keep["unwritten"])
-    print(f"class-word retention, text-bearing object images, class word not written in the image: "
-          f"{100 * r_unw:.1f}% of {keep['unwritten'][1]} (target >= {100 * TARGET_RETAIN:.0f}%) "
-          f"{'OK' if r_unw >= TARGET_RETAIN else 'MISSED'}")
+    print(
+        f"class-word retention, text-bearing object images, class word not written in the image: "
+        f"{100 * r_unw:.1f}% of {keep['unwritten'][1]} (target >= {100 * TARGET_RETAIN:.0f}%) "
+        f"{'OK' if r_unw >= TARGET_RETAIN else 'MISSED'}"
+    )
     ok &= r_unw >= TARGET_RETAIN
     both = [keep["unwritten"][0] + keep["written"][0], keep["unwritten"][1] + keep["written"][1]]
-    print(f"class-word retention where the image spells the class word itself: {100 * share(keep['written']):.1f}% "
-          f"of {keep['written'][1]} (removed because it is spelled); all text-bearing object images: "
-          f"{100 * share(both):.1f}% of {both[1]}; images without text (unchanged): "
-          f"{100 * share(keep['no text']):.1f}% of {keep['no text'][1]}")
+    print(
+        f"class-word retention where the image spells the class word itself: {100 * share(keep['written']):.1f}% "
+        f"of {keep['written'][1]} (removed because it is spelled); all text-bearing object images: "
+        f"{100 * share(both):.1f}% of {both[1]}; images without text (unchanged): "
+        f"{100 * share(keep['no text']):.1f}% of {keep['no text'][1]}"
+    )
     p = pure_ok / pure_n if pure_n else float("nan")
-    print(f"pure-text images left with nothing but text words (null or only 'sign', 'logo', ...): {100 * p:.1f}% "
-          f"of {pure_n} (target >= {100 * TARGET_PURE:.0f}%) {'OK' if p >= TARGET_PURE else 'MISSED'}")
+    print(
+        f"pure-text images left with nothing but text words (null or only 'sign', 'logo', ...): {100 * p:.1f}% "
+        f"of {pure_n} (target >= {100 * TARGET_PURE:.0f}%) {'OK' if p >= TARGET_PURE else 'MISSED'}"
+    )
     ok &= p >= TARGET_PURE
 
     # ---- strip throughput, one core, against the parrot operator's CoTR on the same rows -------------
@@ -124,14 +135,18 @@ def main(argv=None) -> int:
 
     rate, wall = cpu_rate(op, bs, len(rows))
     base_rate, _ = cpu_rate(base, bs, len(rows))
-    print(f"strip throughput: {rate:,.0f} captions per CPU-second on one core over {len(rows):,} captions "
-          f"({wall:,.0f}/s wall clock) (target >= {TARGET_RATE:,.0f}) {'OK' if rate >= TARGET_RATE else 'MISSED'}; "
-          f"the parrot operator's CoTR on the same rows {base_rate:,.0f}/s: ratio {rate / base_rate:.2f}")
+    print(
+        f"strip throughput: {rate:,.0f} captions per CPU-second on one core over {len(rows):,} captions "
+        f"({wall:,.0f}/s wall clock) (target >= {TARGET_RATE:,.0f}) {'OK' if rate >= TARGET_RATE else 'MISSED'}; "
+        f"the parrot operator's CoTR on the same rows {base_rate:,.0f}/s: ratio {rate / base_rate:.2f}"
+    )
     ok &= rate >= TARGET_RATE
-    parroted = [r for r in rows[:len(out)] if r["co_emb"]] * reps
+    parroted = [r for r in rows[: len(out)] if r["co_emb"]] * reps
     prate, _ = cpu_rate(op, list(batches(parroted)), len(parroted))
-    print(f"strip throughput on the parroted captions alone (every one stripped): {prate:,.0f} captions per "
-          f"CPU-second over {len(parroted):,}")
+    print(
+        f"strip throughput on the parroted captions alone (every one stripped): {prate:,.0f} captions per "
+        f"CPU-second over {len(parroted):,}"
+    )
 
     # ---- rewrite mode with the real model ----------------------------------------------------------------
     if not a.no_rewrite:
@@ -146,8 +161,11 @@ def main(argv=None) -> int:
         t_load = time.perf_counter()
         rw = Deparrot(mode="rewrite", threads=a.threads)
         load_s = time.perf_counter() - t_load
-        batch = {"caption": [truth[u][0] for u, _ in picked], "texts": [list(r["texts"]) for _, r in picked],
-                 "co_emb": [list(r["co_emb"]) for _, r in picked]}
+        batch = {
+            "caption": [truth[u][0] for u, _ in picked],
+            "texts": [list(r["texts"]) for _, r in picked],
+            "co_emb": [list(r["co_emb"]) for _, r in picked],
+        }
         t0 = time.perf_counter()
         res = rw(batch)
         rw_s = time.perf_counter() - t0
@@ -158,8 +176,11 @@ def main(argv=None) -> int:
         fallback = sum(m == "strip-fallback" for m in modes)
         invented = sum(claims_text(c) for c in rewritten)
         # content the model added: words of the rewrite that describe something and are not in the caption
-        added = [set(content_words(c)) - set(tokens(truth[u][0], keep_non_latin=True))
-                 for (u, _), c, m in zip(picked, res["deparrot_caption"], modes) if m == "rewrite"]
+        added = [
+            set(content_words(c)) - set(tokens(truth[u][0], keep_non_latin=True))
+            for (u, _), c, m in zip(picked, res["deparrot_caption"], modes)
+            if m == "rewrite"
+        ]
         keep_rw = keep_rw_n = 0
         for (u, _), c, m in zip(picked, res["deparrot_caption"], modes):
             cls = truth[u][1]["class"]
@@ -167,15 +188,20 @@ def main(argv=None) -> int:
             if m == "rewrite" and cls and cls in tokens(truth[u][0]) and cls not in written:
                 keep_rw_n += 1
                 keep_rw += cls in tokens(c)
-        print(f"rewrite (llama-cpp, Gemma-3-270M, {a.threads} threads): {n} unique captions in {rw_s:.1f}s "
-              f"({n / rw_s:.2f} captions/s, {rw.stats['calls']} model calls, {rw.stats['calls'] / rw_s:.2f} calls/s; "
-              f"model load {load_s:.1f}s); needed the strip fallback {100 * fallback / max(1, n):.1f}%; "
-              f"max residual CoTR {max(res['residual_cotr']):.4f}; invented text {100 * invented / max(1, len(rewritten)):.1f}% "
-              f"of {len(rewritten)} rewrites; class word kept {100 * keep_rw / max(1, keep_rw_n):.1f}% of {keep_rw_n}; "
-              f"rewrites adding content words not in the caption {100 * sum(map(bool, added)) / max(1, len(added)):.1f}%")
+        print(
+            f"rewrite (llama-cpp, Gemma-3-270M, {a.threads} threads): {n} unique captions in {rw_s:.1f}s "
+            f"({n / rw_s:.2f} captions/s, {rw.stats['calls']} model calls, {rw.stats['calls'] / rw_s:.2f} calls/s; "
+            f"model load {load_s:.1f}s); needed the strip fallback {100 * fallback / max(1, n):.1f}%; "
+            f"max residual CoTR {max(res['residual_cotr']):.4f}; "
+            f"invented text {100 * invented / max(1, len(rewritten)):.1f}% "
+            f"of {len(rewritten)} rewrites; class word kept {100 * keep_rw / max(1, keep_rw_n):.1f}% of {keep_rw_n}; "
+            f"rewrites adding content words not in the caption {100 * sum(map(bool, added)) / max(1, len(added)):.1f}%"
+        )
         ok &= max(res["residual_cotr"]) == 0.0
-        print("  last rejection of the captions that fell back: "
-              + ", ".join(f"{r} ({c})" for r, c in rw.stats["reasons"].most_common()))
+        print(
+            "  last rejection of the captions that fell back: "
+            + ", ".join(f"{r} ({c})" for r, c in rw.stats["reasons"].most_common())
+        )
         for (u, _), c, m in list(zip(picked, res["deparrot_caption"], modes))[:6]:
             print(f"  {truth[u][0]!r} -> {c!r} ({m})")
     return 0 if ok else 1

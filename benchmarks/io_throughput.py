@@ -97,8 +97,9 @@ def main():
         f"growth after the first 5k {peak - first:.0f} MB; peak (ru_maxrss) {true_peak:.0f} MB "
         f"(target: flat and < 1024 MB) {'OK' if ok_rss else 'MISSED'}"
     )
-    out = subprocess.run([sys.executable, __file__, "--engine-child", str(pool)], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--engine-child", str(pool)], capture_output=True, text=True, check=True
+    )
     main_mb, worker_mb, n_in = out.stdout.split()
     ok_eng = float(main_mb) < 1024 and float(worker_mb) < 1024
     print(

@@ -26,8 +26,10 @@ def _bin_line(label, words, rows, wi, key, lo, hi):
         return
     rec = np.mean([r["pred"] for r in imgs]) if imgs else float("nan")
     mae = np.mean([abs(r["cotr_true"] - r["cotr_pred"]) for r in imgs]) if imgs else float("nan")
-    print(f"  {label} word recall {np.mean(ws):.3f} (n={len(ws)}); has_text recall {rec:.3f}, "
-          f"CoTR MAE {mae:.4f} (n={len(imgs)} images)")
+    print(
+        f"  {label} word recall {np.mean(ws):.3f} (n={len(ws)}); has_text recall {rec:.3f}, "
+        f"CoTR MAE {mae:.4f} (n={len(imgs)} images)"
+    )
 
 
 def main():

@@ -53,9 +53,16 @@ def measure(pool, stage: str, meta: dict) -> dict:
         usable += len(rewrites)
         if len(examples) < 12 and len(rewrites):
             examples.append((src, list(zip(styles, rewrites))))
-    return {"rewrites": n, "samples": samples, "differ": differ / n,
-            "keep_class": keep / keep_n if keep_n else float("nan"),
-            "keep_n": keep_n, "two_words": two / n, "usable": usable / n, "examples": examples}
+    return {
+        "rewrites": n,
+        "samples": samples,
+        "differ": differ / n,
+        "keep_class": keep / keep_n if keep_n else float("nan"),
+        "keep_n": keep_n,
+        "two_words": two / n,
+        "usable": usable / n,
+        "examples": examples,
+    }
 
 
 def main():
@@ -107,28 +114,41 @@ def main():
         m = measure(pool, stage, meta)
         per_caption = (s.seconds - s.setup_seconds) / max(1, s.captions)
         rows.append((backend, m, per_caption))
-        print(f"== {backend} ({s.model}): {m['rewrites']} rewrites of {s.captions} unique captions "
-              f"({m['samples']} samples), {wall:.0f}s")
+        print(
+            f"== {backend} ({s.model}): {m['rewrites']} rewrites of {s.captions} unique captions "
+            f"({m['samples']} samples), {wall:.0f}s"
+        )
         print(f"  differ from the source     {100 * m['differ']:5.1f}%" + _verdict(backend, m["differ"], TARGET_DIFFER))
-        print(f"  keep the class word        {100 * m['keep_class']:5.1f}% (of {m['keep_n']} rewrites whose "
-              f"source names its class)" + _verdict(backend, m["keep_class"], TARGET_KEEP))
+        print(
+            f"  keep the class word        {100 * m['keep_class']:5.1f}% (of {m['keep_n']} rewrites whose "
+            f"source names its class)" + _verdict(backend, m["keep_class"], TARGET_KEEP)
+        )
         print(f"  >= 2 words                 {100 * m['two_words']:5.1f}%")
         print(f"  usable (passed the check)  {100 * m['usable']:5.1f}%")
-        print(f"  seconds per unique caption {per_caption:.2f} (K={s.tasks // max(1, s.captions)} rewrites, "
-              f"{s.calls} calls)")
+        print(
+            f"  seconds per unique caption {per_caption:.2f} (K={s.tasks // max(1, s.captions)} rewrites, "
+            f"{s.calls} calls)"
+        )
         for src, rw in m["examples"][:6]:
             print(f"    {src!r}: " + " | ".join(f"{st}: {t}" for st, t in rw))
         if backend == "llama-cpp":
             ok &= m["differ"] >= TARGET_DIFFER and m["keep_class"] >= TARGET_KEEP
     print("\nbackend     differ  keep-class  >=2 words  usable  s/caption")
     for backend, m, pc in rows:
-        print(f"{backend:<10} {100 * m['differ']:6.1f}% {100 * m['keep_class']:9.1f}% {100 * m['two_words']:9.1f}% "
-              f"{100 * m['usable']:6.1f}% {pc:9.2f}")
+        print(
+            f"{backend:<10} {100 * m['differ']:6.1f}% {100 * m['keep_class']:9.1f}% {100 * m['two_words']:9.1f}% "
+            f"{100 * m['usable']:6.1f}% {pc:9.2f}"
+        )
     out = OUT / "rewrite_quality.json"  # one entry per backend; a run of some backends keeps the others
     results = {r["backend"]: r for r in (json.loads(out.read_text()) if out.exists() else [])}
     for b, m, pc in rows:
-        results[b] = {"backend": b, "n": a.n, "captions": a.captions, "seconds_per_caption": pc,
-                      **{k: v for k, v in m.items() if k != "examples"}}
+        results[b] = {
+            "backend": b,
+            "n": a.n,
+            "captions": a.captions,
+            "seconds_per_caption": pc,
+            **{k: v for k, v in m.items() if k != "examples"},
+        }
     out.write_text(json.dumps(list(results.values()), indent=1))
     return 0 if ok else 1
 

@@ -82,8 +82,10 @@ def main():
     with LlamaServer(threads=a.threads) as srv:
         seq, _ = run(pool, backend="openai", base_url=srv.url, concurrency=1, stage="tp_openai_1")
         par, _ = run(pool, backend="openai", base_url=srv.url, concurrency=a.concurrency, stage="tp_openai_c")
-    print(f"   concurrency {a.concurrency}: {par:.3f} captions/s; one at a time: {seq:.3f} captions/s; "
-          f"ratio {par / seq:.2f} (llama_cpp.server decodes one request at a time)")
+    print(
+        f"   concurrency {a.concurrency}: {par:.3f} captions/s; one at a time: {seq:.3f} captions/s; "
+        f"ratio {par / seq:.2f} (llama_cpp.server decodes one request at a time)"
+    )
 
     print(f"2. openai backend -> parallel stand-in server ({a.latency * 1000:.0f} ms per request)")
     _Latency.latency = a.latency
@@ -100,13 +102,17 @@ def main():
     ratio = par2 / seq2
     target = 0.8 * a.concurrency
     ok &= ratio >= target
-    print(f"   concurrency {a.concurrency}: {par2:.2f} captions/s; one at a time: {seq2:.2f} captions/s; ratio "
-          f"{ratio:.2f} (target >= {target:.1f}) {'OK' if ratio >= target else 'MISSED'}")
+    print(
+        f"   concurrency {a.concurrency}: {par2:.2f} captions/s; one at a time: {seq2:.2f} captions/s; ratio "
+        f"{ratio:.2f} (target >= {target:.1f}) {'OK' if ratio >= target else 'MISSED'}"
+    )
 
     print(f"3. llama-cpp in-process (Gemma-3-270M, {a.threads} thread(s))")
     inproc, _ = run(pool, backend="llama-cpp", threads=a.threads, stage="tp_llama")
-    print(f"   {inproc:.3f} captions/s ({1 / inproc:.2f} s/caption); server with concurrency "
-          f"{a.concurrency} / in-process: {par / inproc:.2f}")
+    print(
+        f"   {inproc:.3f} captions/s ({1 / inproc:.2f} s/caption); server with concurrency "
+        f"{a.concurrency} / in-process: {par / inproc:.2f}"
+    )
     return 0 if ok else 1
 
 

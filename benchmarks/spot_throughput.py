@@ -101,8 +101,10 @@ def main():
         f"same has_text decision: {100 * agree:.1f}% of {n} images (target >= 99%) "
         f"{'OK' if agree >= 0.99 else 'MISSED'}"
     )
-    print(f"has_text right against the ground truth: ours {100 * right_o:.1f}%, plain loop {100 * right_b:.1f}% "
-          f"(where the two disagree, this says which one was right)")
+    print(
+        f"has_text right against the ground truth: ours {100 * right_o:.1f}%, plain loop {100 * right_b:.1f}% "
+        f"(where the two disagree, this says which one was right)"
+    )
     return 0 if ok and agree >= 0.99 else 1
 
 

@@ -9,10 +9,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))  # test-double operators in helpers.py, importable by workers
 
 
-
-
-
-
 @pytest.fixture(scope="session")
 def synth_pool(tmp_path_factory):
     """A small learnable-preset world with 3 shards, shared read-only by tests that need one."""

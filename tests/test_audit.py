@@ -110,7 +110,9 @@ def test_bad_checkpoints_and_names(tmp_path):
         resolve_models(AuditConfig(models=[str(tmp_path / "bare.pt")]))
     specs = resolve_models(AuditConfig(models=[str(tmp_path / "ok.pt"), "unparrot-rn-tiny", str(tmp_path / "ok.pt")]))
     assert [(s.name, s.arch) for s in specs] == [
-        ("ok", "unparrot-rn-tiny"), ("unparrot-rn-tiny-random", "unparrot-rn-tiny"), ("ok-2", "unparrot-rn-tiny")
+        ("ok", "unparrot-rn-tiny"),
+        ("unparrot-rn-tiny-random", "unparrot-rn-tiny"),
+        ("ok-2", "unparrot-rn-tiny"),
     ]
 
 
@@ -137,8 +139,18 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
 
 def test_confused_targets(tmp_path):
     """ImageNet-Attr's recipe: the wrong class is the one the audited model confuses most with the truth."""
-    s = audit(AuditConfig(models=["unparrot-rn-tiny"], out=str(tmp_path), vocab_top=6, renders=1,
-                          builtin_per_class=2, bootstrap=50, attack_target="confused", progress=False))
+    s = audit(
+        AuditConfig(
+            models=["unparrot-rn-tiny"],
+            out=str(tmp_path),
+            vocab_top=6,
+            renders=1,
+            builtin_per_class=2,
+            bootstrap=50,
+            attack_target="confused",
+            progress=False,
+        )
+    )
     recs = json.loads(open(s[0]["json"]).read())
     attack = recs[1]["metrics"]
     assert attack["attack_target"] == "confused" and attack["n_images"] == 20 and recs[0]["metrics"]["n_renders"] == 6
@@ -157,9 +169,28 @@ def cards(synth_pool, tmp_path_factory):
     from unparrot.models import load_clip
 
     torch.save({"state_dict": load_clip("unparrot-rn-tiny").model.state_dict()}, root / "other.pt")
-    args = ["audit", "unparrot-rn-tiny", str(root / "other.pt"), "--model", "unparrot-rn-tiny", "--out",
-            str(root / "cards"), "--pool", str(pool), "--pool-samples", "40", "--vocab-top", "30",
-            "--builtin-per-class", "4", "--bootstrap", "200", "--font-scale", "0.4", "--quiet"]
+    args = [
+        "audit",
+        "unparrot-rn-tiny",
+        str(root / "other.pt"),
+        "--model",
+        "unparrot-rn-tiny",
+        "--out",
+        str(root / "cards"),
+        "--pool",
+        str(pool),
+        "--pool-samples",
+        "40",
+        "--vocab-top",
+        "30",
+        "--builtin-per-class",
+        "4",
+        "--bootstrap",
+        "200",
+        "--font-scale",
+        "0.4",
+        "--quiet",
+    ]
     assert main(args) == 0
     return root / "cards"
 
@@ -188,8 +219,16 @@ def test_card_json_is_clip_benchmark_shaped_and_tabulated(cards):
 def test_card_is_reproducible(cards, tmp_path):
     """The same model and seed give the same card, numbers and intervals; drawing images in 2 threads
     changes nothing."""
-    cfg = dict(models=["unparrot-rn-tiny"], out=str(tmp_path), vocab_top=30, builtin_per_class=4, bootstrap=200,
-               font_scale=0.4, workers=2, progress=False)
+    cfg = dict(
+        models=["unparrot-rn-tiny"],
+        out=str(tmp_path),
+        vocab_top=30,
+        builtin_per_class=4,
+        bootstrap=200,
+        font_scale=0.4,
+        workers=2,
+        progress=False,
+    )
     audit(AuditConfig(**cfg))
     a = json.loads((tmp_path / "unparrot-rn-tiny-random" / "card.json").read_text())
     b = json.loads((cards / "unparrot-rn-tiny-random" / "card.json").read_text())
@@ -239,16 +278,33 @@ def test_card_separates_a_reader_from_a_non_reader(tmp_path):
     synth(tmp_path / "read", seed=1, p_pure_parrot=0.8, p_class_word=0.7, vocab_size=30, **common)
     root = Path(__file__).parent.parent
     env = {"PYTHONPATH": str(root / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    configs = {name: TrainConfig(train_data=str(tmp_path / name), out=str(tmp_path / f"run-{name}"),
-                                 samples=READER_STEPS * 64, batch_size=64, threads=1, workers=0, init_logit_scale=33.3,
-                                 vocab_texts=[str(tmp_path / "words.txt")], progress=False)
-               for name in ("see", "read")}
+    configs = {
+        name: TrainConfig(
+            train_data=str(tmp_path / name),
+            out=str(tmp_path / f"run-{name}"),
+            samples=READER_STEPS * 64,
+            batch_size=64,
+            threads=1,
+            workers=0,
+            init_logit_scale=33.3,
+            vocab_texts=[str(tmp_path / "words.txt")],
+            progress=False,
+        )
+        for name in ("see", "read")
+    }
     launch_all(configs, workers=2, logs=tmp_path / "logs", env=env)  # a process each, in parallel
-    summaries = audit(AuditConfig(
-        models=[str(tmp_path / f"run-{n}" / "checkpoints" / "final.pt") for n in ("see", "read")],
-        out=str(tmp_path / "cards"), vocab=str(tmp_path / "words.txt"), font_scale=0.4, attack_size=0.45,
-        fonts=["DejaVuSans-Bold.ttf", "DejaVuSerif-Bold.ttf"], builtin_per_class=30, progress=False,
-    ))
+    summaries = audit(
+        AuditConfig(
+            models=[str(tmp_path / f"run-{n}" / "checkpoints" / "final.pt") for n in ("see", "read")],
+            out=str(tmp_path / "cards"),
+            vocab=str(tmp_path / "words.txt"),
+            font_scale=0.4,
+            attack_size=0.45,
+            fonts=["DejaVuSans-Bold.ttf", "DejaVuSerif-Bold.ttf"],
+            builtin_per_class=30,
+            progress=False,
+        )
+    )
     assert [s["model"] for s in summaries] == ["run-see", "run-read"]
     see, read = (s["numbers"] for s in summaries)
     print({k: (see[k], read[k]) for k in see})

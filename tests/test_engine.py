@@ -18,10 +18,6 @@ HERE = Path(__file__).parent
 ROOT = HERE.parent
 
 
-
-
-
-
 def _complete_keys(path) -> set:
     """Keys whose members lie wholly inside a (truncated) tar, read with the standard library."""
     import tarfile
@@ -60,8 +56,22 @@ def test_bad_input_gives_error_rows_and_counts_add_up(tmp_path):
     assert len(ok) + len(sample_errs) == s.n_in
     assert not ok & set(sample_errs["key"])
     # counted independently of the engine: every sample whose bytes are in the shards is accounted for
-    written = {"g0", "g1", "zero", "nonimg", "trunc", "huge", "../evil", "badutf", "nocap", "dup1", "dup2", "ok",
-               "x", "y"} | _complete_keys(pool.root / "shards" / "02-truncated.tar")
+    written = {
+        "g0",
+        "g1",
+        "zero",
+        "nonimg",
+        "trunc",
+        "huge",
+        "../evil",
+        "badutf",
+        "nocap",
+        "dup1",
+        "dup2",
+        "ok",
+        "x",
+        "y",
+    } | _complete_keys(pool.root / "shards" / "02-truncated.tar")
     assert set(errs["key"].dropna()) | ok >= written
     assert s.n_in >= len(written) and len(written) >= 15  # at least one sample survives the truncation
     assert "truncated" in " ".join(s.problems) or "corrupt" in " ".join(s.problems)

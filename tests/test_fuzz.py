@@ -1,8 +1,8 @@
 """Property-based fuzzing of everything that reads untrusted input (issue 12 §3).
 
 Bounded for CI: derandomized (the same examples on every machine) and FUZZ_EXAMPLES examples per target
-(default 150; UNPARROT_FUZZ_EXAMPLES=5000 UNPARROT_FUZZ_RANDOM=1 for a long run, see docs/reliability.md). Each property is a
-guarantee stated in docs/reliability.md; every failure found became a fix and stays here as an example.
+(default 150; UNPARROT_FUZZ_EXAMPLES=5000 UNPARROT_FUZZ_RANDOM=1 for a long run, see docs/reliability.md).
+Each property is a guarantee stated in docs/reliability.md; every failure found became a fix and stays here as an example.
 """
 
 import io
@@ -68,8 +68,16 @@ def _file(name, data):
     return info, data
 
 
-GOOD = _tar([_file("a.jpg", jpeg_bytes()), _file("a.txt", b"a red square"), _file("a.json", b'{"uid": 1}'),
-             _file("b.jpg", jpeg_bytes()), _file("b.txt", b"two")], tarfile.PAX_FORMAT)
+GOOD = _tar(
+    [
+        _file("a.jpg", jpeg_bytes()),
+        _file("a.txt", b"a red square"),
+        _file("a.json", b'{"uid": 1}'),
+        _file("b.jpg", jpeg_bytes()),
+        _file("b.txt", b"two"),
+    ],
+    tarfile.PAX_FORMAT,
+)
 
 
 # ---- tar / shard reader -------------------------------------------------------------------------
@@ -93,8 +101,7 @@ def test_tar_reader_never_raises_on_random_bytes(data):
 
 
 @FUZZ
-@given(st.lists(st.tuples(st.integers(0, len(GOOD) - 1), st.integers(0, 255)), max_size=8),
-       st.integers(0, len(GOOD)))
+@given(st.lists(st.tuples(st.integers(0, len(GOOD) - 1), st.integers(0, 255)), max_size=8), st.integers(0, len(GOOD)))
 def test_tar_reader_never_raises_on_corrupted_shards(flips, cut):
     data = bytearray(GOOD)
     for pos, val in flips:
@@ -110,15 +117,38 @@ def test_pax_record_of_length_zero_is_an_error_not_an_endless_loop():
     pax = b"0 x=y\n"
     hdr_x = tarfile.TarInfo("././@PaxHeader")
     hdr_x.type, hdr_x.size = tarfile.XHDTYPE, len(pax)
-    data = hdr_x.tobuf(tarfile.USTAR_FORMAT) + pax + bytes(512 - len(pax)) + bytes(hdr) + b"abc" + bytes(509) + bytes(1024)
+    data = (
+        hdr_x.tobuf(tarfile.USTAR_FORMAT) + pax + bytes(512 - len(pax)) + bytes(hdr) + b"abc" + bytes(509) + bytes(1024)
+    )
     items = _read_all(data)
     assert "pax record length" in (items[-1].reason if isinstance(items[-1], ShardProblem) else items[-1].problem)
 
 
-NAMES = st.sampled_from(["/etc/passwd.txt", "../up.txt", "a/../../b.txt", "ok/../../x.jpg", "C:/win.txt",
-                         "a\\..\\..\\b.txt", "x.txt", "d/e.jpg", "", "n\x00ul.txt"])
-KINDS = st.sampled_from([tarfile.REGTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE,
-                         tarfile.FIFOTYPE, tarfile.DIRTYPE])
+NAMES = st.sampled_from(
+    [
+        "/etc/passwd.txt",
+        "../up.txt",
+        "a/../../b.txt",
+        "ok/../../x.jpg",
+        "C:/win.txt",
+        "a\\..\\..\\b.txt",
+        "x.txt",
+        "d/e.jpg",
+        "",
+        "n\x00ul.txt",
+    ]
+)
+KINDS = st.sampled_from(
+    [
+        tarfile.REGTYPE,
+        tarfile.SYMTYPE,
+        tarfile.LNKTYPE,
+        tarfile.CHRTYPE,
+        tarfile.BLKTYPE,
+        tarfile.FIFOTYPE,
+        tarfile.DIRTYPE,
+    ]
+)
 
 
 @FUZZ
@@ -171,8 +201,12 @@ def _png_header(w: int, h: int) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     # a header, an empty pixel-data chunk, the end: nothing to decode
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + chunk(
-        b"IDAT", b"") + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", b"")
+        + chunk(b"IEND", b"")
+    )
 
 
 @FUZZ
@@ -189,8 +223,14 @@ def test_decompression_bombs_are_refused_by_pixel_count_before_decoding(w, h):
 
 
 # ---- table readers ------------------------------------------------------------------------------
-CELLS = st.one_of(st.none(), st.text(max_size=20), st.integers(), st.floats(allow_nan=True),
-                  st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+CELLS = st.one_of(
+    st.none(),
+    st.text(max_size=20),
+    st.integers(),
+    st.floats(allow_nan=True),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
 
 
 def _records(gen):
@@ -228,8 +268,13 @@ def test_jsonl_reader_keeps_captions_text(tmp_path_factory, rows):
     assert len(recs) == len(rows) + 1  # one record (or error row) per line: nothing lost
 
 
-PQ_CELLS = st.one_of(st.none(), st.text(max_size=20), st.integers(-(2**62), 2**62), st.floats(allow_nan=True),
-                    st.lists(st.integers(0, 9), max_size=3))
+PQ_CELLS = st.one_of(
+    st.none(),
+    st.text(max_size=20),
+    st.integers(-(2**62), 2**62),
+    st.floats(allow_nan=True),
+    st.lists(st.integers(0, 9), max_size=3),
+)
 
 
 @FUZZ
@@ -250,12 +295,54 @@ def test_parquet_reader_never_raises(tmp_path_factory, rows):
 
 
 # ---- recipe expressions -------------------------------------------------------------------------
-TOKENS = st.sampled_from(["has_text", "clip_score", "caption", "texts", "and", "or", "not", "(", ")", "==", "!=",
-                          "<", ">=", "+", "-", "*", "/", "0.5", "1e309", "9", "**", '"café"', "'x'", "true", "null",
-                          "top(", "len(", "abs(", ",", ".", "__import__", "eval", ";", "lambda", "\\", '"', "é"])
+TOKENS = st.sampled_from(
+    [
+        "has_text",
+        "clip_score",
+        "caption",
+        "texts",
+        "and",
+        "or",
+        "not",
+        "(",
+        ")",
+        "==",
+        "!=",
+        "<",
+        ">=",
+        "+",
+        "-",
+        "*",
+        "/",
+        "0.5",
+        "1e309",
+        "9",
+        "**",
+        '"café"',
+        "'x'",
+        "true",
+        "null",
+        "top(",
+        "len(",
+        "abs(",
+        ",",
+        ".",
+        "__import__",
+        "eval",
+        ";",
+        "lambda",
+        "\\",
+        '"',
+        "é",
+    ]
+)
 TYPES = {"has_text": "bool", "clip_score": "num", "caption": "str", "texts": "list"}
-COLS = {"has_text": np.array([True, False, True]), "clip_score": np.array([0.1, np.nan, 0.9]),
-        "caption": np.array(["a", None, "café"], dtype=object), "texts": np.array([["a"], [], None], dtype=object)}
+COLS = {
+    "has_text": np.array([True, False, True]),
+    "clip_score": np.array([0.1, np.nan, 0.9]),
+    "caption": np.array(["a", None, "café"], dtype=object),
+    "texts": np.array([["a"], [], None], dtype=object),
+}
 
 
 @FUZZ
@@ -280,8 +367,11 @@ def test_recipe_expressions_fail_only_as_expr_errors(text):
 
 # ---- rewrite output parser ----------------------------------------------------------------------
 @FUZZ
-@given(st.one_of(st.none(), st.text(max_size=300)), st.sampled_from([None, "stop", "length"]),
-       st.one_of(st.none(), st.text(max_size=40)))
+@given(
+    st.one_of(st.none(), st.text(max_size=300)),
+    st.sampled_from([None, "stop", "length"]),
+    st.one_of(st.none(), st.text(max_size=40)),
+)
 def test_rewrite_parser_returns_one_clean_line_or_a_reason(completion, finish, source):
     p = parse_completion(completion, finish, source)
     if p.text is None:
@@ -292,8 +382,10 @@ def test_rewrite_parser_returns_one_clean_line_or_a_reason(completion, finish, s
 
 # ---- captions of any size or encoding -----------------------------------------------------------
 @FUZZ
-@given(st.one_of(st.binary(max_size=200), st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass"))),
-       st.one_of(st.none(), st.text(max_size=30)))
+@given(
+    st.one_of(st.binary(max_size=200), st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass"))),
+    st.one_of(st.none(), st.text(max_size=30)),
+)
 @example(b"x" * 70000, None)
 @example(b"ok", "\ud800")
 def test_captions_of_any_bytes_make_a_row_or_a_reason(txt, json_caption):

@@ -12,8 +12,21 @@ from unparrot.imaging import typography
 SRC = Path(unparrot.__file__).parent
 GROUND_FLOOR = ("io", "imaging")
 # every stage, and what composes stages: the ground floor is what they stand on, so it imports none of them
-STAGES = ("ops", "engine", "curate", "synth", "evaluate", "train", "rewrite", "demo", "cli",
-          "ingest", "profile", "deparrot", "report")
+STAGES = (
+    "ops",
+    "engine",
+    "curate",
+    "synth",
+    "evaluate",
+    "train",
+    "rewrite",
+    "demo",
+    "cli",
+    "ingest",
+    "profile",
+    "deparrot",
+    "report",
+)
 
 
 def imported_modules(source: str, package: str) -> set[str]:
@@ -53,13 +66,22 @@ def test_ground_floor_imports_no_stage():
 def test_stage_imports_sees_every_import_form():
     """The check above is only as good as its parser: each way of writing an upward import is caught, and
     imports within the ground floor are not."""
-    for line in ("from ..ops.base import Operator", "from .. import curate", "import unparrot.synth.render",
-                 "def f():\n    from ..evaluate import sync", "from unparrot.train.data import MEAN"):
+    for line in (
+        "from ..ops.base import Operator",
+        "from .. import curate",
+        "import unparrot.synth.render",
+        "def f():\n    from ..evaluate import sync",
+        "from unparrot.train.data import MEAN",
+    ):
         assert stage_imports(line, "unparrot.io"), line
     fine = "import io\nfrom ..pool import Pool\nfrom .decode import open_image\nfrom ..io.tar import iter_samples"
     assert not stage_imports(fine, "unparrot.imaging")
-    assert imported_modules(fine, "unparrot.imaging") == {"io", "unparrot.pool", "unparrot.imaging.decode",
-                                                          "unparrot.io.tar"}
+    assert imported_modules(fine, "unparrot.imaging") == {
+        "io",
+        "unparrot.pool",
+        "unparrot.imaging.decode",
+        "unparrot.io.tar",
+    }
 
 
 def test_text_quads_cover_the_ink():

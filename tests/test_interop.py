@@ -61,8 +61,11 @@ def _ops_over_broken_shards(pool: Pool, engine: str, stages=("inspect", "spot", 
     torch.manual_seed(0)
     weights = pool.root / "mlp.pth"
     torch.save(aesthetic_mlp(128).state_dict(), weights)
-    params = {"spot": {"backend": "oracle"}, "embed": {"model": "unparrot-rn-tiny", "masked": True},
-              "aesthetic": {"weights": str(weights)}}
+    params = {
+        "spot": {"backend": "oracle"},
+        "embed": {"model": "unparrot-rn-tiny", "masked": True},
+        "aesthetic": {"weights": str(weights)},
+    }
     for stage in stages:
         s = run(pool, stage, params.get(stage), **kw)  # parrot reads spot's `texts` from the empty shards too
         assert s.n_ok == 300, stage
@@ -281,8 +284,10 @@ def test_export_gives_open_clip_the_same_model_and_tokenizer(synth_pool, tmp_pat
     torch.save({"name": "unparrot-rn-tiny-v1k", "state_dict": ours.model.state_dict(), "unparrot_vocab": vocab}, ck)
     folder = f"local-dir:{export_open_clip(ck, tmp_path / 'open_clip')}"
     assert cli(["export", str(ck), str(tmp_path / "cli")]) == 0
-    assert json.loads((tmp_path / "cli" / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"][
-        "vocab_size"] == 49408
+    assert (
+        json.loads((tmp_path / "cli" / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]["vocab_size"]
+        == 49408
+    )
     model, _, preprocess = open_clip.create_model_and_transforms(folder)
     model.eval()
     tok = open_clip.get_tokenizer(folder)
@@ -315,8 +320,11 @@ def test_import_unparrot_registers_the_model_configs():
     procs = []
     for order in ("unparrot, open_clip", "open_clip, unparrot"):
         code = f"import {order}; print(open_clip.get_model_config('unparrot-rn-tiny-v1k')['text_cfg']['vocab_size'])"
-        procs.append(subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, env=env))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            )
+        )
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0 and out.strip() == "1024", err[-2000:]

@@ -21,8 +21,13 @@ from unparrot.pool import Pool, write_subset
 
 ROOT = Path(__file__).parent.parent
 pytestmark = pytest.mark.slow  # a few steps of training first, then the peers' own processes
-ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-       "NO_ALBUMENTATIONS_UPDATE": "1"}  # albumentations (imported by img2dataset) checks for updates online
+ENV = {
+    **os.environ,
+    "PYTHONPATH": str(ROOT / "src"),
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+}  # albumentations (imported by img2dataset) checks for updates online
 
 
 # ---- open_clip's API, open_clip_train, CLIP_benchmark ----------------------------------------------
@@ -35,9 +40,17 @@ def trained(synth_pool, tmp_path_factory):
     pool = Pool(synth_pool)
     write_subset(tmp / "all.npy", [r["uid"] for r in pool.samples()])
     reshard(pool, tmp / "all.npy", tmp / "rs", shard_size=100, progress=False)
-    cfg = TrainConfig(train_data=str(tmp / "rs"), out=str(tmp / "run"), samples=64, batch_size=16, loader_workers=0,
-                      threads=1, warmup=1, vocab_texts=[str(synth_pool / "eval" / "clean" / "classnames.txt")],
-                      progress=False)
+    cfg = TrainConfig(
+        train_data=str(tmp / "rs"),
+        out=str(tmp / "run"),
+        samples=64,
+        batch_size=16,
+        loader_workers=0,
+        threads=1,
+        warmup=1,
+        vocab_texts=[str(synth_pool / "eval" / "clean" / "classnames.txt")],
+        progress=False,
+    )
     assert cfg.model == "unparrot-rn-tiny-v1k"  # the default model, with its 1,024-row token table
     summary = train(cfg)
     assert summary["open_clip"] == str(tmp / "run" / "open_clip")
@@ -52,12 +65,35 @@ def test_open_clip_train_on_reshard_output_then_unparrot_evaluate(trained, synth
     rs, run = trained
     tars = sorted((rs / "shards").glob("*.tar"))
     cmd = [
-        sys.executable, "-m", "open_clip_train.main",
-        "--model", f"local-dir:{run / 'open_clip'}",
-        "--train-data", str(rs / "shards") + "/{%s..%s}.tar" % (tars[0].stem, tars[-1].stem),
-        "--dataset-type", "webdataset", "--batch-size", "16", "--epochs", "1", "--workers", "0",
-        "--device", "cpu", "--precision", "fp32", "--lr", "1e-4", "--warmup", "1",
-        "--logs", str(tmp_path / "logs"), "--name", "oc", "--log-every-n-steps", "1",
+        sys.executable,
+        "-m",
+        "open_clip_train.main",
+        "--model",
+        f"local-dir:{run / 'open_clip'}",
+        "--train-data",
+        str(rs / "shards") + "/{%s..%s}.tar" % (tars[0].stem, tars[-1].stem),
+        "--dataset-type",
+        "webdataset",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "1",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--lr",
+        "1e-4",
+        "--warmup",
+        "1",
+        "--logs",
+        str(tmp_path / "logs"),
+        "--name",
+        "oc",
+        "--log-every-n-steps",
+        "1",
     ]
     p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
@@ -67,8 +103,21 @@ def test_open_clip_train_on_reshard_output_then_unparrot_evaluate(trained, synth
     assert n == 300 and "Contrastive_loss" in log and f"/{epoch} (" in log
     ck = tmp_path / "logs" / "oc" / "checkpoints" / "epoch_1.pt"
     assert ck.exists()
-    rc = cli(["evaluate", "--model", f"local-dir:{run / 'open_clip'}", "--pretrained", str(ck), "--name", "oc",
-              "--dataset", f"clean={synth_pool / 'eval' / 'clean'}", "--out", str(tmp_path / "res")])
+    rc = cli(
+        [
+            "evaluate",
+            "--model",
+            f"local-dir:{run / 'open_clip'}",
+            "--pretrained",
+            str(ck),
+            "--name",
+            "oc",
+            "--dataset",
+            f"clean={synth_pool / 'eval' / 'clean'}",
+            "--out",
+            str(tmp_path / "res"),
+        ]
+    )
     assert rc == 0
     res = json.loads((tmp_path / "res" / "oc" / "zeroshot__clean.json").read_text())
     assert res["metrics"]["n"] > 0 and 0 <= res["metrics"]["acc1"] <= 1
@@ -103,8 +152,14 @@ def test_clip_benchmark_zero_shot_equals_unparrot_evaluate(trained, synth_pool, 
     ds = build_dataset("wds/clean", root=str(clean), transform=transform, split="test")
     dl = torch.utils.data.DataLoader(ds.batched(64), batch_size=None, shuffle=False, num_workers=0)
     theirs = zsc.evaluate(model, dl, tokenizer, ds.classes, ds.templates, "cpu", amp=False)  # fp32
-    ours = evaluate("unparrot-rn-tiny-v1k", str(run / "checkpoints" / "final.pt"), datasets={"clean": str(clean)},
-                    out=tmp_path / "res", name="ours", progress=False)[0]["metrics"]
+    ours = evaluate(
+        "unparrot-rn-tiny-v1k",
+        str(run / "checkpoints" / "final.pt"),
+        datasets={"clean": str(clean)},
+        out=tmp_path / "res",
+        name="ours",
+        progress=False,
+    )[0]["metrics"]
     assert ours["n"] == len(list(iter(ds)))
     assert theirs["acc1"] == ours["acc1"]
     assert theirs["mean_per_class_recall"] == pytest.approx(ours["mean_per_class_recall"], rel=1e-12)

@@ -4,8 +4,16 @@ import numpy as np
 import pytest
 
 from helpers import jpeg_bytes, write_tar
-from unparrot.pool import (FirstSeen, Pool, expand_braces, read_subset, subset_contains, u8_to_uids, uids_to_u8,
-                           write_subset)
+from unparrot.pool import (
+    FirstSeen,
+    Pool,
+    expand_braces,
+    read_subset,
+    subset_contains,
+    u8_to_uids,
+    uids_to_u8,
+    write_subset,
+)
 
 
 def _uid(i):
@@ -102,12 +110,15 @@ def test_shards_in_place_via_pool_yaml(tmp_path):
 def test_rows_reasons_inputs_and_the_duplicate_rule(tmp_path):
     """`Pool.rows`: a sample's own problem, a missing input, the stage's `check`, then a uid kept before
     (per shard, or across shards with a shared `FirstSeen`); `samples` skips nothing but tar breaks."""
+
     def sample(key, uid, caption=b"a red ball"):
         m = [(f"{key}.jpg", jpeg_bytes()), (f"{key}.json", json.dumps({"uid": _uid(uid)}).encode())]
         return m + ([(f"{key}.txt", caption)] if caption is not None else [])
 
-    write_tar(tmp_path / "shards" / "00.tar", sample("a", 1) + sample("b", 1) + sample("c", 2, None)
-              + sample("d", 3) + sample("e", 4, b"refuse me"))
+    write_tar(
+        tmp_path / "shards" / "00.tar",
+        sample("a", 1) + sample("b", 1) + sample("c", 2, None) + sample("d", 3) + sample("e", 4, b"refuse me"),
+    )
     write_tar(tmp_path / "shards" / "01.tar", sample("f", 1) + sample("g", 5))
     pool = Pool(tmp_path)
     assert [r["key"] for r in pool.samples()] == list("abcdefg")
@@ -116,12 +127,23 @@ def test_rows_reasons_inputs_and_the_duplicate_rule(tmp_path):
     seen = FirstSeen()
     got = {}
     for sh in (s00, s01):
-        for row, reason, _ in pool.rows(sh, {"in": ["x"]}, ("caption",), seen=seen,
-                                        check=lambda r: "refused" if r["caption"] == "refuse me" else None):
+        for row, reason, _ in pool.rows(
+            sh,
+            {"in": ["x"]},
+            ("caption",),
+            seen=seen,
+            check=lambda r: "refused" if r["caption"] == "refuse me" else None,
+        ):
             got[row["key"]] = reason if reason else row["x"]
-    assert got == {"a": 10, "b": f"duplicate uid {_uid(1)} (first at key a of this shard)",
-                   "c": got["c"], "d": "no 'in' output for this sample (see errors/in)", "e": "refused",
-                   "f": "no 'in' output for this sample (see errors/in)", "g": got["g"]}
+    assert got == {
+        "a": 10,
+        "b": f"duplicate uid {_uid(1)} (first at key a of this shard)",
+        "c": got["c"],
+        "d": "no 'in' output for this sample (see errors/in)",
+        "e": "refused",
+        "f": "no 'in' output for this sample (see errors/in)",
+        "g": got["g"],
+    }
     assert "caption" in got["c"] and got["g"].startswith("no 'in' output")  # 01 has no 'in' file: no rows
     assert seen.duplicate(_uid(1), "01") == f"duplicate uid {_uid(1)} (first in shard 00)"
     assert seen.duplicate(_uid(9), "01") is None

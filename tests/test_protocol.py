@@ -32,8 +32,17 @@ def _edited(tmp_path, edit) -> str:
 def test_adding_a_model_and_a_finding_is_a_yaml_edit_and_mistakes_are_caught(tmp_path):
     def add(d):
         d["models"]["deparrot"] = {"subset": "all"}
-        d["findings"].append({"id": "x", "finding": "f", "treatment": "deparrot", "control": "all",
-                              "metric": "acc", "set": "clean", "claim": "+"})
+        d["findings"].append(
+            {
+                "id": "x",
+                "finding": "f",
+                "treatment": "deparrot",
+                "control": "all",
+                "metric": "acc",
+                "set": "clean",
+                "claim": "+",
+            }
+        )
 
     p = load_protocol(_edited(tmp_path, add))
     assert "deparrot" in p.models and p.findings[-1]["id"] == "x"
@@ -51,9 +60,18 @@ def _zeroshot(run, model, dataset, correct, attack=None):
     n = len(correct)
     label = np.arange(n) % 10
     pred = np.where(np.asarray(correct) > 0, label, (label + 1) % 10)
-    write_outcomes(run / "results", model, "zeroshot", dataset, {
-        "key": np.array([f"s{i:05d}" for i in range(n)]), "label": label, "pred": pred,
-        "attack_label": np.full(n, -1) if attack is None else attack})
+    write_outcomes(
+        run / "results",
+        model,
+        "zeroshot",
+        dataset,
+        {
+            "key": np.array([f"s{i:05d}" for i in range(n)]),
+            "label": label,
+            "pred": pred,
+            "attack_label": np.full(n, -1) if attack is None else attack,
+        },
+    )
 
 
 def test_verdicts_from_saved_outcomes_one_seed_and_pooled(tmp_path):
@@ -86,12 +104,25 @@ def test_er_verdict_against_a_separate_family(tmp_path):
     res = run / "er" / "results"
 
     def model(name, acc_id, acc_ood):
-        for d, a in (("clean", acc_id), ("shift-background", acc_ood), ("shift-sketch", acc_ood),
-                     ("shift-invert", acc_ood)):
+        for d, a in (
+            ("clean", acc_id),
+            ("shift-background", acc_ood),
+            ("shift-sketch", acc_ood),
+            ("shift-invert", acc_ood),
+        ):
             c = rng.random(n) < a
             label = np.arange(n) % 10
-            write_outcomes(res, name, "zeroshot", d, {"key": np.array([f"k{i}" for i in range(n)]), "label": label,
-                                                      "pred": np.where(c, label, (label + 1) % 10)})
+            write_outcomes(
+                res,
+                name,
+                "zeroshot",
+                d,
+                {
+                    "key": np.array([f"k{i}" for i in range(n)]),
+                    "label": label,
+                    "pred": np.where(c, label, (label + 1) % 10),
+                },
+            )
 
     points = []
     for i, a in enumerate([0.3, 0.45, 0.6, 0.75, 0.9]):
@@ -111,13 +142,22 @@ def test_er_verdict_against_a_separate_family(tmp_path):
 
 def test_deparrot_model_and_its_findings_are_in_the_protocol(tmp_path):
     p = load_protocol("demo")
-    assert p.models["deparrot"] == {"subset": "deparrot", "rewrites": False, "train_args": [],
-                                    "caption_column": "deparrot_caption"}
+    assert p.models["deparrot"] == {
+        "subset": "deparrot",
+        "rewrites": False,
+        "train_args": [],
+        "caption_column": "deparrot_caption",
+    }
     assert "deparrot" in p.sizes["small"].models and "deparrot" in p.sizes["full"].models
     assert "deparrot" not in p.sizes["default"].models  # protocol decision: make demo keeps its budget
     by = {f["id"]: f for f in p.findings}
     keeps = by["deparrot-keeps"]
-    assert (keeps["metric"], keeps["claim"], keeps["ratio"], keeps["control"]) == ("kept_ratio", "+", 1.25, "parrot-debiased")
+    assert (keeps["metric"], keeps["claim"], keeps["ratio"], keeps["control"]) == (
+        "kept_ratio",
+        "+",
+        1.25,
+        "parrot-debiased",
+    )
     for i, metric in (("deparrot-reads-attack", "attack_success"), ("deparrot-reads-sync", "sync_gap")):
         assert (by[i]["metric"], by[i]["claim"], by[i]["control"]) == (metric, "-", "parrot-debiased")
         assert p.claim(by[i]).margin > 0  # "no more than": non-inferiority, not "less than"
@@ -154,9 +194,18 @@ def test_attack_success_net_of_the_control_word_and_shifts_averaged_per_image(tm
         label = np.arange(n) % 10
         for d, names in (("attack", True), ("attack-control", control_names)):
             pred = np.where(occluded & names, wrong, label)
-            write_outcomes(run / "results", "deparrot", "zeroshot", d, {
-                "key": np.array([f"s{i:05d}" for i in range(n)]), "label": label, "pred": pred,
-                "attack_label": wrong if d == "attack" else np.full(n, -1)})
+            write_outcomes(
+                run / "results",
+                "deparrot",
+                "zeroshot",
+                d,
+                {
+                    "key": np.array([f"s{i:05d}" for i in range(n)]),
+                    "label": label,
+                    "pred": pred,
+                    "attack_label": wrong if d == "attack" else np.full(n, -1),
+                },
+            )
         for d in ("shift-background", "shift-sketch", "shift-invert"):
             _zeroshot(run, "all", d, np.arange(n) % 2 == 0)
             _zeroshot(run, "deparrot", d, (np.arange(n) % 2 == 0) if case == "occlusion" else np.zeros(n))

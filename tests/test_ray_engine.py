@@ -66,8 +66,25 @@ def test_ray_driver_killed_mid_stage_resumes_without_redoing_shards(tmp_path):
     params = {"block_shard": "sh2", "marker": str(marker), "gate": str(gate)}
     tests, src = Path(__file__).parent, Path(__file__).parent.parent / "src"
     env = {**os.environ, "PYTHONPATH": f"{tests}{os.pathsep}{src}"}
-    cmd = [sys.executable, "-m", "unparrot", "run", str(killed.root), "helpers:GatedDigest", "--stage", "d",
-           "--engine", "ray", "--workers", "1", "--num-cpus", "1", "--batch-size", "2", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "unparrot",
+        "run",
+        str(killed.root),
+        "helpers:GatedDigest",
+        "--stage",
+        "d",
+        "--engine",
+        "ray",
+        "--workers",
+        "1",
+        "--num-cpus",
+        "1",
+        "--batch-size",
+        "2",
+        "--quiet",
+    ]
     cmd += [x for k, v in params.items() for x in ("--param", f"{k}={v}")]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -105,14 +122,27 @@ def test_engine_flags_on_every_per_sample_stage_and_defaults_in_one_place():
 
     p = build_parser()
     ray_flags = ["--engine", "ray", "--address", "auto", "--num-gpus", "0.5", "--num-cpus", "3", "--threads", "2"]
-    for cmd in (["run", "P", "inspect"], ["spot", "P"], ["parrot", "P"], ["profile", "P"], ["embed", "P"],
-                ["aesthetic", "P", "--weights", "W"]):
+    for cmd in (
+        ["run", "P", "inspect"],
+        ["spot", "P"],
+        ["parrot", "P"],
+        ["profile", "P"],
+        ["embed", "P"],
+        ["aesthetic", "P", "--weights", "W"],
+    ):
         got = engine_options(p.parse_args(cmd + ray_flags + ["--workers", "4"]))
-        assert got == {"engine": "ray", "workers": 4, "threads": 2, "address": "auto", "num_cpus": 3.0,
-                       "num_gpus": 0.5}, cmd
+        assert got == {
+            "engine": "ray",
+            "workers": 4,
+            "threads": 2,
+            "address": "auto",
+            "num_cpus": 3.0,
+            "num_gpus": 0.5,
+        }, cmd
         unset = engine_options(p.parse_args(cmd))
         assert {k: v for k, v in unset.items() if k != "workers"} == {
-            k: v for k, v in dataclasses.asdict(EngineConfig()).items() if k != "workers"}
+            k: v for k, v in dataclasses.asdict(EngineConfig()).items() if k != "workers"
+        }
     a = p.parse_args(["deparrot", "P", "--engine", "ray", "--address", "auto", "--num-gpus", "1"])
     assert (a.engine, a.address, a.num_gpus, a.num_cpus) == ("ray", "auto", 1.0, None)
     default = EngineConfig().workers
@@ -140,8 +170,7 @@ def test_ray_worker_killed_mid_shard_is_restarted_and_the_shard_retried(tmp_path
     a, b = _small_pool(tmp_path / "a", shards=2), _small_pool(tmp_path / "b", shards=2)
     marker = tmp_path / "died"
     params = {"die_shard": "sh1", "marker": str(marker)}
-    s = run(a, "helpers:DiesOnce", params, stage="d", engine="ray", workers=1, num_cpus=1, batch_size=2,
-            progress=False)
+    s = run(a, "helpers:DiesOnce", params, stage="d", engine="ray", workers=1, num_cpus=1, batch_size=2, progress=False)
     assert marker.exists()  # the actor did die
     assert (s.skipped, s.n_in, s.n_ok, s.n_err) == (0, 8, 8, 0)
     run(b, "helpers:DiesOnce", params, stage="d", batch_size=2, progress=False)

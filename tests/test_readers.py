@@ -23,10 +23,20 @@ def test_img2dataset_shards_used_in_place(tmp_path):
         members = []
         for i in range(3):
             key = f"{s:05d}{i:04d}"
-            meta = {"url": f"http://example.com/{key}.jpg", "key": key, "status": "success", "caption": f"cap {s} {i}",
-                    "width": 32, "height": 24, "error_message": None}
-            members += [(f"{key}.jpg", jpeg_bytes()), (f"{key}.txt", f"cap {s} {i}".encode()),
-                        (f"{key}.json", json.dumps(meta).encode())]
+            meta = {
+                "url": f"http://example.com/{key}.jpg",
+                "key": key,
+                "status": "success",
+                "caption": f"cap {s} {i}",
+                "width": 32,
+                "height": 24,
+                "error_message": None,
+            }
+            members += [
+                (f"{key}.jpg", jpeg_bytes()),
+                (f"{key}.txt", f"cap {s} {i}".encode()),
+                (f"{key}.json", json.dumps(meta).encode()),
+            ]
         write_tar(src / f"{s:05d}.tar", members)
         pq.write_table(pa.table({"key": ["x"]}), src / f"{s:05d}.parquet")
     summary = ingest(str(src), tmp_path / "pool")
@@ -43,16 +53,24 @@ def test_img2dataset_shards_used_in_place(tmp_path):
 def test_datacomp_brace_pattern_and_existing_uids(tmp_path):
     src = tmp_path / "dc"
     for s in range(3):
-        write_tar(src / f"{s:08d}.tar", [(f"{s}a.jpg", jpeg_bytes()), (f"{s}a.txt", b"t"),
-                                         (f"{s}a.json", json.dumps({"uid": f"{s:032x}"}).encode())])
+        write_tar(
+            src / f"{s:08d}.tar",
+            [
+                (f"{s}a.jpg", jpeg_bytes()),
+                (f"{s}a.txt", b"t"),
+                (f"{s}a.json", json.dumps({"uid": f"{s:032x}"}).encode()),
+            ],
+        )
     ingest(str(src / "{00000000..00000002}.tar"), tmp_path / "pool")
     rows = list(Pool(tmp_path / "pool").samples())
     assert [r["uid"] for r in rows] == [f"{s:032x}" for s in range(3)]
 
 
 def test_non_hex_uid_hashed_and_kept(tmp_path):
-    write_tar(tmp_path / "s" / "a.tar", [("k.jpg", jpeg_bytes()), ("k.txt", b"c"),
-                                         ("k.json", json.dumps({"uid": 12345}).encode())])
+    write_tar(
+        tmp_path / "s" / "a.tar",
+        [("k.jpg", jpeg_bytes()), ("k.txt", b"c"), ("k.json", json.dumps({"uid": 12345}).encode())],
+    )
     ingest(str(tmp_path / "s"), tmp_path / "pool")
     (row,) = list(Pool(tmp_path / "pool").samples())
     assert len(row["uid"]) == 32 and row["source_uid"] == "12345"
@@ -62,12 +80,22 @@ def test_parquet_bytes_struct_and_paths(tmp_path):
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     (imgs / "a.png").write_bytes(jpeg_bytes(fmt="PNG"))
-    pq.write_table(pa.table({"image": [jpeg_bytes(), jpeg_bytes((1, 2, 3))], "caption": ["one", "two"],
-                             "extra": [1, 2]}), tmp_path / "bytes.parquet")
-    pq.write_table(pa.table({"image": [{"bytes": jpeg_bytes(), "path": "x.jpg"}, {"bytes": None, "path": "imgs/a.png"}],
-                             "text": ["hf1", "hf2"]}), tmp_path / "hf.parquet")
-    pq.write_table(pa.table({"filepath": ["imgs/a.png", "imgs/missing.png"], "title": ["p1", "p2"]}),
-                   tmp_path / "paths.parquet")
+    pq.write_table(
+        pa.table({"image": [jpeg_bytes(), jpeg_bytes((1, 2, 3))], "caption": ["one", "two"], "extra": [1, 2]}),
+        tmp_path / "bytes.parquet",
+    )
+    pq.write_table(
+        pa.table(
+            {
+                "image": [{"bytes": jpeg_bytes(), "path": "x.jpg"}, {"bytes": None, "path": "imgs/a.png"}],
+                "text": ["hf1", "hf2"],
+            }
+        ),
+        tmp_path / "hf.parquet",
+    )
+    pq.write_table(
+        pa.table({"filepath": ["imgs/a.png", "imgs/missing.png"], "title": ["p1", "p2"]}), tmp_path / "paths.parquet"
+    )
     s = ingest(str(tmp_path / "bytes.parquet"), tmp_path / "p1", progress=False)
     assert (s.n_in, s.n_written, s.n_err) == (2, 2, 0)
     assert _captions(tmp_path / "p1") == ["one", "two"]
@@ -100,7 +128,6 @@ def test_csv_tsv_jsonl_tables(tmp_path):
         ingest(str(tmp_path / "t.csv"), tmp_path / "p4", caption_col="nope", progress=False)
 
 
-
 def test_a_bad_table_line_costs_only_that_line(tmp_path):
     import csv
 
@@ -110,7 +137,8 @@ def test_a_bad_table_line_costs_only_that_line(tmp_path):
     huge = "x" * (csv.field_size_limit() + 10)
     (tmp_path / "t.csv").write_bytes(
         b"filepath,title\nim/a.jpg,first\nim/b.jpg,bad \xff\xfe bytes\nim/c.jpg,third\n"
-        + f"im/d.jpg,{huge}\n".encode() + b"im/a.jpg,fifth\n"
+        + f"im/d.jpg,{huge}\n".encode()
+        + b"im/a.jpg,fifth\n"
     )
     s = ingest(str(tmp_path / "t.csv"), tmp_path / "p", progress=False)
     assert sorted(_captions(tmp_path / "p")) == ["fifth", "first", "third"]
@@ -122,14 +150,22 @@ def test_a_bad_table_line_costs_only_that_line(tmp_path):
 def test_imagenet_captions(tmp_path):
     (tmp_path / "train" / "n01440764").mkdir(parents=True)
     (tmp_path / "train" / "n01440764" / "n01440764_1.JPEG").write_bytes(jpeg_bytes())
-    recs = [{"filename": "n01440764_1.JPEG", "wnid": "n01440764", "title": "Big tench",
-             "description": "caught today", "tags": ["fish", "lake"]},
-            {"filename": "n0_missing.JPEG", "wnid": "n0", "title": "t", "description": "", "tags": []}]
+    recs = [
+        {
+            "filename": "n01440764_1.JPEG",
+            "wnid": "n01440764",
+            "title": "Big tench",
+            "description": "caught today",
+            "tags": ["fish", "lake"],
+        },
+        {"filename": "n0_missing.JPEG", "wnid": "n0", "title": "t", "description": "", "tags": []},
+    ]
     (tmp_path / "imagenet_captions.json").write_text(json.dumps(recs))
     assert imagenet_caption(recs[0]) == "Big tench fish lake caught today"
     assert imagenet_caption(recs[0], ("description", "title"), " | ") == "caught today | Big tench"
-    s = ingest(str(tmp_path / "imagenet_captions.json"), tmp_path / "pool", image_root=str(tmp_path / "train"),
-               progress=False)
+    s = ingest(
+        str(tmp_path / "imagenet_captions.json"), tmp_path / "pool", image_root=str(tmp_path / "train"), progress=False
+    )
     assert detect_format(str(tmp_path / "imagenet_captions.json")) == "imagenet-captions"
     assert (s.n_written, s.n_err) == (1, 1)
     (row,) = list(Pool(tmp_path / "pool").samples())

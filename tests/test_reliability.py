@@ -93,11 +93,13 @@ def test_killed_select_leaves_nothing_half_made(tmp_path):
     assert count_renames(lambda: select(Pool(shutil.copytree(pool.root, tmp_path / "count")), "clip-score")) == 2
     for n in (1, 2):
         p = shutil.copytree(pool.root, tmp_path / f"k{n}")
-        assert run_killed(lambda: select(Pool(p), "clip-score"), n) == KILLED
+        assert run_killed(lambda p=p: select(Pool(p), "clip-score"), n) == KILLED
         assert list((p / "subsets").glob(".*.tmp"))  # the kill left a finished temp file
         assert not (p / "subsets" / "clip-score.npy").exists()  # but no subset without its funnel
         select(Pool(p), "clip-score")
-        assert tree_bytes(p / "subsets", skip=("clip-score.json",)) == tree_bytes(clean / "subsets", skip=("clip-score.json",))
+        assert tree_bytes(p / "subsets", skip=("clip-score.json",)) == tree_bytes(
+            clean / "subsets", skip=("clip-score.json",)
+        )
         assert verify(Pool(p)).ok
 
 
@@ -108,15 +110,19 @@ def test_cluster_is_all_or_nothing(tmp_path):
     pool, _, _ = _columns_pool(tmp_path / "p")
     cluster(pool, k=3, niter=3, progress=False)
     before = tree_bytes(pool.root / "columns" / "cluster")
-    total = count_renames(lambda: cluster(Pool(shutil.copytree(pool.root, tmp_path / "c")), k=4, niter=3, progress=False))
+    total = count_renames(
+        lambda: cluster(Pool(shutil.copytree(pool.root, tmp_path / "c")), k=4, niter=3, progress=False)
+    )
     for n in range(1, total + 1):
         p = shutil.copytree(pool.root, tmp_path / f"k{n}")
-        assert run_killed(lambda: cluster(Pool(p), k=4, niter=3, progress=False), n) == KILLED
+        assert run_killed(lambda p=p: cluster(Pool(p), k=4, niter=3, progress=False), n) == KILLED
         now = tree_bytes(p / "columns" / "cluster") if (p / "columns" / "cluster").exists() else None
         assert now in (before, None) or json.loads(now["_stage.json"])["params"]["k"] == 4
         if now is not None and now != before:  # killed after the swap: the new stage is whole
-            assert {int(pq.read_table(p / "columns" / "cluster" / f).column("cluster").to_numpy().max()) < 4
-                    for f in ("a.parquet", "b.parquet")} == {True}
+            assert {
+                int(pq.read_table(p / "columns" / "cluster" / f).column("cluster").to_numpy().max()) < 4
+                for f in ("a.parquet", "b.parquet")
+            } == {True}
     assert total >= 4
 
 
@@ -132,7 +138,7 @@ def test_stage_rerun_removes_temp_files_of_a_killed_run(synth_pool, tmp_path):
     points += [(n, "mkstemp") for n in kill_points(temps, 2, seed=13)]  # in the middle of a write
     for n, at in points:
         p = shutil.copytree(synth_pool, tmp_path / f"k{n}{at}")
-        assert run_killed(lambda: run_stage(p, "inspect", progress=False), n, at) == KILLED
+        assert run_killed(lambda p=p: run_stage(p, "inspect", progress=False), n, at) == KILLED
         assert list(p.rglob(".*.tmp"))
         assert not verify(p).ok  # the temp file is named
         run_stage(p, "inspect", progress=False)
@@ -158,7 +164,7 @@ def test_reshard_resumes_after_a_kill_and_train_refuses_it_unfinished(synth_pool
     assert total >= 6
     for n in sorted(set(kill_points(total, 3, seed=4)) | {total - 1, total}):  # also inside the final moves
         out = tmp_path / f"k{n}"
-        assert run_killed(lambda: reshard(pool, sub, out, shard_size=40, progress=False), n) == KILLED
+        assert run_killed(lambda out=out: reshard(pool, sub, out, shard_size=40, progress=False), n) == KILLED
         with pytest.raises(RuntimeError, match="did not finish"):
             resolve_shards(str(out))
         assert not verify(out).ok if (out / "shards").exists() else True
@@ -196,11 +202,15 @@ def test_profile_counts_a_bad_sample_once(tmp_path):
     pool = Pool(tmp_path)
     u = [f"{i:032x}" for i in range(3)]
     bad = [{"uid": u[2], "key": "k2", "reason": "cannot decode image"}]
-    pool.write_columns("spot", "a", {"uid": u[:2], "key": ["k0", "k1"], "has_text": [True, False],
-                                     "text_area": [0.1, 0.0]}, bad)
-    pool.write_columns("parrot", "a", {"uid": u[:2], "key": ["k0", "k1"], "cotr": [1.0, 0.0],
-                                       "co_emb": [["x"], []]},
-                       [{**bad[0], "reason": "no 'spot' output for this sample (see errors/spot)"}])
+    pool.write_columns(
+        "spot", "a", {"uid": u[:2], "key": ["k0", "k1"], "has_text": [True, False], "text_area": [0.1, 0.0]}, bad
+    )
+    pool.write_columns(
+        "parrot",
+        "a",
+        {"uid": u[:2], "key": ["k0", "k1"], "cotr": [1.0, 0.0], "co_emb": [["x"], []]},
+        [{**bad[0], "reason": "no 'spot' output for this sample (see errors/spot)"}],
+    )
     s = summarize(pool)
     assert s.samples == 2 and s.errors == 1
 
@@ -255,8 +265,21 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     (tmp_path / "garbage.pt").write_bytes(b"\x80\x04not a pickle at all" * 10)
     (tmp_path / "empty.pt").write_bytes(b"")
     for ck in ("garbage.pt", "empty.pt"):
-        _one_line(capsys, ["embed", str(pool), "--model", "unparrot-rn-tiny", "--pretrained", str(tmp_path / ck),
-                           "--workers", "1", "--quiet"], "unparrot embed: error:")
+        _one_line(
+            capsys,
+            [
+                "embed",
+                str(pool),
+                "--model",
+                "unparrot-rn-tiny",
+                "--pretrained",
+                str(tmp_path / ck),
+                "--workers",
+                "1",
+                "--quiet",
+            ],
+            "unparrot embed: error:",
+        )
     (tmp_path / "bad.yaml").write_text("name: x\nwhere: [has_text ==\n")
     _one_line(capsys, ["select", str(pool), str(tmp_path / "bad.yaml")], "unparrot select: error:")
     (tmp_path / "evil.yaml").write_text("name: !!python/object/apply:os.system ['echo pwned']\nwhere: []\n")
@@ -265,8 +288,11 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    _one_line(capsys, ["rewrite", str(pool), "--backend", "openai", "--base-url", f"http://127.0.0.1:{port}/v1",
-                       "--quiet"], "cannot list the models")
+    _one_line(
+        capsys,
+        ["rewrite", str(pool), "--backend", "openai", "--base-url", f"http://127.0.0.1:{port}/v1", "--quiet"],
+        "cannot list the models",
+    )
 
     real = tempfile.mkstemp
 
@@ -290,9 +316,25 @@ def test_train_on_an_empty_tar_fails_in_one_line(tmp_path, capsys):
 
     (tmp_path / "d" / "shards").mkdir(parents=True)
     tarfile.open(tmp_path / "d" / "shards" / "00000.tar", "w").close()
-    err = _one_line(capsys, ["train", str(tmp_path / "d"), "--out", str(tmp_path / "run"), "--model",
-                             "unparrot-vit-tiny", "--samples", "32", "--batch-size", "16", "--workers", "1",
-                             "--quiet"], "in a data worker: no readable samples")
+    err = _one_line(
+        capsys,
+        [
+            "train",
+            str(tmp_path / "d"),
+            "--out",
+            str(tmp_path / "run"),
+            "--model",
+            "unparrot-vit-tiny",
+            "--samples",
+            "32",
+            "--batch-size",
+            "16",
+            "--workers",
+            "1",
+            "--quiet",
+        ],
+        "in a data worker: no readable samples",
+    )
     assert "Original Traceback" not in err
 
 
@@ -331,8 +373,18 @@ def test_a_shard_that_disappears_mid_run(synth_pool, tmp_path, capsys):
     not; once the shard is back the same command finishes the stage."""
     p = shutil.copytree(synth_pool, tmp_path / "p")
     victim = sorted((p / "shards").glob("*.tar"))[-1]
-    argv = ["run", str(p), "helpers:HidesShard", "--param", f"victim={victim}", "--stage", "d", "--workers", "1",
-            "--quiet"]
+    argv = [
+        "run",
+        str(p),
+        "helpers:HidesShard",
+        "--param",
+        f"victim={victim}",
+        "--stage",
+        "d",
+        "--workers",
+        "1",
+        "--quiet",
+    ]
     err = _one_line(capsys, argv, str(victim))
     assert "No such file" in err
     pool = Pool(p)

@@ -8,11 +8,6 @@ from unparrot.report.html import Section
 from helpers import open_in_chromium
 
 
-
-
-
-
-
 @pytest.mark.browser
 def test_profile_report_renders_in_chromium(synth_pool, tmp_path):
     pool = shutil.copytree(synth_pool, tmp_path / "p")
@@ -69,10 +64,18 @@ def test_verdict_plot_shows_measured_findings_only():
     from unparrot.report.results_section import verdict_plot
 
     claim = {"direction": "+", "margin": 0.0}
-    fs = [{"id": "a", "verdict": "holds", "estimate": 0.1, "low": 0.05, "high": 0.15, "claim": claim},
-          {"id": "b", "verdict": "inconclusive", "estimate": 0.0, "low": -0.02, "high": 0.03,
-           "claim": {"direction": "0", "margin": 0.03}},
-          {"id": "c", "verdict": "not run"}]
+    fs = [
+        {"id": "a", "verdict": "holds", "estimate": 0.1, "low": 0.05, "high": 0.15, "claim": claim},
+        {
+            "id": "b",
+            "verdict": "inconclusive",
+            "estimate": 0.0,
+            "low": -0.02,
+            "high": 0.03,
+            "claim": {"direction": "0", "margin": 0.03},
+        },
+        {"id": "c", "verdict": "not run"},
+    ]
     tag = verdict_plot(fs)
     assert tag.startswith("<img") and "base64" in tag
     assert verdict_plot([{"id": "c", "verdict": "not run"}]) is None

@@ -11,8 +11,16 @@ from unparrot.pool import Pool
 from unparrot.rewrite import BACKENDS, Task, rewrite, run_tasks
 from unparrot.rewrite.backends import Backend, Completion
 from unparrot.rewrite.cache import RewriteCache, task_key
-from unparrot.rewrite.prompt import (INSTRUCTION, STYLES, build_prompt, check_rewrite, draw_pairs, load_style,
-                                     parse_completion, parse_style_tsv)
+from unparrot.rewrite.prompt import (
+    INSTRUCTION,
+    STYLES,
+    build_prompt,
+    check_rewrite,
+    draw_pairs,
+    load_style,
+    parse_completion,
+    parse_style_tsv,
+)
 
 
 # ---- prompt ---------------------------------------------------------------------------------------
@@ -29,8 +37,9 @@ def test_style_pools_are_complete_and_clean():
 def test_prompt_format_is_laclip():
     pairs = [("a b", "A b."), ("c d", "C d."), ("e f", "E f.")]
     p = build_prompt("red  ball\non grass", pairs)
-    assert p == ("write image captions differently,\n\na b => A b.\n\nc d => C d.\n\ne f => E f.\n\n"
-                 "red ball on grass =>")
+    assert p == (
+        "write image captions differently,\n\na b => A b.\n\nc d => C d.\n\ne f => E f.\n\nred ball on grass =>"
+    )
     assert p.startswith(INSTRUCTION)
 
 
@@ -57,26 +66,29 @@ def test_custom_style_file(tmp_path):
 
 
 # ---- parser and validity ------------------------------------------------------------------------------
-@pytest.mark.parametrize("out,finish,want", [
-    (" A red ball on the grass.", "stop", "A red ball on the grass."),
-    (" A red ball.\n\nblue box => A blue box.", "stop", "A red ball."),
-    (' "A red ball on grass."', "stop", "A red ball on grass."),
-    (" \u201cA red ball.\u201d", "stop", "A red ball."),
-    (' "Stop" sign and "Go" sign', "stop", '"Stop" sign and "Go" sign'),
-    (' "a red ball that never ends', "length", None),          # cut off, no sentence end
-    (" A red ball. It rolls. And then it", "length", "A red ball. It rolls."),
-    (" red ball => A red ball by the sea.", "stop", "A red ball by the sea."),  # echoed source
-    (" a => b arrow", "stop", "b arrow"),
-    (" a => b arrow", "stop", "b arrow"),
-    (" pink background<start_of_image><start_of_image>a red circle => red circle", "length", "pink background"),
-    (" A cat.<eos>", "stop", "A cat."),
-    (" A dog<|im_end|>", "stop", "A dog"),
-    ("", "stop", None),
-    ("   \n A ball", "stop", None),                         # empty first line
-    ("\r\nx y", "stop", None),
-    (None, None, None),
-    ("  many   spaces\there ", "stop", "many spaces here"),
-])
+@pytest.mark.parametrize(
+    "out,finish,want",
+    [
+        (" A red ball on the grass.", "stop", "A red ball on the grass."),
+        (" A red ball.\n\nblue box => A blue box.", "stop", "A red ball."),
+        (' "A red ball on grass."', "stop", "A red ball on grass."),
+        (" \u201cA red ball.\u201d", "stop", "A red ball."),
+        (' "Stop" sign and "Go" sign', "stop", '"Stop" sign and "Go" sign'),
+        (' "a red ball that never ends', "length", None),  # cut off, no sentence end
+        (" A red ball. It rolls. And then it", "length", "A red ball. It rolls."),
+        (" red ball => A red ball by the sea.", "stop", "A red ball by the sea."),  # echoed source
+        (" a => b arrow", "stop", "b arrow"),
+        (" a => b arrow", "stop", "b arrow"),
+        (" pink background<start_of_image><start_of_image>a red circle => red circle", "length", "pink background"),
+        (" A cat.<eos>", "stop", "A cat."),
+        (" A dog<|im_end|>", "stop", "A dog"),
+        ("", "stop", None),
+        ("   \n A ball", "stop", None),  # empty first line
+        ("\r\nx y", "stop", None),
+        (None, None, None),
+        ("  many   spaces\there ", "stop", "many spaces here"),
+    ],
+)
 def test_parse_completion(out, finish, want):
     assert parse_completion(out, finish).text == want
 
@@ -94,7 +106,7 @@ def test_parse_reasons():
 
 def test_check_rewrite():
     assert check_rewrite("a red ball", "A red ball.") == "same as the source"
-    assert check_rewrite("red ball", "the red ball") == "same as the source"     # articles do not count
+    assert check_rewrite("red ball", "the red ball") == "same as the source"  # articles do not count
     assert check_rewrite("red ball", "ball") == "fewer than 2 words"
     assert check_rewrite("red ball", "!!") == "fewer than 2 words"
     assert check_rewrite("ball", "a ball") == "same as the source"
@@ -168,10 +180,20 @@ def counting(monkeypatch):
     return Counting
 
 
-
-
-CAPTIONS = ["a red ball", "a red ball", "blue box", "copy me", "", None, b"\xff\xfe bad", "x" * 2000,
-            "line one\nline two", "a => b arrow", "  a red ball  ", "green ring sign that says GO"]
+CAPTIONS = [
+    "a red ball",
+    "a red ball",
+    "blue box",
+    "copy me",
+    "",
+    None,
+    b"\xff\xfe bad",
+    "x" * 2000,
+    "line one\nline two",
+    "a => b arrow",
+    "  a red ball  ",
+    "green ring sign that says GO",
+]
 
 
 def test_stage_columns_errors_and_counts(tmp_path, counting):
@@ -271,26 +293,42 @@ def test_bad_arguments(tmp_path, counting):
 
 
 def tar_sample(key, caption, uid):
-    return [(f"{key}.jpg", jpeg_bytes()), (f"{key}.txt", caption.encode()),
-            (f"{key}.json", json.dumps({"uid": f"{uid:032x}"}).encode())]
+    return [
+        (f"{key}.jpg", jpeg_bytes()),
+        (f"{key}.txt", caption.encode()),
+        (f"{key}.json", json.dumps({"uid": f"{uid:032x}"}).encode()),
+    ]
 
 
 def test_duplicate_uids_and_caption_column(tmp_path, counting):
     """A uid kept once across the pool: a second sample with it is an error row (the engines' reasons),
     whatever its caption; a caption_column value that is null or missing is noted or an error row."""
     root = tmp_path / "p"
-    write_tar(root / "shards" / "00.tar", tar_sample("a", "a red ball", 1) + tar_sample("b", "blue box", 2)
-              + tar_sample("c", "other", 2) + tar_sample("d", "", 3) + tar_sample("e", "green", 3) + tar_sample("f", "pink", 4))
+    write_tar(
+        root / "shards" / "00.tar",
+        tar_sample("a", "a red ball", 1)
+        + tar_sample("b", "blue box", 2)
+        + tar_sample("c", "other", 2)
+        + tar_sample("d", "", 3)
+        + tar_sample("e", "green", 3)
+        + tar_sample("f", "pink", 4),
+    )
     write_tar(root / "shards" / "01.tar", tar_sample("m", "a red ball", 1) + tar_sample("n", "fresh", 5))
     s = rewrite(root, backend="counting", n_rewrites=1, progress=False)
     errs = Pool(root).errors("rewrite").set_index("key")["reason"].to_dict()
-    assert errs == {"c": f"duplicate uid {2:032x} (first at key b of this shard)", "d": "empty caption",
-                    "m": f"duplicate uid {1:032x} (first in shard 00)"}
+    assert errs == {
+        "c": f"duplicate uid {2:032x} (first at key b of this shard)",
+        "d": "empty caption",
+        "m": f"duplicate uid {1:032x} (first in shard 00)",
+    }
     assert sorted(Pool(root).load("rewrite")["key"]) == ["a", "b", "e", "f", "n"]  # e: d's uid, d refused
     assert (s.n_in, s.n_ok, s.n_err, s.captions) == (8, 5, 3, 5)
     pool = Pool(root)
-    pool.write_columns("src", "00", {"uid": [f"{u:032x}" for u in (1, 2, 3)], "key": list("abe"),
-                                     "alt": ["alt one", None, "alt three"]})
+    pool.write_columns(
+        "src",
+        "00",
+        {"uid": [f"{u:032x}" for u in (1, 2, 3)], "key": list("abe"), "alt": ["alt one", None, "alt three"]},
+    )
     s = rewrite(root, backend="counting", n_rewrites=1, progress=False, caption_column="src.alt", stage="rw_alt")
     errs = pool.errors("rw_alt").set_index("key")["reason"].to_dict()
     assert errs["f"] == errs["n"] == "no 'src' output for this sample (see errors/src)"  # 01: no src file
@@ -353,8 +391,8 @@ def wordnet(tmp_path_factory):
 
 def test_wordnet_reader(wordnet):
     assert "domestic dog" in wordnet.synonyms("dog") and "hound" in wordnet.synonyms("dog")
-    assert "cat" in wordnet.synonyms("cats")            # morphy: plural -> lemma
-    assert "goose" in wordnet.synonyms("geese")          # exception list
+    assert "cat" in wordnet.synonyms("cats")  # morphy: plural -> lemma
+    assert "goose" in wordnet.synonyms("geese")  # exception list
     assert "rapidly" in wordnet.synonyms("quickly")
     assert wordnet.synonyms("qwzx") == ()
     assert "dog" not in wordnet.synonyms("dog")
@@ -391,5 +429,6 @@ def test_eda_backend_in_the_stage(tmp_path, wordnet, monkeypatch):
     first = df.to_dict("records")
     assert s.failed >= 1  # "dog": deletion and swap cannot change one word
     s2 = rewrite(pool, backend="eda", progress=False, overwrite=True)
-    assert s2.calls == 0 and json.dumps(Pool(pool).load("rewrite").to_dict("records"), default=list) == \
-        json.dumps(first, default=list)
+    assert s2.calls == 0 and json.dumps(Pool(pool).load("rewrite").to_dict("records"), default=list) == json.dumps(
+        first, default=list
+    )

@@ -21,12 +21,6 @@ from unparrot.rewrite.client import CompletionClient
 from helpers import SECRET, FaultServer, FaultHandler, DRIP_BYTES
 
 
-
-
-
-
-
-
 FAULTS = {
     "five hundreds": ["500", "500"],
     "garbage json": ["garbage"],
@@ -47,12 +41,29 @@ def test_openai_backend_survives_every_fault(tmp_path, monkeypatch):
     pool = make_pool(tmp_path / "p", list(FAULTS) + FINE, shards=2)
     opts = {"request_retries": 3, "backoff": 0.05}
     with FaultServer(FAULTS) as srv:
-        s = rewrite(pool, backend="openai", base_url=srv.url, api_key_env="UNPARROT_TEST_KEY", n_rewrites=1,
-                    timeout=1.0,
-                    concurrency=4, progress=False, backend_options=opts)
+        s = rewrite(
+            pool,
+            backend="openai",
+            base_url=srv.url,
+            api_key_env="UNPARROT_TEST_KEY",
+            n_rewrites=1,
+            timeout=1.0,
+            concurrency=4,
+            progress=False,
+            backend_options=opts,
+        )
         # a plain rerun does nothing; it must name the way to retry the failures (regression: it did not)
-        again = rewrite(pool, backend="openai", base_url=srv.url, api_key_env="UNPARROT_TEST_KEY", n_rewrites=1,
-                        timeout=1.0, concurrency=4, progress=False, backend_options=opts)
+        again = rewrite(
+            pool,
+            backend="openai",
+            base_url=srv.url,
+            api_key_env="UNPARROT_TEST_KEY",
+            n_rewrites=1,
+            timeout=1.0,
+            concurrency=4,
+            progress=False,
+            backend_options=opts,
+        )
     assert again.skipped == 2 and again.failed == 4 and "--retry-failed" in again.line(), again.line()
     # bounded by attempts, not by how fast this machine is: every fault got 1 + request_retries tries at most
     assert max(len(v) for v in srv.seen.values()) <= 4 and len(srv.seen["always broken"]) == 4
@@ -61,16 +72,22 @@ def test_openai_backend_survives_every_fault(tmp_path, monkeypatch):
     df = Pool(pool).load("rewrite")
     cap_of = dict(zip([f"{i:032x}" for i in range(len(FAULTS) + len(FINE))], list(FAULTS) + FINE))
     got = {cap_of[u]: (list(r), list(f)) for u, r, f in zip(df["uid"], df["rewrites"], df["rewrite_failures"])}
-    for cap in FINE + ["five hundreds", "garbage json", "slow server", "trickling server", "dropped link",
-                       "rate limited"]:
+    for cap in FINE + [
+        "five hundreds",
+        "garbage json",
+        "slow server",
+        "trickling server",
+        "dropped link",
+        "rate limited",
+    ]:
         assert got[cap][0] == [f"a rewritten {cap} for testing"], (cap, got[cap])
     assert "HTTP 500" in got["always broken"][1][0] and "after 4 attempts" in got["always broken"][1][0]
     assert "unexpected response shape" in got["wrong shape"][1][0]
     assert "HTTP 400: prompt too long" in got["bad request"][1][0]
     assert "cut off" in got["runaway"][1][0]
-    assert len(srv.seen["bad request"]) == 1                 # a 4xx is not retried
+    assert len(srv.seen["bad request"]) == 1  # a 4xx is not retried
     t429 = srv.seen["rate limited"]
-    assert len(t429) == 2 and t429[1] - t429[0] >= 0.95       # Retry-After: 1 was honoured
+    assert len(t429) == 2 and t429[1] - t429[0] >= 0.95  # Retry-After: 1 was honoured
     assert srv.auth == {f"Bearer {SECRET}"}
     assert srv.max_inflight <= 4
     for path in list((pool / "cache").rglob("*")) + list((pool / "columns").rglob("*")):
@@ -115,8 +132,16 @@ def test_dead_server_records_failures_fast(tmp_path):
     url = f"http://127.0.0.1:{port}/v1"
     with pytest.raises(ConnectionError, match="cannot list the models"):
         rewrite(pool, backend="openai", base_url=url, progress=False)  # no model name: fails before any work
-    s = rewrite(pool, backend="openai", base_url=url, model="m", n_rewrites=2, timeout=2, progress=False,
-                backend_options={"request_retries": 2, "backoff": 0.05, "max_consecutive_failures": 8})
+    s = rewrite(
+        pool,
+        backend="openai",
+        base_url=url,
+        model="m",
+        n_rewrites=2,
+        timeout=2,
+        progress=False,
+        backend_options={"request_retries": 2, "backoff": 0.05, "max_consecutive_failures": 8},
+    )
     assert s.n_ok == 40 and s.failed == 80 and s.generated == 0
     reasons = [f for fs in Pool(pool).load("rewrite")["rewrite_failures"] for f in fs]
     assert len(reasons) == 80
@@ -174,8 +199,11 @@ def test_llama_cpp_in_process():
     b = LlamaCppBackend(threads=1, n_ctx=1024)
     try:
         got = {}
-        tasks = [Task(c, st, 0, task_key(c, "llama-cpp", b.model_id, "t", st, 0)) for c in CAPTIONS
-                 for st in ("chat", "coco")]
+        tasks = [
+            Task(c, st, 0, task_key(c, "llama-cpp", b.model_id, "t", st, 0))
+            for c in CAPTIONS
+            for st in ("chat", "coco")
+        ]
         run_tasks(b, tasks, retries=2, on_final=lambda t, e: got.__setitem__((t.caption, t.style), e))
         ok = [e for e in got.values() if e["ok"]]
         assert len(got) == 6 and len(ok) >= 4, got
@@ -209,8 +237,16 @@ def test_a_thousand_captions_through_every_fault_and_a_server_restart(tmp_path):
             plan[c] = [modes[int(rng.integers(len(modes)))]]
     pool = make_pool(tmp_path / "p", caps, shards=4)
     opts = {"request_retries": 2, "backoff": 0.01, "max_consecutive_failures": 10**6}
-    kw = dict(backend="openai", model="fault-model", n_rewrites=1, timeout=0.5, concurrency=8, retries=1,
-              progress=False, backend_options=opts)
+    kw = dict(
+        backend="openai",
+        model="fault-model",
+        n_rewrites=1,
+        timeout=0.5,
+        concurrency=8,
+        retries=1,
+        progress=False,
+        backend_options=opts,
+    )
     srv = FaultServer(plan, hang=1.0)
     port = srv.server_address[1]
     restarted = []

@@ -113,8 +113,11 @@ class MalformedSpotter:
 
     def spot(self, images, metas):
         good = ([[0, 0], [4, 0], [4, 4], [0, 4]], "ok text", 0.9)
-        bad = [[([[0, 0], [4, 4]], "two points", 0.9)], [([[0, 0], [4, 0], [float("nan"), 4], [0, 4]], "nan", 0.9)],
-               [("not a box",)]]
+        bad = [
+            [([[0, 0], [4, 4]], "two points", 0.9)],
+            [([[0, 0], [4, 0], [float("nan"), 4], [0, 4]], "nan", 0.9)],
+            [("not a box",)],
+        ]
         return [[good] if i % 2 == 0 else bad[(i // 2) % 3] for i in range(len(images))]
 
 

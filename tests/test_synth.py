@@ -131,8 +131,18 @@ def test_world_parameters_for_the_er_design(tmp_path):
         make_config("learnable", backgrounds=["lava"])
     with pytest.raises(ValueError, match="caption_mode"):
         make_config("learnable", caption_mode="labels")
-    synth(tmp_path, n=40, preset="learnable", seed=0, shard_size=40, eval_per_class=1, eval_sets=(),
-          progress=False, backgrounds=["plain", "stripes"], p_outline=0.5)
+    synth(
+        tmp_path,
+        n=40,
+        preset="learnable",
+        seed=0,
+        shard_size=40,
+        eval_per_class=1,
+        eval_sets=(),
+        progress=False,
+        backgrounds=["plain", "stripes"],
+        p_outline=0.5,
+    )
     from unparrot.synth.stats import format_truth_stats
 
     text = format_truth_stats(truth_stats(tmp_path))

@@ -97,7 +97,9 @@ def test_resuming_a_finished_run_changes_nothing(shards, tmp_path):
     rebuilt = train(_cfg(shards, run, samples=16 * 3, resume="latest"))
     assert rebuilt["steps"] == 3 and rebuilt["loss"] == done["loss"] and rebuilt["samples_seen"] == 48
     assert rebuilt["checkpoint"] == done["checkpoint"]
-    assert {p: p.read_bytes() for p in files if p.suffix != ".json"} == {k: v for k, v in files.items() if k.suffix != ".json"}
+    assert {p: p.read_bytes() for p in files if p.suffix != ".json"} == {
+        k: v for k, v in files.items() if k.suffix != ".json"
+    }
     assert torch.load(run / "checkpoints" / "final.pt", weights_only=True)["step"] == 3
 
 
@@ -112,9 +114,8 @@ def test_killed_at_random_renames_resumes_to_the_same_run(shards, tmp_path):
     total = count_renames(lambda: train(_cfg(shards, tmp_path / "count", **kw)))
     for n in sorted(set(kill_points(total, 3, seed=21)) | {total}):  # the last: before summary.json
         run = tmp_path / f"k{n}"
-        assert run_killed(lambda: train(_cfg(shards, run, **kw)), n) == KILLED
-        done = train(_cfg(shards, run, resume="latest" if (run / "checkpoints" / "latest.pt").exists() else None,
-                          **kw))
+        assert run_killed(lambda run=run: train(_cfg(shards, run, **kw)), n) == KILLED
+        done = train(_cfg(shards, run, resume="latest" if (run / "checkpoints" / "latest.pt").exists() else None, **kw))
         assert done["steps"] == 4 and json.loads((run / "summary.json").read_text())["steps"] == 4
         assert_close_scaled(_losses(tmp_path / "full"), _losses(run), 1e-5, f"losses after a kill at rename {n}")
         got = torch.load(done["checkpoint"], weights_only=True)["state_dict"]
@@ -198,8 +199,13 @@ def test_ddp_two_processes_match_one_with_resume(shards, tmp_path):
     ]
 
     def train_cli(out, *extra):
-        p = subprocess.run([sys.executable, "-m", "unparrot", "train", *args, "--out", str(tmp_path / out), *extra],
-                           env=env, capture_output=True, text=True, timeout=600)
+        p = subprocess.run(
+            [sys.executable, "-m", "unparrot", "train", *args, "--out", str(tmp_path / out), *extra],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert p.returncode == 0, p.stderr[-3000:]
 
     train_cli("one")

@@ -93,8 +93,9 @@ def _sample_with_text(tmp_path):
     a[:, :] = (0, 0, 200)
     a[10:30, 10:50] = np.where(np.indices((20, 40)).sum(0)[..., None] % 2 == 0, 255, 0)  # "text": a pattern
     meta = {"uid": "u", "boxes": [[[10, 10], [50, 10], [50, 30], [10, 30]]]}
-    return RawSample("k", {"png": encode_image(Image.fromarray(a), "png"), "txt": b"a sign",
-                           "json": json.dumps(meta).encode()})
+    return RawSample(
+        "k", {"png": encode_image(Image.fromarray(a), "png"), "txt": b"a sign", "json": json.dumps(meta).encode()}
+    )
 
 
 def test_text_mask_augmentation_masks_the_boxes_with_the_given_probability(tmp_path):
@@ -123,8 +124,9 @@ def _batches(shards, order, workers, steps=8, start=0, rank=0, world=1):
         return torch.tensor([list(t.encode()[:12].ljust(12, b" ")) for t in texts])
 
     maker = SampleMaker(32, tok, seed=0, rrc_scale=None)
-    ds = TrainStream(shards, maker, 8, steps, start_step=start, rank=rank, world=world, seed=0, shuffle_buffer=50,
-                     order=order)
+    ds = TrainStream(
+        shards, maker, 8, steps, start_step=start, rank=rank, world=world, seed=0, shuffle_buffer=50, order=order
+    )
     dl = tud.DataLoader(ds, batch_size=None, num_workers=workers)
     return {int(s): (x.numpy(), t.numpy()) for s, x, t in dl}
 

@@ -25,14 +25,21 @@ class Quiet:
 
 @dataclass
 class Params:
-    param: dict | None = option(None, "operator parameter (repeatable)", action="append", item=key_value,
-                                convert=dict, metavar="KEY=VALUE")
+    param: dict | None = option(
+        None, "operator parameter (repeatable)", action="append", item=key_value, convert=dict, metavar="KEY=VALUE"
+    )
 
 
 @dataclass
 class SynthExtras:
-    param: dict | None = option(None, "override a world parameter (repeatable)", action="append", item=key_value,
-                                convert=dict, metavar="KEY=VALUE")
+    param: dict | None = option(
+        None,
+        "override a world parameter (repeatable)",
+        action="append",
+        item=key_value,
+        convert=dict,
+        metavar="KEY=VALUE",
+    )
     stats: bool = option(False, "print ground-truth text statistics")
 
 
@@ -52,22 +59,28 @@ class EvaluateExtras:
 
 @dataclass
 class TrainExtras:
-    train_data: str | None = option(None, "reshard output folder, folder of tars, glob or {a..b} pattern",
-                                    positional=True)
+    train_data: str | None = option(
+        None, "reshard output folder, folder of tars, glob or {a..b} pattern", positional=True
+    )
     config: str | None = option(None, "YAML file of training options (flags override it)")
     nproc: int = option(0, "launch N processes with torch.distributed.run")
 
 
 @dataclass
 class DemoExtras:
-    summarize: list | None = option(None, "print mean ± std and the pooled verdicts over finished demo runs (one "
-                                    "per seed)", nargs="+", metavar="OUT")
+    summarize: list | None = option(
+        None,
+        "print mean ± std and the pooled verdicts over finished demo runs (one per seed)",
+        nargs="+",
+        metavar="OUT",
+    )
 
 
 @dataclass
 class RunOp:
-    op: str = option(help="operator name (inspect, spot, parrot, embed, aesthetic, deparrot) or module:Class",
-                     positional=True)
+    op: str = option(
+        help="operator name (inspect, spot, parrot, embed, aesthetic, deparrot) or module:Class", positional=True
+    )
 
 
 @dataclass
@@ -151,8 +164,10 @@ def cmd_info(a):
     info = call_with(pool_info, config_from_flags(a, InfoConfig), a.pool)
     print(f"pool {info['root']}: {info['shards']} shards, {info['samples']} samples")
     for st, s in info["stages"].items():
-        print(f"  {st:<16} {s['done_shards']}/{info['shards']} shards, {s['rows']} rows, {s['errors']} errors"
-              f"  [{s['op']}]")
+        print(
+            f"  {st:<16} {s['done_shards']}/{info['shards']} shards, {s['rows']} rows, {s['errors']} errors"
+            f"  [{s['op']}]"
+        )
     for name, n in info["subsets"].items():
         print(f"  subset {name:<12} {n} uids")
     if "truth" in info:
@@ -224,7 +239,6 @@ def _train_fields():
     from .train.trainer import TrainConfig
 
     return [f for f in dataclasses.fields(TrainConfig) if f.name not in ("train_data", "progress")]
-
 
 
 def cmd_train(a):
@@ -320,8 +334,10 @@ def cmd_deparrot(a):
     _print(s)
     c = deparrot_counts(a.pool, s.stage)
     modes = ", ".join(f"{k} {v}" for k, v in sorted(c["modes"].items()))
-    print(f"{s.stage}: {c['kept']} captions kept, {c['null']} null (nothing describable left); modes: {modes}; "
-          f"{c['removed_words']} spelled words removed; max residual CoTR {c['max_residual_cotr']:.3f}")
+    print(
+        f"{s.stage}: {c['kept']} captions kept, {c['null']} null (nothing describable left); modes: {modes}; "
+        f"{c['removed_words']} spelled words removed; max residual CoTR {c['max_residual_cotr']:.3f}"
+    )
 
 
 def cmd_demo(a):
@@ -333,8 +349,9 @@ def cmd_demo(a):
     if a.summarize:
         print(seeds_summary(a.summarize, protocol=opts["protocol"]))
         return
-    demo(out=a.out, size=a.size, seed=a.seed, workers=a.workers, models=a.models.split(",") if a.models else None,
-         **opts)
+    demo(
+        out=a.out, size=a.size, seed=a.seed, workers=a.workers, models=a.models.split(",") if a.models else None, **opts
+    )
 
 
 # ---- parser -------------------------------------------------------------------------------------
@@ -344,8 +361,13 @@ def _stage_defaults() -> dict:
     from .profile import ProfileConfig
 
     profile_run = {"batch_size": ProfileConfig.batch_size, "workers": ProfileConfig.workers}
-    return {"run": {"workers": ProfileConfig.workers}, "spot": profile_run, "parrot": profile_run,
-            "embed": {"batch_size": 256, "workers": 1}, "aesthetic": {"batch_size": 1024, "workers": 1}}
+    return {
+        "run": {"workers": ProfileConfig.workers},
+        "spot": profile_run,
+        "parrot": profile_run,
+        "embed": {"batch_size": 256, "workers": 1},
+        "aesthetic": {"batch_size": 1024, "workers": 1},
+    }
 
 
 def commands() -> list[tuple]:
@@ -378,88 +400,190 @@ def commands() -> list[tuple]:
         return [PoolArg, *own, (StageConfig, {"defaults": d}), (EngineConfig, {"defaults": d}), Quiet]
 
     return [
-        ("synth", cmd_synth, "generate a synthetic parrot-world pool and evaluation sets",
-         "Generate a synthetic pool of image-caption pairs (some with embedded text their captions parrot), with "
-         "ground truth in each sample's .json, plus labelled evaluation sets in CLIP_benchmark's layout.",
-         [SynthConfig, SynthExtras, Quiet]),
-        ("ingest", cmd_ingest, "make a pool from shards, parquet, a CSV/JSONL table, ImageNet-Captions or a folder",
-         "Tar shards are used in place (never copied); other inputs are written as shards into POOL/shards.",
-         [IngestConfig, Quiet]),
-        ("run", cmd_run, "run any per-sample operator over a pool (generic stage runner)", None,
-         stage_configs("run", RunOp, Params)),
-        ("reshard", cmd_reshard, "write a subset of a pool as new shards",
-         "Write the samples whose uid is in SUBSET (a DataComp .npy) as new webdataset shards in OUT/shards.",
-         [PoolArg, ReshardConfig, Quiet]),
+        (
+            "synth",
+            cmd_synth,
+            "generate a synthetic parrot-world pool and evaluation sets",
+            "Generate a synthetic pool of image-caption pairs (some with embedded text their captions parrot), with "
+            "ground truth in each sample's .json, plus labelled evaluation sets in CLIP_benchmark's layout.",
+            [SynthConfig, SynthExtras, Quiet],
+        ),
+        (
+            "ingest",
+            cmd_ingest,
+            "make a pool from shards, parquet, a CSV/JSONL table, ImageNet-Captions or a folder",
+            "Tar shards are used in place (never copied); other inputs are written as shards into POOL/shards.",
+            [IngestConfig, Quiet],
+        ),
+        (
+            "run",
+            cmd_run,
+            "run any per-sample operator over a pool (generic stage runner)",
+            None,
+            stage_configs("run", RunOp, Params),
+        ),
+        (
+            "reshard",
+            cmd_reshard,
+            "write a subset of a pool as new shards",
+            "Write the samples whose uid is in SUBSET (a DataComp .npy) as new webdataset shards in OUT/shards.",
+            [PoolArg, ReshardConfig, Quiet],
+        ),
         ("info", cmd_info, "show a pool's shards, stages, counts and subsets", None, [PoolArg, InfoConfig]),
-        ("verify", cmd_verify, "check a pool's files against each other without recomputing",
-         "Check every stage's column, error and embedding files against the shards, the subsets against the "
-         "pool, and look for files left by interrupted writes. Exits 1 naming each file with a problem.",
-         [PoolArg]),
-        ("spot", _stage_cmd("spot"), "text spotting (OCR) per image: boxes, texts, has_text, text_area", None,
-         stage_configs("spot", SpotConfig, Params)),
-        ("parrot", _stage_cmd("parrot"), "co-embedded words and CoTR per caption (needs spot)", None,
-         stage_configs("parrot", _op_config("parrot"), Params)),
-        ("profile", cmd_profile, "spot text and measure parroting over a pool, then print a summary",
-         "Runs the spot and parrot stages (resumable) and prints: share of images with text, mean CoTR, share of "
-         "captions with CoTR > 0, fully parroted captions, top co-embedded words.",
-         [PoolArg, ProfileConfig, (SpotConfig, {"skip": ("backend",)}), (EngineConfig, {"skip": ("workers",)}),
-          Quiet]),
-        ("vocab", cmd_vocab, "caption 1-/2-gram and co-embedded 1-gram counts as CSV (ngram,count)", None,
-         [PoolArg, VocabConfig]),
+        (
+            "verify",
+            cmd_verify,
+            "check a pool's files against each other without recomputing",
+            "Check every stage's column, error and embedding files against the shards, the subsets against the "
+            "pool, and look for files left by interrupted writes. Exits 1 naming each file with a problem.",
+            [PoolArg],
+        ),
+        (
+            "spot",
+            _stage_cmd("spot"),
+            "text spotting (OCR) per image: boxes, texts, has_text, text_area",
+            None,
+            stage_configs("spot", SpotConfig, Params),
+        ),
+        (
+            "parrot",
+            _stage_cmd("parrot"),
+            "co-embedded words and CoTR per caption (needs spot)",
+            None,
+            stage_configs("parrot", _op_config("parrot"), Params),
+        ),
+        (
+            "profile",
+            cmd_profile,
+            "spot text and measure parroting over a pool, then print a summary",
+            "Runs the spot and parrot stages (resumable) and prints: share of images with text, mean CoTR, share of "
+            "captions with CoTR > 0, fully parroted captions, top co-embedded words.",
+            [
+                PoolArg,
+                ProfileConfig,
+                (SpotConfig, {"skip": ("backend",)}),
+                (EngineConfig, {"skip": ("workers",)}),
+                Quiet,
+            ],
+        ),
+        (
+            "vocab",
+            cmd_vocab,
+            "caption 1-/2-gram and co-embedded 1-gram counts as CSV (ngram,count)",
+            None,
+            [PoolArg, VocabConfig],
+        ),
         ("report", cmd_report, "write one self-contained HTML report of a pool", None, [PoolArg, ReportConfig]),
-        ("embed", _stage_cmd("embed"), "CLIP image/text embeddings and CLIP score per pair (and masked CLIP score)",
-         "Any open_clip model (--model ViT-B-32 --pretrained FILE|TAG) or unparrot's small configs "
-         "(unparrot-rn-tiny, unparrot-rn-tiny-v1k, unparrot-vit-tiny). --masked adds masked_clip_score (T-MARS: "
-         "text boxes from the spot stage filled, scored against the original caption).",
-         stage_configs("embed", _op_config("embed"), Params)),
-        ("aesthetic", _stage_cmd("aesthetic"), "LAION improved-aesthetic-predictor score from CLIP image embeddings",
-         "Needs the released MLP weights (e.g. sac+logos+ava1-l14-linearMSE.pth) and ViT-L/14 image embeddings "
-         "from an embed stage.", stage_configs("aesthetic", _op_config("aesthetic"))),
-        ("cluster", cmd_cluster, "PCA + k-means over image embeddings, then SemDeDup near-duplicates",
-         "Writes cluster, dist_to_centroid, dup_of, keep_dedup. Defaults favour speed; the Parrot paper used "
-         "k=4000 and --kmeans parrot on 107M pairs.", [PoolArg, ClusterConfig]),
-        ("select", cmd_select, "apply curation recipes: DataComp subset .npy + funnel",
-         "Recipes are YAML (built-ins: all, less-is-more, cotr, clip-score, t-mars, parrot-debiased, random). "
-         "Writes POOL/subsets/<name>.npy (sorted u8,u8 uids) and <name>.json (the funnel).",
-         [PoolArg, SelectExtras, SelectConfig]),
-        ("rewrite", cmd_rewrite, "LaCLIP caption rewrites (local llama.cpp model, an OpenAI-compatible server, or EDA)",
-         "Rewrite every unique caption N times (cached, resumable) into POOL/columns/<stage>/; train with "
-         "`unparrot reshard ... --columns rewrites` and `unparrot train --rewrites`. See docs/rewrite.md.",
-         [PoolArg, RewriteConfig, Quiet]),
-        ("deparrot", cmd_deparrot,
-         "take the words an image spells out of its caption (strip) or rewrite it without them (LLM)",
-         "Keeps the images with text: writes deparrot_caption (null when nothing describable is left), "
-         "deparrot_mode, removed_words and residual_cotr into POOL/columns/<stage>/ (needs spot and parrot). "
-         "Select with the deparrot recipe, reshard with --caption-column deparrot_caption. See docs/deparrot.md.",
-         [PoolArg, Quiet, DeparrotConfig, (EngineConfig, {"skip": ("engine", "workers", "threads")})]),
-        ("train", cmd_train, "train a CLIP model on shards (open_clip models, LaCLIP rewrites, DDP)",
-         "Trains for a fixed number of samples seen (shards drawn with replacement), so every subset gets the "
-         "same compute. Options come from --config YAML, then flags. Multi-process: --nproc N, or torchrun "
-         "--nproc_per_node N -m unparrot train ...",
-         [TrainExtras, Quiet, (TrainConfig, {"skip": ("train_data", "progress")})]),
-        ("export", cmd_export, "write a checkpoint as a folder open_clip's own loaders read (local-dir:OUT)",
-         "OUT/open_clip_config.json + OUT/open_clip_model.safetensors: open_clip.create_model_and_transforms and "
-         "get_tokenizer('local-dir:OUT') rebuild model and tokenizer without unparrot (dense-vocabulary models "
-         "get open_clip's full token table). `unparrot train` writes RUN/open_clip/ at the end.", [ExportConfig]),
-        ("evaluate", cmd_evaluate, "evaluate a CLIP model: zero-shot (+ attack success), retrieval, Sync score",
-         "Writes one JSON per (model, task, dataset) in CLIP_benchmark's shape under --out; existing results are "
-         "skipped. Labelled sets: CLIP_benchmark's webdataset layout or ImageFolder folders.",
-         [(EvaluateConfig, {"skip": ("sync_words",)}), EvaluateExtras]),
-        ("attack", cmd_attack, "build a typographically attacked copy of a labelled set",
-         "attr (ImageNet-Attr): the class a reference model most confuses with the true one, in red near the "
-         "top-left; random: a random wrong class, font, size, colour and position.", [AttackConfig]),
+        (
+            "embed",
+            _stage_cmd("embed"),
+            "CLIP image/text embeddings and CLIP score per pair (and masked CLIP score)",
+            "Any open_clip model (--model ViT-B-32 --pretrained FILE|TAG) or unparrot's small configs "
+            "(unparrot-rn-tiny, unparrot-rn-tiny-v1k, unparrot-vit-tiny). --masked adds masked_clip_score (T-MARS: "
+            "text boxes from the spot stage filled, scored against the original caption).",
+            stage_configs("embed", _op_config("embed"), Params),
+        ),
+        (
+            "aesthetic",
+            _stage_cmd("aesthetic"),
+            "LAION improved-aesthetic-predictor score from CLIP image embeddings",
+            "Needs the released MLP weights (e.g. sac+logos+ava1-l14-linearMSE.pth) and ViT-L/14 image embeddings "
+            "from an embed stage.",
+            stage_configs("aesthetic", _op_config("aesthetic")),
+        ),
+        (
+            "cluster",
+            cmd_cluster,
+            "PCA + k-means over image embeddings, then SemDeDup near-duplicates",
+            "Writes cluster, dist_to_centroid, dup_of, keep_dedup. Defaults favour speed; the Parrot paper used "
+            "k=4000 and --kmeans parrot on 107M pairs.",
+            [PoolArg, ClusterConfig],
+        ),
+        (
+            "select",
+            cmd_select,
+            "apply curation recipes: DataComp subset .npy + funnel",
+            "Recipes are YAML (built-ins: all, less-is-more, cotr, clip-score, t-mars, parrot-debiased, random). "
+            "Writes POOL/subsets/<name>.npy (sorted u8,u8 uids) and <name>.json (the funnel).",
+            [PoolArg, SelectExtras, SelectConfig],
+        ),
+        (
+            "rewrite",
+            cmd_rewrite,
+            "LaCLIP caption rewrites (local llama.cpp model, an OpenAI-compatible server, or EDA)",
+            "Rewrite every unique caption N times (cached, resumable) into POOL/columns/<stage>/; train with "
+            "`unparrot reshard ... --columns rewrites` and `unparrot train --rewrites`. See docs/rewrite.md.",
+            [PoolArg, RewriteConfig, Quiet],
+        ),
+        (
+            "deparrot",
+            cmd_deparrot,
+            "take the words an image spells out of its caption (strip) or rewrite it without them (LLM)",
+            "Keeps the images with text: writes deparrot_caption (null when nothing describable is left), "
+            "deparrot_mode, removed_words and residual_cotr into POOL/columns/<stage>/ (needs spot and parrot). "
+            "Select with the deparrot recipe, reshard with --caption-column deparrot_caption. See docs/deparrot.md.",
+            [PoolArg, Quiet, DeparrotConfig, (EngineConfig, {"skip": ("engine", "workers", "threads")})],
+        ),
+        (
+            "train",
+            cmd_train,
+            "train a CLIP model on shards (open_clip models, LaCLIP rewrites, DDP)",
+            "Trains for a fixed number of samples seen (shards drawn with replacement), so every subset gets the "
+            "same compute. Options come from --config YAML, then flags. Multi-process: --nproc N, or torchrun "
+            "--nproc_per_node N -m unparrot train ...",
+            [TrainExtras, Quiet, (TrainConfig, {"skip": ("train_data", "progress")})],
+        ),
+        (
+            "export",
+            cmd_export,
+            "write a checkpoint as a folder open_clip's own loaders read (local-dir:OUT)",
+            "OUT/open_clip_config.json + OUT/open_clip_model.safetensors: open_clip.create_model_and_transforms and "
+            "get_tokenizer('local-dir:OUT') rebuild model and tokenizer without unparrot (dense-vocabulary models "
+            "get open_clip's full token table). `unparrot train` writes RUN/open_clip/ at the end.",
+            [ExportConfig],
+        ),
+        (
+            "evaluate",
+            cmd_evaluate,
+            "evaluate a CLIP model: zero-shot (+ attack success), retrieval, Sync score",
+            "Writes one JSON per (model, task, dataset) in CLIP_benchmark's shape under --out; existing results are "
+            "skipped. Labelled sets: CLIP_benchmark's webdataset layout or ImageFolder folders.",
+            [(EvaluateConfig, {"skip": ("sync_words",)}), EvaluateExtras],
+        ),
+        (
+            "attack",
+            cmd_attack,
+            "build a typographically attacked copy of a labelled set",
+            "attr (ImageNet-Attr): the class a reference model most confuses with the true one, in red near the "
+            "top-left; random: a random wrong class, font, size, colour and position.",
+            [AttackConfig],
+        ),
         ("results", cmd_results, "a table of results across models (markdown or CSV)", None, [ResultsConfig]),
-        ("robustness", cmd_robustness, "effective robustness (Fang et al.) from zero-shot results",
-         "Fits link(acc_ood) = a*link(acc_id) + b over the baseline models and reports each model's accuracy "
-         "above that trend, per shift and averaged.", [RobustnessConfig]),
-        ("audit", cmd_audit,
-         "the text-bias card of open_clip checkpoints: Sync score, typographic attack, word reading",
-         "Audits each checkpoint (or model name: random weights) on rendered words and an attacked labelled set "
-         "(optionally a pool's text reliance) and writes OUT/<name>/card.json (CLIP_benchmark-shaped results, "
-         "`unparrot results OUT` tabulates them) and card.html; several models also get OUT/comparison.html. "
-         "See docs/audit.md.", [(AuditConfig, {"skip": ("progress",)}), Quiet]),
-        ("demo", cmd_demo, "run the whole pipeline on a synthetic world and report the findings", None,
-         [(DemoConfig, {"with_defaults": True}), (DemoOptions, {"with_defaults": True}), DemoExtras]),
+        (
+            "robustness",
+            cmd_robustness,
+            "effective robustness (Fang et al.) from zero-shot results",
+            "Fits link(acc_ood) = a*link(acc_id) + b over the baseline models and reports each model's accuracy "
+            "above that trend, per shift and averaged.",
+            [RobustnessConfig],
+        ),
+        (
+            "audit",
+            cmd_audit,
+            "the text-bias card of open_clip checkpoints: Sync score, typographic attack, word reading",
+            "Audits each checkpoint (or model name: random weights) on rendered words and an attacked labelled set "
+            "(optionally a pool's text reliance) and writes OUT/<name>/card.json (CLIP_benchmark-shaped results, "
+            "`unparrot results OUT` tabulates them) and card.html; several models also get OUT/comparison.html. "
+            "See docs/audit.md.",
+            [(AuditConfig, {"skip": ("progress",)}), Quiet],
+        ),
+        (
+            "demo",
+            cmd_demo,
+            "run the whole pipeline on a synthetic world and report the findings",
+            None,
+            [(DemoConfig, {"with_defaults": True}), (DemoOptions, {"with_defaults": True}), DemoExtras],
+        ),
     ]
 
 
@@ -490,8 +614,17 @@ def _user_errors() -> tuple:
     reported in one line. OSError covers read-only folders, a full disk (ENOSPC) and ConnectionError."""
     import pickle
 
-    return (ValueError, KeyError, TypeError, OSError, RuntimeError, ImportError, EOFError,
-            pickle.UnpicklingError, yaml.YAMLError)
+    return (
+        ValueError,
+        KeyError,
+        TypeError,
+        OSError,
+        RuntimeError,
+        ImportError,
+        EOFError,
+        pickle.UnpicklingError,
+        yaml.YAMLError,
+    )
 
 
 USER_ERRORS = _user_errors()

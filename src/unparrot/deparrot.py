@@ -23,23 +23,27 @@ class DeparrotConfig:
     """Everything that defines a deparrot run; `validate` checks it before any work."""
 
     # strip (deterministic, fast) or rewrite (an LLM told which words not to spell)
-    mode: str = option("strip", "strip (remove the spelled words; deterministic) or rewrite (LLM rewrite, checked, "
-        "strip fallback)")
+    mode: str = option(
+        "strip", "strip (remove the spelled words; deterministic) or rewrite (LLM rewrite, checked, strip fallback)"
+    )
     # fewer content words left -> null caption
-    min_words: int = option(1, "a caption left with fewer content words (not stop words, not 'sign', 'logo', ...) is "
-        "null")
+    min_words: int = option(
+        1, "a caption left with fewer content words (not stop words, not 'sign', 'logo', ...) is null"
+    )
     stage: str = option("deparrot", "output stage name")
     spot_stage: str = option("spot", "stage with the spotted texts")
-    parrot_stage: str = option("parrot", "stage with the co-embedded words (its CoTR options are used for "
-        "residual_cotr)")
+    parrot_stage: str = option(
+        "parrot", "stage with the co-embedded words (its CoTR options are used for residual_cotr)"
+    )
     engine: str = option("local", "local (worker processes) or ray (Ray Data)")
     workers: int = option(1, "worker processes (Ray: operator actors); rewrite mode: keep 1 for a local model")
     batch_size: int = option(256, "samples per operator call")
     overwrite: bool = option(False, "recompute a stage made with other parameters")
     # rewrite mode
     backend: str = option(R.backend, "rewrite mode: llama-cpp (in-process GGUF) or openai (OpenAI-compatible server)")
-    model: str | None = option(None, "rewrite mode: GGUF path (default: bundled Gemma-3-270M) or the server's model "
-        "name")
+    model: str | None = option(
+        None, "rewrite mode: GGUF path (default: bundled Gemma-3-270M) or the server's model name"
+    )
     base_url: str | None = option(None, "rewrite mode, openai backend: the server, e.g. http://host:8000/v1")
     api_key_env: str = option(R.api_key_env, "environment variable holding the API key")
     concurrency: int = option(R.concurrency, "openai backend: requests in flight")
@@ -47,8 +51,9 @@ class DeparrotConfig:
     temperature: float = option(0.7, "sampling temperature")
     top_p: float = option(R.top_p, "nucleus sampling")
     max_tokens: int = option(48, "tokens per rewrite")
-    retries: int = option(R.retries, "extra attempts (new seeds) for a rewrite that fails its checks, before the strip "
-        "fallback")
+    retries: int = option(
+        R.retries, "extra attempts (new seeds) for a rewrite that fails its checks, before the strip fallback"
+    )
     seed: int = option(R.seed, "sampling seed")
     threads: int | None = option(None, "llama-cpp threads")
     max_rewrite_chars: int = option(1000, "longer captions are stripped, not sent to the model")
@@ -80,25 +85,55 @@ def check_parrot_source(pool: Pool, cfg: DeparrotConfig):
     checked against; otherwise residual_cotr would not be the parrot stage's CoTR."""
     used = (pool.stage_info(cfg.parrot_stage) or {}).get("params", {}).get("spot_stage", "spot")
     if used != cfg.spot_stage:
-        raise ValueError(f"deparrot: stage {cfg.parrot_stage!r} was computed on spot stage {used!r}, not "
-                         f"{cfg.spot_stage!r}: pass spot_stage={used!r} or rerun parrot on {cfg.spot_stage!r}")
+        raise ValueError(
+            f"deparrot: stage {cfg.parrot_stage!r} was computed on spot stage {used!r}, not "
+            f"{cfg.spot_stage!r}: pass spot_stage={used!r} or rerun parrot on {cfg.spot_stage!r}"
+        )
 
 
 def operator_params(pool: Pool, cfg: DeparrotConfig) -> dict:
     """The operator's parameters for this pool: the config's, the parrot stage's CoTR options, the cache."""
     check_parrot_source(pool, cfg)
-    params = {"mode": cfg.mode, "min_words": cfg.min_words, "spot_stage": cfg.spot_stage,
-              "parrot_stage": cfg.parrot_stage, **parrot_options(pool, cfg.parrot_stage)}
+    params = {
+        "mode": cfg.mode,
+        "min_words": cfg.min_words,
+        "spot_stage": cfg.spot_stage,
+        "parrot_stage": cfg.parrot_stage,
+        **parrot_options(pool, cfg.parrot_stage),
+    }
     if cfg.mode == "rewrite":
-        params.update({k: getattr(cfg, k) for k in (
-            "backend", "model", "base_url", "api_key_env", "concurrency", "timeout", "temperature", "top_p",
-            "max_tokens", "retries", "seed", "threads", "max_rewrite_chars", "backend_options")})
+        params.update(
+            {
+                k: getattr(cfg, k)
+                for k in (
+                    "backend",
+                    "model",
+                    "base_url",
+                    "api_key_env",
+                    "concurrency",
+                    "timeout",
+                    "temperature",
+                    "top_p",
+                    "max_tokens",
+                    "retries",
+                    "seed",
+                    "threads",
+                    "max_rewrite_chars",
+                    "backend_options",
+                )
+            }
+        )
         params["cache"] = str(pool.root / "cache" / cfg.stage / "rewrites.jsonl")
     return params
 
 
-def deparrot(pool: Pool | str, config: DeparrotConfig | None = None, progress: bool = True,
-             engine_options: dict | None = None, **overrides):
+def deparrot(
+    pool: Pool | str,
+    config: DeparrotConfig | None = None,
+    progress: bool = True,
+    engine_options: dict | None = None,
+    **overrides,
+):
     """Run the deparrot stage over `pool` (resumable; see ops/deparrot.py) and return its StageSummary.
 
     `engine_options`: the Ray engine's address, num_cpus, num_gpus (see engine.EngineConfig)."""
@@ -107,9 +142,18 @@ def deparrot(pool: Pool | str, config: DeparrotConfig | None = None, progress: b
     cfg = dataclasses.replace(config or DeparrotConfig(), **overrides).validate()
     pool = pool if isinstance(pool, Pool) else Pool(pool)
     t0 = time.time()
-    s = run(pool, "deparrot", operator_params(pool, cfg), engine=cfg.engine, stage=cfg.stage,
-            workers=cfg.workers, batch_size=cfg.batch_size, overwrite=cfg.overwrite, progress=progress,
-            **(engine_options or {}))
+    s = run(
+        pool,
+        "deparrot",
+        operator_params(pool, cfg),
+        engine=cfg.engine,
+        stage=cfg.stage,
+        workers=cfg.workers,
+        batch_size=cfg.batch_size,
+        overwrite=cfg.overwrite,
+        progress=progress,
+        **(engine_options or {}),
+    )
     s.seconds = max(s.seconds, time.time() - t0)
     return s
 

@@ -88,8 +88,15 @@ def comma_list(text: str) -> tuple[str, ...]:
     return tuple(text.split(","))
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls, helps: dict | None = None, skip=(), only=None,
-                     defaults: dict | None = None, with_defaults: bool = False):
+def add_config_flags(
+    parser: argparse.ArgumentParser,
+    cls,
+    helps: dict | None = None,
+    skip=(),
+    only=None,
+    defaults: dict | None = None,
+    with_defaults: bool = False,
+):
     """One argument per field of dataclass `cls` (flag name = field name), typed by the field; the default
     stays in the dataclass (flags default to None = not given; positionals are required). Help comes from
     the field's metadata (or `helps`, by field name) and shows the default in [brackets].
@@ -200,5 +207,17 @@ def signature_mismatches(fn: Callable, cls) -> list[str]:
     return bad
 
 
-__all__ = ["option", "field_default", "escape", "comma_list", "key_value", "named_path", "add_config_flags",
-           "given", "config_from_flags", "config_kwargs", "call_with", "signature_mismatches"]
+__all__ = [
+    "option",
+    "field_default",
+    "escape",
+    "comma_list",
+    "key_value",
+    "named_path",
+    "add_config_flags",
+    "given",
+    "config_from_flags",
+    "config_kwargs",
+    "call_with",
+    "signature_mismatches",
+]

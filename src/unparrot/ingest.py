@@ -69,8 +69,10 @@ def detect_format(source: str) -> str:
 class IngestConfig:
     """The options of `ingest()` (its signature defaults read these; the CLI's flags are made from them)."""
 
-    source: str = option(help="shard folder/glob/{a..b} pattern, .parquet, .csv/.tsv/.jsonl, ImageNet-Captions "
-                         ".json, or image folder", positional=True)
+    source: str = option(
+        help="shard folder/glob/{a..b} pattern, .parquet, .csv/.tsv/.jsonl, ImageNet-Captions .json, or image folder",
+        positional=True,
+    )
     pool: str = option(help="pool folder to create", positional=True)
     format: str = option("auto", "auto, wds, parquet, table, imagenet-captions, folder")
     shard_size: int = option(10000, "samples per written shard")
@@ -79,8 +81,12 @@ class IngestConfig:
     path_col: str | None = option(None, "column with image paths")
     image_root: str | None = option(None, "folder that image paths are relative to (default: the table's folder)")
     sep: str | None = option(None, "CSV separator (default: tab for .tsv, comma otherwise)")
-    caption_fields: tuple = option(("title", "tags", "description"), "ImageNet-Captions fields joined into the "
-                                   "caption (comma list)", item=comma_list, metavar="A,B,C")
+    caption_fields: tuple = option(
+        ("title", "tags", "description"),
+        "ImageNet-Captions fields joined into the caption (comma list)",
+        item=comma_list,
+        metavar="A,B,C",
+    )
     caption_join: str = option(" ", "separator between ImageNet-Captions fields")
 
 

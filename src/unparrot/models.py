@@ -262,8 +262,9 @@ class ExportConfig:
     model: str | None = option(None, "architecture (default: the checkpoint's `name`)")
 
 
-def export_open_clip(checkpoint: str | os.PathLike, out: str | os.PathLike,
-                     model: str | None = ExportConfig.model) -> Path:
+def export_open_clip(
+    checkpoint: str | os.PathLike, out: str | os.PathLike, model: str | None = ExportConfig.model
+) -> Path:
     """Write `out/open_clip_config.json` and `out/open_clip_model.safetensors` from a checkpoint of
     `unparrot train` (or any open_clip checkpoint of a config open_clip or unparrot knows).
 

@@ -468,8 +468,6 @@ def list_source(src: str) -> list[tuple[str, str]]:
     return [(p, Path(p).name[:-4] if p.endswith(".tar") else Path(p).name) for p in paths]
 
 
-
-
 def to_arrow(columns: dict, types: dict | None = None) -> pa.Table:
     """Build an arrow table from a dict of equal-length columns (lists or 1-D arrays).
 

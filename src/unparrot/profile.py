@@ -60,7 +60,11 @@ def summarize(
     n = len(df)
     # a sample spot cannot read is an error row in parrot too ("no 'spot' output"): count samples, not rows
     errors = len(
-        {(r.shard, r.key) for st in (spot_stage, parrot_stage) for r in pool.errors(st).dropna(subset=["uid"]).itertuples()}
+        {
+            (r.shard, r.key)
+            for st in (spot_stage, parrot_stage)
+            for r in pool.errors(st).dropna(subset=["uid"]).itertuples()
+        }
     )
     has = df["has_text"].astype(bool).to_numpy() if n else np.zeros(0, bool)
     cotr = df["cotr"].astype(float).to_numpy() if n else np.zeros(0)
@@ -86,11 +90,24 @@ class ProfileConfig:
     backend: str = option(SpotConfig.backend, "OCR backend: rapidocr, oracle or module:Class")
     workers: int = option(2, "operator copies working on shards at once (local: processes; ray: actors)")
     batch_size: int = option(32, "samples per spot call")
-    spot_params: dict | None = option(None, "spot operator option (repeatable)", action="append", item=key_value,
-                                      convert=dict, metavar="KEY=VALUE", aliases=("--spot-param",))
-    parrot_params: dict | None = option(None, "CoTR variant: stopwords=true, min_len=2, fuzzy=true, "
-                                        "keep_non_latin=true (repeatable)", action="append", item=key_value,
-                                        convert=dict, metavar="KEY=VALUE", aliases=("--parrot-param",))
+    spot_params: dict | None = option(
+        None,
+        "spot operator option (repeatable)",
+        action="append",
+        item=key_value,
+        convert=dict,
+        metavar="KEY=VALUE",
+        aliases=("--spot-param",),
+    )
+    parrot_params: dict | None = option(
+        None,
+        "CoTR variant: stopwords=true, min_len=2, fuzzy=true, keep_non_latin=true (repeatable)",
+        action="append",
+        item=key_value,
+        convert=dict,
+        metavar="KEY=VALUE",
+        aliases=("--parrot-param",),
+    )
     spot_stage: str = option("spot", "spot stage name")
     parrot_stage: str = option("parrot", "parrot stage name")
     overwrite: bool = option(False, "recompute stages made with other parameters")
@@ -125,8 +142,17 @@ def profile(
         progress=progress,
         **engine,
     )
-    s2 = run(pool, "parrot", pp, stage=parrot_stage, workers=workers, batch_size=256, overwrite=overwrite,
-             progress=progress, **engine)
+    s2 = run(
+        pool,
+        "parrot",
+        pp,
+        stage=parrot_stage,
+        workers=workers,
+        batch_size=256,
+        overwrite=overwrite,
+        progress=progress,
+        **engine,
+    )
     out = summarize(pool, spot_stage, parrot_stage)
     out.stage_lines = [s1.line(), s2.line()]
     return out
@@ -151,12 +177,21 @@ def pool_info(pool: Pool | str, truth: bool = InfoConfig.truth) -> dict:
     stages = {}
     for st in pool.stages():
         c = stage_counts(pool, st, ids)
-        stages[st] = {"done_shards": len(pool.done_shards(st)), "rows": c["n_ok"], "errors": c["n_err"],
-                      "op": (pool.stage_info(st) or {}).get("op", "?")}
+        stages[st] = {
+            "done_shards": len(pool.done_shards(st)),
+            "rows": c["n_ok"],
+            "errors": c["n_err"],
+            "op": (pool.stage_info(st) or {}).get("op", "?"),
+        }
     subset_files = sorted((pool.root / "subsets").glob("*.npy")) if (pool.root / "subsets").exists() else []
     subsets = {p.stem: len(np.load(p, mmap_mode="r")) for p in subset_files}
-    out = {"root": str(pool.root), "shards": len(shards), "samples": sum(shard_samples(s.path) for s in shards),
-           "stages": stages, "subsets": subsets}
+    out = {
+        "root": str(pool.root),
+        "shards": len(shards),
+        "samples": sum(shard_samples(s.path) for s in shards),
+        "stages": stages,
+        "subsets": subsets,
+    }
     if truth:
         from .synth.stats import truth_stats
 
@@ -178,8 +213,11 @@ class VocabConfig:
     stopwords: bool = option(False, "drop stop words")
     min_len: int = option(1, "drop tokens shorter than this")
     parrot_stage: str = option("parrot", "stage with the co-embedded words")
-    format: str = option("unparrot", "CSV layout: unparrot (header ngram,count) or parrot (the Parrot paper's "
-                         "pandas layout, header ,count)", choices=tuple(VOCAB_HEADERS))
+    format: str = option(
+        "unparrot",
+        "CSV layout: unparrot (header ngram,count) or parrot (the Parrot paper's pandas layout, header ,count)",
+        choices=tuple(VOCAB_HEADERS),
+    )
 
 
 def vocab(

@@ -97,8 +97,12 @@ def load_protocol(name_or_path: str | os.PathLike = "demo") -> Protocol:
             raise ValueError(f"protocol {p}: size {k}: unknown keys {sorted(bad)}")
         sizes[k] = DemoSize(**{**v, "models": tuple(v["models"])})
     models = {
-        m: {"subset": v["subset"], "rewrites": bool(v.get("rewrites", False)), "train_args": list(v.get("train_args", [])),
-            "caption_column": v.get("caption_column")}
+        m: {
+            "subset": v["subset"],
+            "rewrites": bool(v.get("rewrites", False)),
+            "train_args": list(v.get("train_args", [])),
+            "caption_column": v.get("caption_column"),
+        }
         for m, v in d["models"].items()
     }
     proto = Protocol(
@@ -128,8 +132,10 @@ def _check(p: Protocol):
             raise ValueError(f"protocol {p.path}: size {s} trains unknown models {bad}")
     for m, v in p.models.items():
         if v["caption_column"] and v["rewrites"]:  # rewrites are of the original captions: they would re-parrot
-            raise ValueError(f"protocol {p.path}: model {m}: rewrites are of the original captions; they do not "
-                             "combine with caption_column")
+            raise ValueError(
+                f"protocol {p.path}: model {m}: rewrites are of the original captions; they do not "
+                "combine with caption_column"
+            )
     for w in {r["world"] for g in ("family", "treatments") for r in p.er.get(g, {}).values()}:
         if w not in p.er.get("worlds", {}):
             raise ValueError(f"protocol {p.path}: ER world {w!r} is not defined under er.worlds")
@@ -364,8 +370,11 @@ def verdict_lines(vs: list[dict]) -> list[str]:
     """One printed line per finding: [verdict] id: finding -- estimate [CI] (...)."""
     lines = []
     for x in vs:
-        who = {"er": f"ER of {x['treatment']} vs the family's line", "text_share": f"{x['treatment']} subset - pool",
-               "kept_ratio": f"{x['treatment']} kept / {x.get('control')} kept - {x.get('ratio')}"}
+        who = {
+            "er": f"ER of {x['treatment']} vs the family's line",
+            "text_share": f"{x['treatment']} subset - pool",
+            "kept_ratio": f"{x['treatment']} kept / {x.get('control')} kept - {x.get('ratio')}",
+        }
         who = who.get(x["metric"], f"{x['treatment']} - {x.get('control')}")
         if x.get("control_set"):
             who += f", each net of {x['control_set']}"

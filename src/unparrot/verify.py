@@ -93,8 +93,10 @@ def verify(pool: Pool | str) -> VerifyReport:
         except (ValueError, KeyError, TypeError) as e:
             rep.add(rec, f"unreadable completion record: {e}")
     for p in sorted(pool.root.rglob("*")):
-        if p.name.endswith(".tmp") or p.name == ".reshard.partial" or (
-            p.parent.name == "columns" and p.name.startswith(".") and p.name.endswith((".new", ".old"))
+        if (
+            p.name.endswith(".tmp")
+            or p.name == ".reshard.partial"
+            or (p.parent.name == "columns" and p.name.startswith(".") and p.name.endswith((".new", ".old")))
         ):
             rep.add(p, "left by an interrupted write (rerun the command that makes it)")
     return rep
@@ -154,8 +156,10 @@ def _verify_stage(pool: Pool, st: str, shards, samples, rep: VerifyReport, pq):
             _verify_embeddings(pool, st, sid, len(uids), rep)
             continue
         shard_rows = samples[sid]
-        if not _is_subsequence(list(zip(uids, keys)) if "key" in names else uids,
-                               shard_rows if "key" in names else [u for u, _ in shard_rows]):
+        if not _is_subsequence(
+            list(zip(uids, keys)) if "key" in names else uids,
+            shard_rows if "key" in names else [u for u, _ in shard_rows],
+        ):
             rep.add(path, "rows are not the shard's samples in shard order")
         stamp = (table.schema.metadata or {}).get(SOURCE_KEY)
         try:
@@ -177,8 +181,11 @@ def _verify_stage(pool: Pool, st: str, shards, samples, rep: VerifyReport, pq):
                     ekeys = [k for u, k in zip(err["uid"], err["key"]) if u is not None]
                     counts["errors"] += len(ekeys)
                     if sorted(map(str, keys + ekeys)) != sorted(str(k) for _, k in shard_rows):
-                        rep.add(path, f"{len(uids)} rows + {len(ekeys)} error rows do not account for the shard's "
-                                      f"{len(shard_rows)} samples")
+                        rep.add(
+                            path,
+                            f"{len(uids)} rows + {len(ekeys)} error rows do not account for the shard's "
+                            f"{len(shard_rows)} samples",
+                        )
         elif base is not None and pool.column_path(base, sid).exists():
             want = pq.read_table(pool.column_path(base, sid), columns=["uid"]).column("uid").to_pylist()
             if want != uids:

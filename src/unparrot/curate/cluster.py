@@ -217,15 +217,20 @@ class ClusterConfig:
     seed: int | None = option(None, "k-means seed (default: the --kmeans settings')")
     min_points_per_centroid: int | None = option(None, "faiss min points per centroid", aliases=("--min-points",))
     max_points_per_centroid: int | None = option(
-        None, "faiss max points per centroid (training subsample)", aliases=("--max-points",))
+        None, "faiss max points per centroid (training subsample)", aliases=("--max-points",)
+    )
     eps: float = option(0.05, "duplicates: cosine similarity > 1 - eps")
     keep: str = option("far", "far (SemDeDup: least typical first) or near")
     centroids: str | None = option(None, "folder of a previous run (POOL/cluster/<stage>) to assign with")
     stage: str = option("cluster", "output stage name")
     dedup_fraction: float | None = option(None, "instead of eps: drop about this share of the pool")
-    kmeans: str = option("fast", "named k-means settings: fast (ours: niter 20, nredo 1, seed 42, 1/256 points "
-                         "per centroid) or parrot (the Parrot paper's: 300, 10, 42, 10000/200000); the flags above "
-                         "override", choices=tuple(KMEANS))
+    kmeans: str = option(
+        "fast",
+        "named k-means settings: fast (ours: niter 20, nredo 1, seed 42, 1/256 points "
+        "per centroid) or parrot (the Parrot paper's: 300, 10, 42, 10000/200000); the flags above "
+        "override",
+        choices=tuple(KMEANS),
+    )
 
 
 def cluster(
@@ -258,8 +263,14 @@ def cluster(
     `centroids` names a folder written by an earlier run (its PCA
     and centroids are reused to assign this pool instead of training). Re-running replaces the stage.
     """
-    km = kmeans_settings(kmeans, niter=niter, nredo=nredo, seed=seed, min_points_per_centroid=min_points_per_centroid,
-                         max_points_per_centroid=max_points_per_centroid)
+    km = kmeans_settings(
+        kmeans,
+        niter=niter,
+        nredo=nredo,
+        seed=seed,
+        min_points_per_centroid=min_points_per_centroid,
+        max_points_per_centroid=max_points_per_centroid,
+    )
     if keep not in ("far", "near"):
         raise ValueError("keep must be 'far' (SemDeDup: keep the least typical first) or 'near'")
     if not 0 <= eps < 1:
@@ -346,8 +357,9 @@ def _fit_clustering(emb: np.ndarray, pca_dim: int, k: int | None, km: dict):
     if k > n:
         raise ValueError(f"k={k} clusters for {n} samples")
     x = proj(emb)
-    cents = train_kmeans(x, k, km["niter"], km["nredo"], km["seed"], km["min_points_per_centroid"],
-                         km["max_points_per_centroid"])
+    cents = train_kmeans(
+        x, k, km["niter"], km["nredo"], km["seed"], km["min_points_per_centroid"], km["max_points_per_centroid"]
+    )
     return proj, cents, x
 
 

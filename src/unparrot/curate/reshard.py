@@ -92,9 +92,12 @@ class ReshardConfig:
     mask_text: bool = option(False, "write images with text boxes masked (needs spot)")
     mask_fill: str = option(DEFAULT_FILL, "mean, inpaint or solid", choices=FILLS)
     spot_stage: str = option("spot", "stage with the text boxes (mask_text)")
-    caption_column: str | None = option(None, "column (stage.column or column) written as each .txt instead of "
-                                        "the caption, e.g. deparrot_caption; the original goes to .json "
-                                        "original_caption")
+    caption_column: str | None = option(
+        None,
+        "column (stage.column or column) written as each .txt instead of "
+        "the caption, e.g. deparrot_caption; the original goes to .json "
+        "original_caption",
+    )
 
 
 def reshard(
@@ -158,13 +161,15 @@ def reshard(
                     continue
                 batch.append(item)
                 if len(batch) >= 512:
-                    written += _write_batch(batch, sh.id, sub, w, wanted, extra, boxes, masker, errors, found,
-                                            caption_src, columns)
+                    written += _write_batch(
+                        batch, sh.id, sub, w, wanted, extra, boxes, masker, errors, found, caption_src, columns
+                    )
                     bar.n = written
                     bar.refresh()
                     batch = []
-            written += _write_batch(batch, sh.id, sub, w, wanted, extra, boxes, masker, errors, found,
-                                    caption_src, columns)
+            written += _write_batch(
+                batch, sh.id, sub, w, wanted, extra, boxes, masker, errors, found, caption_src, columns
+            )
             bar.n = written
             bar.refresh()
     bar.close()
@@ -206,8 +211,9 @@ def _move_into_place(out: Path) -> ReshardSummary:
     return ReshardSummary(**{k: v for k, v in record.items() if k in ReshardSummary.__dataclass_fields__})
 
 
-def _write_batch(items, shard_id, sub, w, wanted, extra, boxes, masker, errors, found, caption_src=None,
-                 columns=None) -> int:
+def _write_batch(
+    items, shard_id, sub, w, wanted, extra, boxes, masker, errors, found, caption_src=None, columns=None
+) -> int:
     rows = [parse_sample(it, shard_id) for it in items]
     keep = subset_contains(sub, [r["uid"] for r in rows]) if rows else []
     n = 0
@@ -241,8 +247,14 @@ def _write_batch(items, shard_id, sub, w, wanted, extra, boxes, masker, errors, 
             if col not in (columns or ()) and not any(c.endswith("." + col) for c in columns or ()):
                 meta.pop(col, None)  # asked for as the caption only: not repeated in .json
             if not isinstance(cap, str) or not cap:
-                errors.append({"uid": row["uid"], "key": row["key"], "shard": shard_id,
-                               "reason": f"no caption in {st}.{col} (null, or the stage has no row for it)"})
+                errors.append(
+                    {
+                        "uid": row["uid"],
+                        "key": row["key"],
+                        "shard": shard_id,
+                        "reason": f"no caption in {st}.{col} (null, or the stage has no row for it)",
+                    }
+                )
                 continue
             meta["original_caption"] = row["caption"]
             members["txt"] = cap.encode("utf-8")

@@ -244,8 +244,15 @@ class SelectConfig:
 
     out: str | None = option(None, "subset path (default POOL/subsets/<name>.npy)")
     name: str | None = option(None, "subset name (default: the recipe name)")
-    overrides: dict | None = option(None, "recipe parameter, e.g. min_clip_score=0.28 (repeatable)", action="append",
-                                    item=key_value, convert=dict, metavar="KEY=VALUE", aliases=("--set",))
+    overrides: dict | None = option(
+        None,
+        "recipe parameter, e.g. min_clip_score=0.28 (repeatable)",
+        action="append",
+        item=key_value,
+        convert=dict,
+        metavar="KEY=VALUE",
+        aliases=("--set",),
+    )
     size_like: str | None = option(None, "cut to the size of another subset (random control)")
 
 
@@ -351,8 +358,16 @@ def _apply_conditions(steps: list[tuple[Step, str | None]], cols: dict, n: int) 
     for s, t in steps:
         before = int(mask.sum())
         if t is None:
-            funnel.append({"step": s.name, "expr": s.expr, "before": before, "after": before, "removed": 0,
-                           "skipped": "column absent"})
+            funnel.append(
+                {
+                    "step": s.name,
+                    "expr": s.expr,
+                    "before": before,
+                    "after": before,
+                    "removed": 0,
+                    "skipped": "column absent",
+                }
+            )
             continue
         m = evaluate(s.tree, cols, n)
         m = m if isinstance(m, np.ndarray) else np.full(n, bool(m))

@@ -90,8 +90,11 @@ def er_table(out: Path, proto) -> str:
         e = by.get((m, "robustness", key), {}).get("effective_robustness", {})
         ers = [e.get(f"{er['id_set']}->{x}", NAN) for x in er["shifts"]]
         role = "family" if m in er["family"] else "treatment"
-        rows.append(f"| {m} | {role} | " + " | ".join([f"{a:.3f}" for a in accs] + [
-            "" if np.isnan(x) else f"{x:+.4f}" for x in ers]) + " |")
+        rows.append(
+            f"| {m} | {role} | "
+            + " | ".join([f"{a:.3f}" for a in accs] + ["" if np.isnan(x) else f"{x:+.4f}" for x in ers])
+            + " |"
+        )
     return "\n".join(rows)
 
 
@@ -109,8 +112,11 @@ def seeds_summary(outs: list[str | os.PathLike], protocol: str | None = None) ->
     lines = [f"{len(outs)} runs: {', '.join(str(o) for o in outs)}; protocol {proto.name} ({proto.path})", ""]
     shas = {m.get("protocol_sha256") for m in metas} - {None}
     if len(shas) > 1 or (shas and protocol_digest(proto.path) not in shas):
-        lines[-1:] = ["WARNING: these runs were made under different versions of the protocol file (see its "
-                      "`changes`); their pooled verdicts mix protocols", ""]
+        lines[-1:] = [
+            "WARNING: these runs were made under different versions of the protocol file (see its "
+            "`changes`); their pooled verdicts mix protocols",
+            "",
+        ]
     lines += ["| model | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for m in models:
         cells = []
@@ -125,7 +131,10 @@ def seeds_summary(outs: list[str | os.PathLike], protocol: str | None = None) ->
     first = int(proto.verdict.get("report_seeds_from", 0))
     fresh = [o for o, m in zip(outs, metas) if m.get("seed", -1) >= first]
     if first and proto.chosen_on_results and len(fresh) < len(outs):
-        lines += ["", f"over the seeds >= {first} only (settings were chosen on earlier seeds; "
-                  "protocols/demo.yaml `chosen_on_results`):"]
+        lines += [
+            "",
+            f"over the seeds >= {first} only (settings were chosen on earlier seeds; "
+            "protocols/demo.yaml `chosen_on_results`):",
+        ]
         lines += verdict_lines(verdicts(fresh, proto)) if fresh else ["  no such run among these"]
     return "\n".join(lines)

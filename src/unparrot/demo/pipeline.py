@@ -49,13 +49,19 @@ class DemoConfig:
     """The run options of `demo()` (its signature defaults read these; the CLI's flags are made from them)."""
 
     out: str = option("demo-out", "output folder (a rerun resumes)")
-    size: str = option("default", "a size of the protocol: small (CI check, ~3 min), default (~25 min on 2 cores), "
-                       "full (every finding, with the effective-robustness design) or large")
+    size: str = option(
+        "default",
+        "a size of the protocol: small (CI check, ~3 min), default (~25 min on 2 cores), "
+        "full (every finding, with the effective-robustness design) or large",
+    )
     seed: int = option(0, "seed of the world, the subsets and the training runs")
     workers: int = option(2, "worker processes (stages) and models trained at a time")
-    models: list | None = option(None, "comma-separated models to train instead of the size's set (all, clip-score, "
-                                 "parrot-debiased, less-is-more, t-mars, cotr, random, laclip, laclip-debiased)",
-                                 item=str)
+    models: list | None = option(
+        None,
+        "comma-separated models to train instead of the size's set (all, clip-score, "
+        "parrot-debiased, less-is-more, t-mars, cotr, random, laclip, laclip-debiased)",
+        item=str,
+    )
 
 
 def _say(msg: str):
@@ -190,9 +196,19 @@ def _er_worlds(d: _Demo) -> dict:
             continue
         folder = d.out / "er" / "pools" / name
         evals = (er["id_set"], *er["shifts"]) if name == er["eval_world"] else ()
-        s = synth(folder, n=max(used), preset=d.proto.world["preset"], seed=d.seed, shard_size=sc["shard_size"],
-                  eval_per_class=sc["eval_per_class"], eval_sets=evals, attack_size=d.proto.world["attack_size"],
-                  workers=d.workers, progress=False, **params)
+        s = synth(
+            folder,
+            n=max(used),
+            preset=d.proto.world["preset"],
+            seed=d.seed,
+            shard_size=sc["shard_size"],
+            eval_per_class=sc["eval_per_class"],
+            eval_sets=evals,
+            attack_size=d.proto.world["attack_size"],
+            workers=d.workers,
+            progress=False,
+            **params,
+        )
         ev = f"; eval sets: {', '.join(f'{k} ({v})' for k, v in s['eval_sets'].items())}" if evals else ""
         _say(f"      ER world {name}: {s['samples']} pairs ({', '.join(f'{k}={v}' for k, v in params.items())}){ev}")
         pools[name] = folder
@@ -212,9 +228,11 @@ def _profile_and_deparrot(d: _Demo):
     dp = deparrot(d.pool, progress=False)  # strip: deterministic, ~1 s per 10k captions
     n = deparrot_counts(d.pool)
     strip = n["modes"].get("strip", 0)  # null captions come only from strip (mode none passes unchanged)
-    _say(f"      {dp.line()}: {strip} captions spelled their image's text: {strip - n['null']} keep a "
-         f"de-parroted caption, {n['null']} are left with nothing describable (null); {n['removed_words']} "
-         f"words removed, max residual CoTR {n['max_residual_cotr']:g}")
+    _say(
+        f"      {dp.line()}: {strip} captions spelled their image's text: {strip - n['null']} keep a "
+        f"de-parroted caption, {n['null']} are left with nothing describable (null); {n['removed_words']} "
+        f"words removed, max residual CoTR {n['max_residual_cotr']:g}"
+    )
     voc = vocab(d.pool, top=d.proto.world["sync_words"], stopwords=True, min_len=2)
     d.words = [x for x, _ in voc["caption_1gram"]]
     ev = d.eval_dir
@@ -332,8 +350,15 @@ def _subset_shards(d: _Demo, name: str, caption_column: str | None = None) -> Pa
         if folder.exists():
             shutil.rmtree(folder)
         path = d.sel[name].path if name in d.sel else d.pool.subset_path(name)
-        reshard(d.pool, path, folder, shard_size=d.cfg.shard_size, columns=cols, progress=False,
-                caption_column=caption_column)
+        reshard(
+            d.pool,
+            path,
+            folder,
+            shard_size=d.cfg.shard_size,
+            columns=cols,
+            progress=False,
+            caption_column=caption_column,
+        )
     return folder
 
 
@@ -343,10 +368,21 @@ def _train_config(d: _Demo, data: str, run: Path, steps: int, every: int, **opti
     killed run left one."""
     tr = d.train
     settings = dict(
-        train_data=data, out=str(run), model=tr["model"], samples=steps * tr["batch"], batch_size=tr["batch"],
-        lr=float(tr["lr"]), warmup=float(tr["warmup"]), weight_decay=float(tr["weight_decay"]),
-        init_logit_scale=float(tr["init_logit_scale"]), seed=d.seed, threads=1, loader_workers=0,
-        vocab_texts=[str(d.vocab_file)], checkpoint_every=every, progress=False,
+        train_data=data,
+        out=str(run),
+        model=tr["model"],
+        samples=steps * tr["batch"],
+        batch_size=tr["batch"],
+        lr=float(tr["lr"]),
+        warmup=float(tr["warmup"]),
+        weight_decay=float(tr["weight_decay"]),
+        init_logit_scale=float(tr["init_logit_scale"]),
+        seed=d.seed,
+        threads=1,
+        loader_workers=0,
+        vocab_texts=[str(d.vocab_file)],
+        checkpoint_every=every,
+        progress=False,
         resume="latest" if (run / "checkpoints" / "latest.pt").exists() else None,
     )
     return TrainConfig.from_dict({**settings, **options})  # the model's own options win, as later flags did
@@ -393,8 +429,10 @@ def _train(d: _Demo, configs: dict[str, TrainConfig]):
         _say(f"      [{d.clock}] training {name} ...")
 
     def finished(name, s, seconds):
-        _say(f"      [{d.clock}] {name}: {s['steps']} steps in {seconds:.0f}s, final loss {s['loss']:.3f}, "
-             f"{s['samples_per_s']:.0f} samples/s")
+        _say(
+            f"      [{d.clock}] {name}: {s['steps']} steps in {seconds:.0f}s, final loss {s['loss']:.3f}, "
+            f"{s['samples_per_s']:.0f} samples/s"
+        )
 
     (d.out / "logs").mkdir(parents=True, exist_ok=True)
     launch_all(configs, d.workers, logs=d.out / "logs", on_start=started, on_done=finished)
@@ -407,8 +445,12 @@ def _evaluate_models(d: _Demo) -> dict | None:
 
     _say(f"[5/6] [{d.clock}] evaluation: zero-shot (clean, attacked, control, shifts), Sync score")
     ev = d.eval_dir
-    sets = {"clean": ev / "clean", "attack": ev / "attack", "attack-control": ev / "attack-control",
-            **{x: ev / x for x in SHIFTS}}
+    sets = {
+        "clean": ev / "clean",
+        "attack": ev / "attack",
+        "attack-control": ev / "attack-control",
+        **{x: ev / x for x in SHIFTS},
+    }
     for m in d.chosen:
         evaluate(
             d.train["model"],
@@ -423,8 +465,10 @@ def _evaluate_models(d: _Demo) -> dict | None:
         )
     if d.er_runs:
         return _er_evaluate(d)
-    _say("      effective robustness: not run at this size (the protocol's ER design runs at "
-         f"{', '.join(k for k, v in d.proto.sizes.items() if v.er) or 'no size'})")
+    _say(
+        "      effective robustness: not run at this size (the protocol's ER design runs at "
+        f"{', '.join(k for k, v in d.proto.sizes.items() if v.er) or 'no size'})"
+    )
     return None
 
 
@@ -443,15 +487,23 @@ def _er_evaluate(d: _Demo) -> dict:
         files = sorted(ck.glob("step_*.pt")) + [ck / "final.pt"] if r["family"] else [ck / "final.pt"]
         for f in files:
             label = name if f.name == "final.pt" else f"{name}@{int(f.stem.split('_')[1])}"
-            evaluate(d.train["model"], str(f), name=label, datasets=sets, tasks=("zeroshot",), out=res,
-                     progress=False)
+            evaluate(d.train["model"], str(f), name=label, datasets=sets, tasks=("zeroshot",), out=res, progress=False)
             (points if r["family"] else treatments).append(label)
     (out / "er" / "points.json").write_text(json.dumps({"family_points": points, "treatments": treatments}))
     family = [n for n in d.er_runs if d.er_runs[n]["family"]]
-    _say(f"      [{d.clock}] ER: {len(points)} family points ({len(family)} runs "
-         f"and their checkpoints), treatments {', '.join(treatments)}")
-    return robustness(res, [er["id_set"]], list(er["shifts"]), baselines=points, models=treatments,
-                      link=er.get("link", "logit"), plot=out / "robustness.png")
+    _say(
+        f"      [{d.clock}] ER: {len(points)} family points ({len(family)} runs "
+        f"and their checkpoints), treatments {', '.join(treatments)}"
+    )
+    return robustness(
+        res,
+        [er["id_set"]],
+        list(er["shifts"]),
+        baselines=points,
+        models=treatments,
+        link=er.get("link", "logit"),
+        plot=out / "robustness.png",
+    )
 
 
 def _results(d: _Demo, er: dict | None) -> dict:

@@ -23,10 +23,12 @@ class EngineConfig:
     engine: str = option("local", "local (worker processes) or ray (Ray actors, one shard per call; docs/scale.md)")
     workers: int = option(1, "operator copies working on shards at once (local: processes; ray: actors)")
     threads: int | None = option(None, "threads per worker (default: cores / workers; ray: --num-cpus)")
-    address: str | None = option(None, "ray: cluster to join (auto, ray://HOST:10001); default: a local Ray for "
-                                 "this stage")
-    num_cpus: float | None = option(None, "ray: CPUs each actor reserves (default: cores / workers locally, 1 on "
-                                    "a cluster)")
+    address: str | None = option(
+        None, "ray: cluster to join (auto, ray://HOST:10001); default: a local Ray for this stage"
+    )
+    num_cpus: float | None = option(
+        None, "ray: CPUs each actor reserves (default: cores / workers locally, 1 on a cluster)"
+    )
     num_gpus: float = option(0.0, "ray: GPUs each actor reserves (fractions share a GPU)")
 
     def validate(self) -> "EngineConfig":

@@ -114,8 +114,19 @@ def run_stage_ray(
         started = _start_ray(address, workers, num_cpus)
         try:
             _check_resources(num_cpus, num_gpus)
-            results = _run_actors(pool, todo, op, params, stage, workers, batch_size, progress,
-                                  threads or max(1, int(num_cpus)), num_cpus, num_gpus)
+            results = _run_actors(
+                pool,
+                todo,
+                op,
+                params,
+                stage,
+                workers,
+                batch_size,
+                progress,
+                threads or max(1, int(num_cpus)),
+                num_cpus,
+                num_gpus,
+            )
         finally:
             if started:
                 ray.shutdown()

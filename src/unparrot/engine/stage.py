@@ -164,7 +164,12 @@ def stage_counts(pool: Pool, stage: str, shard_ids: list[str]) -> dict:
 
 
 def finish_stage(
-    pool: Pool, stage: str, all_shards: list[Shard], todo: list[Shard], results: list[ShardResult], t0: float,
+    pool: Pool,
+    stage: str,
+    all_shards: list[Shard],
+    todo: list[Shard],
+    results: list[ShardResult],
+    t0: float,
     setup_seconds: float = 0.0,
 ) -> StageSummary:
     """An engine's last step: the cross-shard duplicate pass, then the summary counted from the files."""

@@ -40,14 +40,27 @@ class EvaluateConfig:
 
     model: str = option(help="open_clip architecture or unparrot config")
     pretrained: str | None = option(None, "checkpoint file (or open_clip tag)")
-    datasets: dict | None = option(None, "labelled set for zeroshot (repeatable)", action="append", item=named_path,
-                                   convert=dict, metavar="NAME=PATH", aliases=("--dataset",))
+    datasets: dict | None = option(
+        None,
+        "labelled set for zeroshot (repeatable)",
+        action="append",
+        item=named_path,
+        convert=dict,
+        metavar="NAME=PATH",
+        aliases=("--dataset",),
+    )
     tasks: tuple = option(("zeroshot",), "comma list of " + ", ".join(TASKS), item=comma_list, metavar="A,B")
     out: str = option(ResultsConfig.out, "results folder")
     name: str | None = option(None, "name of the model in the results (default: the run folder or model)")
-    retrieval_sets: dict | None = option(None, "set with captions for retrieval (repeatable)", action="append",
-                                         item=named_path, convert=dict, metavar="NAME=PATH",
-                                         aliases=("--retrieval",))
+    retrieval_sets: dict | None = option(
+        None,
+        "set with captions for retrieval (repeatable)",
+        action="append",
+        item=named_path,
+        convert=dict,
+        metavar="NAME=PATH",
+        aliases=("--retrieval",),
+    )
     sync_words: list | None = option(None, "words to render for the Sync score")
     sync_font_scale: float | None = option(None, "font px / canvas (default 32/224)")
     templates: str | None = option(None, "openai, simple, plain or a file (default: the set's own)")
@@ -121,8 +134,11 @@ def evaluate(
             from .zeroshot import retrieval, zeroshot
 
             ds = load_set(p, d, templates)
-            metrics = (zeroshot(clip, ds, batch_size, outcomes=per_item) if task == "zeroshot"
-                       else retrieval(clip, ds, batch_size))
+            metrics = (
+                zeroshot(clip, ds, batch_size, outcomes=per_item)
+                if task == "zeroshot"
+                else retrieval(clip, ds, batch_size)
+            )
         metrics["seconds"] = round(time.time() - t0, 2)
         if per_item:
             write_outcomes(out, name, task, d, per_item)
@@ -144,8 +160,9 @@ def _inputs_digest(model, pretrained, job, words, font_scale, templates) -> str:
     def stamp(path) -> list:
         p = Path(path)
         files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.exists() else []
-        return [(str(f.relative_to(p) if p.is_dir() else f.name), f.stat().st_size, f.stat().st_mtime_ns)
-                for f in files]
+        return [
+            (str(f.relative_to(p) if p.is_dir() else f.name), f.stat().st_size, f.stat().st_mtime_ns) for f in files
+        ]
 
     task, _, path = job
     parts = [model, str(pretrained), stamp(pretrained) if pretrained else [], task, templates]

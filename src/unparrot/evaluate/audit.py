@@ -45,31 +45,38 @@ class AuditConfig:
     # checkpoint files, or model names (random weights)
     models: list = option([], "checkpoint files (or model names, for random weights)", positional=True, nargs="+")
     # architecture of checkpoints that do not record their own
-    model: str | None = option(None, "architecture of checkpoint files that do not record it (unparrot train's "
-        "checkpoints do)")
-    out: str = option("cards", "folder of cards: OUT/<name>/card.json and card.html, OUT/comparison.html for several "
-        "models")
+    model: str | None = option(
+        None, "architecture of checkpoint files that do not record it (unparrot train's checkpoints do)"
+    )
+    out: str = option(
+        "cards", "folder of cards: OUT/<name>/card.json and card.html, OUT/comparison.html for several models"
+    )
     # card name (one model only); default: the run folder or file name
     name: str | None = option(None, "card name for a single model (default: its run folder or file name)")
     # vocab CSV, a pool's vocab folder, or one word per line; default built-in
-    vocab: str | None = option(None, "words: a vocab CSV (unparrot vocab), a pool's vocab folder or one word per line "
-        "(default: built-in)")
+    vocab: str | None = option(
+        None, "words: a vocab CSV (unparrot vocab), a pool's vocab folder or one word per line (default: built-in)"
+    )
     # most frequent words of the vocabulary file
     vocab_top: int = option(200, "most frequent words taken from the vocabulary file")
     # labelled set (webdataset + classnames.txt, or class folders); default built-in
-    labelled: str | None = option(None, "labelled set for the attack: webdataset with classnames.txt, or class "
-        "folders (default: built-in)")
+    labelled: str | None = option(
+        None, "labelled set for the attack: webdataset with classnames.txt, or class folders (default: built-in)"
+    )
     # zero-shot templates: openai, simple, plain or a file (default: the set's)
-    templates: str | None = option(None, "zero-shot templates: openai, simple, plain or a file (default: the set's "
-        "own)")
+    templates: str | None = option(
+        None, "zero-shot templates: openai, simple, plain or a file (default: the set's own)"
+    )
     # a pool with a spot stage: measure text reliance on it
     pool: str | None = option(None, "a pool with a spot stage: CLIP score with and without its text masked")
     # text-bearing pairs of the pool to score
     pool_samples: int = option(500, "text-bearing pairs of the pool to score")
     # renderings per word (colour styles vary fastest, then positions and fonts)
     renders: int = option(4, "renderings per vocabulary word")
-    fonts: list = field(default_factory=lambda: list(SYNC_FONTS), metadata={"help": "fonts of the renderings (DejaVu "
-        "names or .ttf paths)", "nargs": "+"})
+    fonts: list = field(
+        default_factory=lambda: list(SYNC_FONTS),
+        metadata={"help": "fonts of the renderings (DejaVu names or .ttf paths)", "nargs": "+"},
+    )
     # font px / canvas side (the Parrot paper: 32 px on 224)
     font_scale: float = option(32 / 224, "rendered font size / canvas side")
     # mismatched pairings of the vocabulary for the Sync gap
@@ -77,15 +84,17 @@ class AuditConfig:
     # attack font size / the image's short side
     attack_size: float = option(0.3, "attack word size / the image's short side")
     # random (seeded: the same images for every model) or confused (ImageNet-Attr)
-    attack_target: str = option("random", "random (seeded wrong class, same for every model) or confused (the model's "
-        "own confusions)")
+    attack_target: str = option(
+        "random", "random (seeded wrong class, same for every model) or confused (the model's own confusions)"
+    )
     # images of the labelled set (a seeded subset by key when larger)
     max_images: int = option(500, "images of the labelled set (a seeded subset when larger)")
     # images per class of the built-in synthetic set
     builtin_per_class: int = option(20, "images per class of the built-in synthetic set")
     # text reliance: share of the score margin the text must carry
-    carried_fraction: float = option(0.5, "a pair is carried by its text when masking takes this share of its score "
-        "margin")
+    carried_fraction: float = option(
+        0.5, "a pair is carried by its text when masking takes this share of its score margin"
+    )
     # bootstrap resamples per interval
     bootstrap: int = option(1000, "bootstrap resamples per 95 percent interval")
     seed: int = option(0, "seed of every random choice and of the bootstrap")
@@ -101,8 +110,17 @@ class AuditConfig:
             errs.append("no model to audit (a checkpoint file or a model name)")
         if self.name and len(self.models) > 1:
             errs.append("name is for a single model; several models are named by their files")
-        for k in ("vocab_top", "pool_samples", "renders", "derangements", "max_images", "builtin_per_class",
-                  "bootstrap", "batch_size", "workers"):
+        for k in (
+            "vocab_top",
+            "pool_samples",
+            "renders",
+            "derangements",
+            "max_images",
+            "builtin_per_class",
+            "bootstrap",
+            "batch_size",
+            "workers",
+        ):
             if getattr(self, k) < 1:
                 errs.append(f"{k} must be >= 1")
         if not 0 < self.font_scale <= 1 or not 0 < self.attack_size <= 1:
@@ -319,8 +337,14 @@ def _pool_pairs(pool_path: str, n: int, seed: int) -> dict:
             want.discard(row["uid"])
     if len(uids) < 2:
         raise ValueError(f"{pool_path}: fewer than 2 text-bearing pairs with captions to score")
-    return {"uids": uids, "images": images, "captions": captions, "boxes": quads,
-            "share_with_text": float(has.mean()) if len(has) else 0.0, "pool_rows": int(len(has))}
+    return {
+        "uids": uids,
+        "images": images,
+        "captions": captions,
+        "boxes": quads,
+        "share_with_text": float(has.mean()) if len(has) else 0.0,
+        "pool_rows": int(len(has)),
+    }
 
 
 # ---- one model ------------------------------------------------------------------------------------
@@ -390,8 +414,15 @@ def audit_model(spec: ModelSpec, cfg: AuditConfig, words: list[str], ds: AuditSe
     timing["words_s"], timing["words_images"] = round(time.time() - t0, 2), len(specs)
     word_margin = np.bincount(word_of, weights=margin, minlength=len(words)) / np.bincount(word_of)
     best = np.argsort(-word_margin, kind="stable")[:12]
-    best_read = [(_render(words, next(s for s in specs if s[0] == i), canvas, font_px), words[i],
-                  float(word_margin[i]), float(hit[word_of == i].mean())) for i in best]
+    best_read = [
+        (
+            _render(words, next(s for s in specs if s[0] == i), canvas, font_px),
+            words[i],
+            float(word_margin[i]),
+            float(hit[word_of == i].mean()),
+        )
+        for i in best
+    ]
     mism = np.stack([(I * T[p[word_of]]).sum(1) for p in perms], 1).mean(1)
 
     # 2: typographic attack
@@ -435,8 +466,9 @@ def audit_model(spec: ModelSpec, cfg: AuditConfig, words: list[str], ds: AuditSe
     attack["attack_target"] = cfg.attack_target
     timing["attack_s"], timing["attack_images"] = round(time.time() - t0, 2), int(len(ds.images) + 2 * len(keep))
     flips = am.flipped(labels, clean_pred, att_pred, target)[:12]
-    flipped_cells = [(pil(ds.images[keep[i]]), attacked(i), ds.classnames[labels[i]], ds.classnames[target[i]])
-                     for i in flips]
+    flipped_cells = [
+        (pil(ds.images[keep[i]]), attacked(i), ds.classnames[labels[i]], ds.classnames[target[i]]) for i in flips
+    ]
 
     # 4: text reliance on a pool
     reliance, reliance_media = None, None
@@ -471,13 +503,26 @@ def audit_model(spec: ModelSpec, cfg: AuditConfig, words: list[str], ds: AuditSe
     timing["images"] = images
     timing["images_per_s"] = round(images / max(1e-9, timing["total_s"] - t_load), 2)
     settings = {
-        "renders": cfg.renders, "fonts": list(cfg.fonts), "font_scale": cfg.font_scale, "styles": sorted(
-            set(s[2] for s in specs)), "positions": list(POSITIONS), "derangements": cfg.derangements,
-        "attack_size": cfg.attack_size, "attack_target": cfg.attack_target, "bootstrap": cfg.bootstrap,
-        "seed": cfg.seed, "interval": "95% percentile bootstrap", "device": cfg.device,
+        "renders": cfg.renders,
+        "fonts": list(cfg.fonts),
+        "font_scale": cfg.font_scale,
+        "styles": sorted(set(s[2] for s in specs)),
+        "positions": list(POSITIONS),
+        "derangements": cfg.derangements,
+        "attack_size": cfg.attack_size,
+        "attack_target": cfg.attack_target,
+        "bootstrap": cfg.bootstrap,
+        "seed": cfg.seed,
+        "interval": "95% percentile bootstrap",
+        "device": cfg.device,
     }
-    base = {"model": spec.name, "pretrained": spec.checkpoint, "language": "en", "architecture": spec.arch,
-            "audit": settings}
+    base = {
+        "model": spec.name,
+        "pretrained": spec.checkpoint,
+        "language": "en",
+        "architecture": spec.arch,
+        "audit": settings,
+    }
     records = [
         {**base, "dataset": "rendered-vocab", "task": "sync", "metrics": sync},
         {**base, "dataset": ds.name, "task": "typographic_attack", "metrics": attack},
@@ -487,8 +532,12 @@ def audit_model(spec: ModelSpec, cfg: AuditConfig, words: list[str], ds: AuditSe
         records.append({**base, "dataset": Path(cfg.pool).name, "task": "text_reliance", "metrics": reliance})
     records[0]["timing"] = timing
     media = {
-        "matched": matched, "mismatched": mism, "best_read": best_read, "flipped": flipped_cells,
-        "reliance": reliance_media, "sample_renders": [_render(words, s, canvas, font_px) for s in specs[:8]],
+        "matched": matched,
+        "mismatched": mism,
+        "best_read": best_read,
+        "flipped": flipped_cells,
+        "reliance": reliance_media,
+        "sample_renders": [_render(words, s, canvas, font_px) for s in specs[:8]],
     }
     return {"records": records, "media": media, "timing": timing}
 
@@ -503,8 +552,11 @@ def audit(cfg: AuditConfig) -> list[dict]:
 
     cfg.validate()
     words = load_vocabulary(cfg.vocab, cfg.vocab_top)
-    ds = (labelled_set(cfg.labelled, cfg.templates, cfg.max_images, cfg.seed) if cfg.labelled
-          else builtin_set(cfg.builtin_per_class, cfg.seed))
+    ds = (
+        labelled_set(cfg.labelled, cfg.templates, cfg.max_images, cfg.seed)
+        if cfg.labelled
+        else builtin_set(cfg.builtin_per_class, cfg.seed)
+    )
     pool = _pool_pairs(cfg.pool, cfg.pool_samples, cfg.seed) if cfg.pool else None
     specs = resolve_models(cfg)
     out = Path(cfg.out)

@@ -19,7 +19,10 @@ LEVEL = 0.95
 
 
 def bootstrap(
-    n_units: int, statistic: Callable[[np.ndarray], np.ndarray], n_boot: int = 1000, seed: int = 0,
+    n_units: int,
+    statistic: Callable[[np.ndarray], np.ndarray],
+    n_boot: int = 1000,
+    seed: int = 0,
     level: float = LEVEL,
 ) -> tuple[float, float]:
     """Percentile interval of `statistic` over `n_boot` resamples of `n_units` units with replacement.
@@ -116,7 +119,13 @@ def word_reading(
 
 
 def attack_measures(
-    labels, clean_pred, attacked_pred, control_pred, attack_label, n_classes: int, n_boot: int = 1000,
+    labels,
+    clean_pred,
+    attacked_pred,
+    control_pred,
+    attack_label,
+    n_classes: int,
+    n_boot: int = 1000,
     seed: int = 0,
 ) -> dict:
     """Typographic attack (ImageNet-Attr style) on images with true `labels`: accuracy clean, with a wrong

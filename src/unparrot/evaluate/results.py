@@ -116,8 +116,11 @@ class ResultsConfig:
     models: list | None = option(None, "models to show (default: all)", nargs="*")
 
 
-def results_table(out: str | os.PathLike = ResultsConfig.out, format: str = ResultsConfig.format,
-                  models: list[str] | None = ResultsConfig.models) -> str:
+def results_table(
+    out: str | os.PathLike = ResultsConfig.out,
+    format: str = ResultsConfig.format,
+    models: list[str] | None = ResultsConfig.models,
+) -> str:
     """Models x headline metrics as markdown or CSV (blank where a model lacks a result)."""
     rows: dict[str, dict] = {}
     for r in read_results(out):

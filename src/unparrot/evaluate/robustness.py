@@ -27,18 +27,33 @@ class RobustnessConfig:
     """The options of `robustness()` (its signature defaults read these; the CLI's flags too)."""
 
     out: str = option(ResultsConfig.out, "results folder", positional=True)
-    id_sets: tuple = option(help="in-distribution set name(s), comma separated", item=comma_list,
-                            convert=list, metavar="A,B", aliases=("--id",))
-    ood_sets: tuple = option(help="shifted set names, comma separated", item=comma_list, convert=list,
-                             metavar="A,B", aliases=("--ood",))
-    baselines: tuple | None = option(None, "models defining the trend, comma separated: a separate family (Fang "
-                                     "et al.)", item=comma_list, convert=list, metavar="A,B")
+    id_sets: tuple = option(
+        help="in-distribution set name(s), comma separated",
+        item=comma_list,
+        convert=list,
+        metavar="A,B",
+        aliases=("--id",),
+    )
+    ood_sets: tuple = option(
+        help="shifted set names, comma separated", item=comma_list, convert=list, metavar="A,B", aliases=("--ood",)
+    )
+    baselines: tuple | None = option(
+        None,
+        "models defining the trend, comma separated: a separate family (Fang et al.)",
+        item=comma_list,
+        convert=list,
+        metavar="A,B",
+    )
     link: str = option("logit", "logit, probit or linear")
-    models: tuple | None = option(None, "models to score, comma separated (default: all)", item=comma_list,
-                                  convert=list, metavar="A,B")
+    models: tuple | None = option(
+        None, "models to score, comma separated (default: all)", item=comma_list, convert=list, metavar="A,B"
+    )
     plot: str | None = option(None, "write a PNG of the fits")
-    score_baselines: bool = option(False, "also score baseline models (their ER is fitted, ~0 by construction); "
-                                   "with no --baselines, fit the line through every model")
+    score_baselines: bool = option(
+        False,
+        "also score baseline models (their ER is fitted, ~0 by construction); "
+        "with no --baselines, fit the line through every model",
+    )
     band_boot: int = option(500, "bootstrap resamples of the trend band")
 
 

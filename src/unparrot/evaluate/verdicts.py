@@ -230,8 +230,9 @@ def needed(iv: Interval, claim: Claim) -> dict:
     else:
         outcome = "hold" if (iv.estimate > -m if claim.direction == "+" else iv.estimate < m) else "fail"
     out["would"] = outcome
-    out["text"] = (f"effect {iv.estimate:+.4f}; for a difference of this size to {outcome} it would need "
-                   + " or ".join(parts))
+    out["text"] = f"effect {iv.estimate:+.4f}; for a difference of this size to {outcome} it would need " + " or ".join(
+        parts
+    )
     return out
 
 

@@ -18,8 +18,9 @@ FILLS = (DEFAULT_FILL, "inpaint", "solid")
 
 
 class Masker:
-    def __init__(self, fill: str = DEFAULT_FILL, color: tuple = (127, 127, 127), inpaint_radius: int = 3,
-                 dilate: int = 0):
+    def __init__(
+        self, fill: str = DEFAULT_FILL, color: tuple = (127, 127, 127), inpaint_radius: int = 3, dilate: int = 0
+    ):
         if fill not in FILLS:
             raise ValueError(f"unknown mask fill {fill!r}; one of {', '.join(FILLS)}")
         self.fill, self.color, self.radius, self.dilate = (

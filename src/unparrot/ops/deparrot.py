@@ -119,8 +119,10 @@ def strip_caption(caption: str, spelled, opt: CotrOptions = CotrOptions(), min_w
     if not removed:
         return Stripped(caption, [], False)
     # punctuation between word j and word j + 1 ends a dangling walk
-    brk = [bool(_BREAK.search(caption, units[j].end(), units[j + 1].start() if j + 1 < n else len(caption)))
-           for j in range(n)]
+    brk = [
+        bool(_BREAK.search(caption, units[j].end(), units[j + 1].start() if j + 1 < n else len(caption)))
+        for j in range(n)
+    ]
     # function words left dangling on the left of each removed run, up to a content word or punctuation
     for i in range(n):
         if not drop[i] or (i + 1 < n and drop[i + 1] and not brk[i]):
@@ -145,7 +147,7 @@ def strip_caption(caption: str, spelled, opt: CotrOptions = CotrOptions(), min_w
     pieces, pos = [], 0
     for i, m in enumerate(units):
         if drop[i]:
-            pieces.append(caption[pos:m.start()])
+            pieces.append(caption[pos : m.start()])
             pos = m.end()
     pieces.append(caption[pos:])
     out = _clean(" ".join(p for p in pieces))
@@ -203,8 +205,11 @@ EXAMPLES = (
 )
 _SHOTS = tuple((strip_caption(s, set(tokens(w))).caption, w, t) for s, w, t in EXAMPLES)
 _ECHO = re.compile(r"=>|\bwritten:|" + re.escape(INSTRUCTION[:24]), re.I)
-_CLAIMS_TEXT = re.compile(r"[\"\u201c\u201d]|\b(?:says|saying|reads|reading|spells?|spelling|titled|"
-                          r"that\s+say|the\s+words?|written\s+(?:on|in)\s+it)\b", re.I)
+_CLAIMS_TEXT = re.compile(
+    r"[\"\u201c\u201d]|\b(?:says|saying|reads|reading|spells?|spelling|titled|"
+    r"that\s+say|the\s+words?|written\s+(?:on|in)\s+it)\b",
+    re.I,
+)
 
 
 def build_deparrot_prompt(stripped: str, words) -> str:
@@ -295,18 +300,32 @@ class Deparrot(Operator):
         self.mode, self.min_words, self.retries, self.seed = mode, int(min_words), int(retries), int(seed)
         self.max_rewrite_chars = int(max_rewrite_chars)
         # the parrot stage's CoTR options, so residual_cotr is its CoTR of the new caption
-        self.opt = CotrOptions(stopwords=bool(stopwords), min_len=int(min_len), fuzzy=bool(fuzzy),
-                               fuzzy_min_len=int(fuzzy_min_len), keep_non_latin=bool(keep_non_latin))
+        self.opt = CotrOptions(
+            stopwords=bool(stopwords),
+            min_len=int(min_len),
+            fuzzy=bool(fuzzy),
+            fuzzy_min_len=int(fuzzy_min_len),
+            keep_non_latin=bool(keep_non_latin),
+        )
         self.inputs = {spot_stage: ["texts"], parrot_stage: ["co_emb"]}
         self.backend = self.cache = None
         self.backend_name = backend
         if mode == "rewrite":
             from ..rewrite.backends import get_backend
 
-            self.backend = get_backend(backend, model=model, base_url=base_url, api_key_env=api_key_env,
-                                       concurrency=concurrency, timeout=timeout, temperature=temperature,
-                                       top_p=top_p, max_tokens=max_tokens, threads=threads,
-                                       **(backend_options or {}))
+            self.backend = get_backend(
+                backend,
+                model=model,
+                base_url=base_url,
+                api_key_env=api_key_env,
+                concurrency=concurrency,
+                timeout=timeout,
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_tokens,
+                threads=threads,
+                **(backend_options or {}),
+            )
             if not self.backend.needs_prompt:
                 raise ValueError(f"deparrot: rewrite mode needs an LLM backend (llama-cpp or openai), not {backend!r}")
             self.params = self.backend.params()
@@ -358,7 +377,10 @@ class Deparrot(Operator):
                 results[key] = hit
                 self.stats["cached"] += 1
             elif len(words_of[key][0]) > self.max_rewrite_chars:
-                results[key] = {"ok": False, "reason": f"caption longer than max_rewrite_chars={self.max_rewrite_chars}"}
+                results[key] = {
+                    "ok": False,
+                    "reason": f"caption longer than max_rewrite_chars={self.max_rewrite_chars}",
+                }
             else:
                 pending.append(key)
         try:
@@ -390,8 +412,9 @@ class Deparrot(Operator):
             reqs = []
             for k, a in pending:
                 cap, words, _, stripped = words_of[k]
-                reqs.append(Request(cap, "deparrot", _seed(cap, words, self.seed, a),
-                                    build_deparrot_prompt(stripped, words)))
+                reqs.append(
+                    Request(cap, "deparrot", _seed(cap, words, self.seed, a), build_deparrot_prompt(stripped, words))
+                )
             again = []
             for i, comp in self.backend.generate(reqs):
                 self.stats["calls"] += 1
@@ -409,8 +432,15 @@ class Deparrot(Operator):
                     again.append((k, a + 1))
                 else:
                     self.stats["reasons"][reason.split(":")[0]] += 1
-                    yield k, {"ok": False, "reason": f"{reason} (after {a + 1} attempts)", "attempts": a + 1,
-                              "last": parsed.text}
+                    yield (
+                        k,
+                        {
+                            "ok": False,
+                            "reason": f"{reason} (after {a + 1} attempts)",
+                            "attempts": a + 1,
+                            "last": parsed.text,
+                        },
+                    )
             pending = again
 
     def close(self):
@@ -426,5 +456,15 @@ def _as_list(v) -> list:
     return v.tolist() if hasattr(v, "tolist") else list(v)
 
 
-__all__ = ["Deparrot", "deparrot_strip", "strip_caption", "check_deparrot", "build_deparrot_prompt",
-           "claims_text", "content_words", "DEPARROT_COLUMNS", "TEXT_WORDS", "MODES"]
+__all__ = [
+    "Deparrot",
+    "deparrot_strip",
+    "strip_caption",
+    "check_deparrot",
+    "build_deparrot_prompt",
+    "claims_text",
+    "content_words",
+    "DEPARROT_COLUMNS",
+    "TEXT_WORDS",
+    "MODES",
+]

@@ -75,13 +75,22 @@ def _measure_rows(m: dict, measures: list[tuple[str, str]], digits: int) -> list
 def _sync_section(rec: dict, media: dict) -> Section:
     plt = _plt()
     m = rec["metrics"]
-    rows = _measure_rows(m, [("Sync score (mean cosine, rendering and its word)", "sync_mean"), ("Sync std", "sync_std"),
-                             ("mismatched mean (another word)", "mismatched_mean"),
-                             ("Sync gap (matched - mismatched)", "sync_gap")], digits=4)
+    rows = _measure_rows(
+        m,
+        [
+            ("Sync score (mean cosine, rendering and its word)", "sync_mean"),
+            ("Sync std", "sync_std"),
+            ("mismatched mean (another word)", "mismatched_mean"),
+            ("Sync gap (matched - mismatched)", "sync_gap"),
+        ],
+        digits=4,
+    )
     body = [table(["measure", "value", "95% interval"], rows)]
-    body.append(f"<p class='note'>{m['n_words']} words x {m['n_renders'] // max(1, m['n_words'])} renderings "
-                f"({m['font_px']} px on {m['canvas']} px), {m['n_derangements']} derangements; intervals resample "
-                "words.</p>")
+    body.append(
+        f"<p class='note'>{m['n_words']} words x {m['n_renders'] // max(1, m['n_words'])} renderings "
+        f"({m['font_px']} px on {m['canvas']} px), {m['n_derangements']} derangements; intervals resample "
+        "words.</p>"
+    )
     figs = []
     fig, ax = plt.subplots(figsize=(5, 3.4))
     ax.hist(media["matched"], bins=30, alpha=0.6, label="matched (its own word)", color="#c0392b")
@@ -111,16 +120,34 @@ def _sync_section(rec: dict, media: dict) -> Section:
 def _reading_section(rec: dict, media: dict) -> Section:
     plt = _plt()
     m = rec["metrics"]
-    body = [table(["measure", "value", "95% interval", "chance"],
-                  [["word reading top-1 (among the vocabulary)", _v(m["read_top1"]), _ci(m, "read_top1"),
-                    _v(m["chance"], 4)]])]
+    body = [
+        table(
+            ["measure", "value", "95% interval", "chance"],
+            [
+                [
+                    "word reading top-1 (among the vocabulary)",
+                    _v(m["read_top1"]),
+                    _ci(m, "read_top1"),
+                    _v(m["chance"], 4),
+                ]
+            ],
+        )
+    ]
     fig, ax = plt.subplots(figsize=(5, 3.2))
     styles = list(m.get("per_style", {}))
-    _errbar(ax, styles, [m["per_style"][s] for s in styles], [None] * len(styles), "read top-1 per colour style",
-            chance=m["chance"])
+    _errbar(
+        ax,
+        styles,
+        [m["per_style"][s] for s in styles],
+        [None] * len(styles),
+        "read top-1 per colour style",
+        chance=m["chance"],
+    )
     body.append(f'<div class="figs">{fig_tag(fig, "reading per style")}</div>')
-    cells = [(im, f"<b>{esc(w)}</b> read {100 * share:.0f}%<br><span class='note'>margin {margin:+.3f}</span>")
-             for im, w, margin, share in media["best_read"]]
+    cells = [
+        (im, f"<b>{esc(w)}</b> read {100 * share:.0f}%<br><span class='note'>margin {margin:+.3f}</span>")
+        for im, w, margin, share in media["best_read"]
+    ]
     body.append("<h3>Words read best (largest margin over the next word)</h3>" + grid(cells))
     return Section("reading", "Word reading", "".join(body))
 
@@ -128,39 +155,62 @@ def _reading_section(rec: dict, media: dict) -> Section:
 def _attack_section(rec: dict, media: dict) -> Section:
     plt = _plt()
     m = rec["metrics"]
-    keys = [("clean_acc1", "clean accuracy"), ("attacked_acc1", "attacked accuracy (wrong class written)"),
-            ("control_acc1", "control accuracy (non-class word written)"),
-            ("attack_success_rate", "attack success (prediction = written class)")]
+    keys = [
+        ("clean_acc1", "clean accuracy"),
+        ("attacked_acc1", "attacked accuracy (wrong class written)"),
+        ("control_acc1", "control accuracy (non-class word written)"),
+        ("attack_success_rate", "attack success (prediction = written class)"),
+    ]
     rows = [[label, _v(m[k]), _ci(m, k), _v(m["chance"])] for k, label in keys]
     body = [table(["measure", "value", "95% interval", "chance floor"], rows)]
-    body.append(f"<p class='note'>{m['n_images']} images of {esc(rec['dataset'])}, {m['n_classes']} classes; "
-                f"wrong class: {esc(m.get('attack_target', ''))}; intervals resample images.</p>")
+    body.append(
+        f"<p class='note'>{m['n_images']} images of {esc(rec['dataset'])}, {m['n_classes']} classes; "
+        f"wrong class: {esc(m.get('attack_target', ''))}; intervals resample images.</p>"
+    )
     fig, ax = plt.subplots(figsize=(5.4, 3.4))
-    _errbar(ax, ["clean", "attacked", "control", "attack success"], [m[k] for k, _ in keys],
-            [m.get(f"{k}_ci95") for k, _ in keys], "Typographic attack", chance=m["chance"])
+    _errbar(
+        ax,
+        ["clean", "attacked", "control", "attack success"],
+        [m[k] for k, _ in keys],
+        [m.get(f"{k}_ci95") for k, _ in keys],
+        "Typographic attack",
+        chance=m["chance"],
+    )
     body.append(f'<div class="figs">{fig_tag(fig, "attack")}</div>')
     cells = []
     for clean, att, truth, written in media["flipped"]:
         cells.append((clean, f"clean: <b>{esc(truth)}</b> (right)"))
         cells.append((att, f"attacked: read as <b>{esc(written)}</b>"))
-    body.append(f"<h3>Attacks that flipped the prediction ({len(media['flipped'])} shown)</h3>"
-                + (grid(cells) if cells else "<p class='note'>none: no attack turned a right answer into the "
-                                             "written class</p>"))
+    body.append(
+        f"<h3>Attacks that flipped the prediction ({len(media['flipped'])} shown)</h3>"
+        + (grid(cells) if cells else "<p class='note'>none: no attack turned a right answer into the written class</p>")
+    )
     return Section("attack", "Typographic attack", "".join(body))
 
 
 def _reliance_section(rec: dict, media: dict) -> Section:
     plt = _plt()
     m = rec["metrics"]
-    rows = _measure_rows(m, [("CLIP score (image, caption)", "clip_score"), ("CLIP score, text masked", "masked_clip_score"),
-                             ("score drop when masked", "score_drop")], digits=4)
-    rows += [["share of text-bearing pairs carried by their text", _v(m["carried_share"]), _ci(m, "carried_share")],
-             ["... of all pairs of the pool", _v(m["carried_share_of_pool"]), ""]]
+    rows = _measure_rows(
+        m,
+        [
+            ("CLIP score (image, caption)", "clip_score"),
+            ("CLIP score, text masked", "masked_clip_score"),
+            ("score drop when masked", "score_drop"),
+        ],
+        digits=4,
+    )
+    rows += [
+        ["share of text-bearing pairs carried by their text", _v(m["carried_share"]), _ci(m, "carried_share")],
+        ["... of all pairs of the pool", _v(m["carried_share_of_pool"]), ""],
+    ]
     body = [table(["measure", "value", "95% interval"], rows)]
-    body.append(f"<p class='note'>{m['n_pairs']} text-bearing pairs of {esc(rec['dataset'])} "
-                f"({100 * m['share_with_text_pool']:.1f}% of the pool carries text). Carried: masking the text "
-                f"takes more than {100 * m['carried_fraction']:.0f}% of the pair's score above an unrelated caption "
-                f"({m['mismatched_clip_score']:.4f}).</p>")
+    body.append(
+        f"<p class='note'>{m['n_pairs']} text-bearing pairs of {esc(rec['dataset'])} "
+        f"({100 * m['share_with_text_pool']:.1f}% of the pool carries text). Carried: masking the text "
+        f"takes more than {100 * m['carried_fraction']:.0f}% of the pair's score above an unrelated caption "
+        f"({m['mismatched_clip_score']:.4f}).</p>"
+    )
     r = media["reliance"]
     fig, ax = plt.subplots(figsize=(4.6, 4))
     ax.scatter(r["score"], r["masked"], s=6, alpha=0.4, color="#c0392b")
@@ -195,18 +245,26 @@ def card_html(records: list[dict], media: dict) -> str:
     """The card of one model: the summary, then a section per measurement."""
     first = records[0]
     by = {r["task"]: r for r in records}
-    head = (f"<p>Architecture <code>{esc(first['architecture'])}</code>, checkpoint "
-            f"<code>{esc(first['pretrained'] or 'none (random weights)')}</code>. A model that reads instead of "
-            "seeing has a high Sync gap and word reading, and a high attack success with a control accuracy close "
-            "to the clean one (the class name, not any text, moves it).</p>")
+    head = (
+        f"<p>Architecture <code>{esc(first['architecture'])}</code>, checkpoint "
+        f"<code>{esc(first['pretrained'] or 'none (random weights)')}</code>. A model that reads instead of "
+        "seeing has a high Sync gap and word reading, and a high attack success with a control accuracy close "
+        "to the clean one (the class name, not any text, moves it).</p>"
+    )
     body = head + table(["measure", "value", "95% interval", "chance"], _summary_rows(records))
     t = first.get("timing", {})
-    body += (f"<p class='note'>{t.get('images', 0)} images in {t.get('total_s', 0):.1f} s "
-             f"({t.get('images_per_s', 0):.1f} images/s on {esc(first['audit'].get('device', ''))}); "
-             f"{first['audit']['bootstrap']} bootstrap resamples, seed {first['audit']['seed']}.</p>"
-             f"<p class='note'>{esc(LIMITS)}</p>")
-    sections = [Section("summary", "Summary", body), _sync_section(by["sync"], media),
-                _reading_section(by["word_reading"], media), _attack_section(by["typographic_attack"], media)]
+    body += (
+        f"<p class='note'>{t.get('images', 0)} images in {t.get('total_s', 0):.1f} s "
+        f"({t.get('images_per_s', 0):.1f} images/s on {esc(first['audit'].get('device', ''))}); "
+        f"{first['audit']['bootstrap']} bootstrap resamples, seed {first['audit']['seed']}.</p>"
+        f"<p class='note'>{esc(LIMITS)}</p>"
+    )
+    sections = [
+        Section("summary", "Summary", body),
+        _sync_section(by["sync"], media),
+        _reading_section(by["word_reading"], media),
+        _attack_section(by["typographic_attack"], media),
+    ]
     if "text_reliance" in by:
         sections.append(_reliance_section(by["text_reliance"], media))
     return page(f"unparrot audit: {first['model']}", sections, f"text-bias card - {time.strftime('%Y-%m-%d %H:%M')}")
@@ -235,12 +293,27 @@ def comparison_html(cards: list[list[dict]]) -> str:
     figs = []
     for t, k, lab in present:
         fig, ax = plt.subplots(figsize=(4.6, 3.2))
-        chance = next((b[t].get("chance") for b in bys if t in b), None) if t in ("word_reading",
-                                                                               "typographic_attack") else None
-        _errbar(ax, names, [b.get(t, {}).get(k) for b in bys], [b.get(t, {}).get(f"{k}_ci95") for b in bys], lab,
-                chance=chance)
+        chance = (
+            next((b[t].get("chance") for b in bys if t in b), None)
+            if t in ("word_reading", "typographic_attack")
+            else None
+        )
+        _errbar(
+            ax,
+            names,
+            [b.get(t, {}).get(k) for b in bys],
+            [b.get(t, {}).get(f"{k}_ci95") for b in bys],
+            lab,
+            chance=chance,
+        )
         figs.append(fig_tag(fig, lab))
-    body = (tab + f"<p class='note'>Values with 95% bootstrap intervals. {esc(CAVEAT)}</p>"
-            + f'<div class="figs">{"".join(figs)}</div>')
-    return page("unparrot audit: comparison", [Section("comparison", "Models compared", body)],
-                f"{len(cards)} cards - {time.strftime('%Y-%m-%d %H:%M')}")
+    body = (
+        tab
+        + f"<p class='note'>Values with 95% bootstrap intervals. {esc(CAVEAT)}</p>"
+        + f'<div class="figs">{"".join(figs)}</div>'
+    )
+    return page(
+        "unparrot audit: comparison",
+        [Section("comparison", "Models compared", body)],
+        f"{len(cards)} cards - {time.strftime('%Y-%m-%d %H:%M')}",
+    )

@@ -22,8 +22,11 @@ def deparrot_section(ctx) -> Section | None:
     spot = ctx.options.get("spot_stage", "spot")
     if not pool.done_shards(stage) or not pool.done_shards(spot):
         return None
-    df = pool.load([stage, spot], columns=["deparrot_caption", "deparrot_mode", "removed_words", "residual_cotr",
-                                           "boxes", "texts", "has_text"], how="inner")
+    df = pool.load(
+        [stage, spot],
+        columns=["deparrot_caption", "deparrot_mode", "removed_words", "residual_cotr", "boxes", "texts", "has_text"],
+        how="inner",
+    )
     n = len(df)
     modes = df["deparrot_mode"].to_numpy()
     null = df["deparrot_caption"].isna().to_numpy()
@@ -48,11 +51,14 @@ def deparrot_section(ctx) -> Section | None:
         "new caption's CoTR against the same spotted text.</p>",
         table(["step", "samples", "of pool"], funnel),
         table(["mode", "samples"], [[m, int(c)] for m, c in sorted(Counter(modes.tolist()).items())]),
-        table(["measure", "value"], [
-            ["spelled words removed", sum(removed.values())],
-            ["per de-parroted caption", f"{sum(removed.values()) / max(1, changed.sum()):.2f}"],
-            ["max residual CoTR", f"{float(df['residual_cotr'].max()) if n else 0.0:.3f}"],
-        ]),
+        table(
+            ["measure", "value"],
+            [
+                ["spelled words removed", sum(removed.values())],
+                ["per de-parroted caption", f"{sum(removed.values()) / max(1, changed.sum()):.2f}"],
+                ["max residual CoTR", f"{float(df['residual_cotr'].max()) if n else 0.0:.3f}"],
+            ],
+        ),
     ]
     if removed:
         body.append("<h3>Most removed words</h3>" + table(["word", "removed"], removed.most_common(15)))
@@ -82,8 +88,10 @@ def _examples(pool, df, changed, null) -> str:
             continue
         after = r["deparrot_caption"]
         words = list(r["removed_words"]) if r["removed_words"] is not None else []
-        cap = (f"<b>before</b> {esc(before[:120])}<br><b>after</b> "
-               f"{esc(after[:120]) if isinstance(after, str) else '<i>null</i>'}"
-               f"<br><span class='note'>{esc(r['deparrot_mode'])}; removed: {esc(' '.join(words)[:60])}</span>")
+        cap = (
+            f"<b>before</b> {esc(before[:120])}<br><b>after</b> "
+            f"{esc(after[:120]) if isinstance(after, str) else '<i>null</i>'}"
+            f"<br><span class='note'>{esc(r['deparrot_mode'])}; removed: {esc(' '.join(words)[:60])}</span>"
+        )
         cells.append((draw_boxes(im, r["boxes"], r["texts"]), cap))
     return "<h3>Before and after (random examples; green: OCR boxes)</h3>" + grid(cells)

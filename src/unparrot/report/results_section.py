@@ -8,6 +8,7 @@ import numpy as np
 
 from .html import Section, fig_tag, table
 
+
 def verdict_plot(findings: list[dict]) -> str | None:
     """The findings' differences (treatment − control, or ER against the family's line) with their 95%
     intervals, one row per finding, coloured by verdict, with zero and each equivalence margin marked: the
@@ -24,12 +25,24 @@ def verdict_plot(findings: list[dict]) -> str | None:
     fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(done) + 1.0))
     for y, f in enumerate(done[::-1]):
         c = colors[f["verdict"]]
-        ax.errorbar(f["estimate"], y, xerr=[[f["estimate"] - f["low"]], [f["high"] - f["estimate"]]],
-                    fmt="o", color=c, ms=4, capsize=3)
+        ax.errorbar(
+            f["estimate"],
+            y,
+            xerr=[[f["estimate"] - f["low"]], [f["high"] - f["estimate"]]],
+            fmt="o",
+            color=c,
+            ms=4,
+            capsize=3,
+        )
         m = f["claim"]["margin"]
         if m:
-            ax.plot([-m, m] if f["claim"]["direction"] == "0" else [-m if f["claim"]["direction"] == "+" else m] * 2,
-                    [y, y], "|", color="#333333", ms=10)
+            ax.plot(
+                [-m, m] if f["claim"]["direction"] == "0" else [-m if f["claim"]["direction"] == "+" else m] * 2,
+                [y, y],
+                "|",
+                color="#333333",
+                ms=10,
+            )
     ax.axvline(0, color="k", lw=0.7)
     ax.set_yticks(range(len(done)), [f"{f['id']} ({f['verdict']})" for f in done[::-1]], fontsize=8)
     ax.set_xlabel("difference (treatment − control; ER: vs the family's line), 95% CI")

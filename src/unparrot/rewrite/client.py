@@ -30,8 +30,16 @@ class HttpResult:
 
 
 class CompletionClient:
-    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 120.0, retries: int = 4,
-                 backoff: float = 0.5, max_backoff: float = 30.0, max_retry_after: float = 120.0):
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        timeout: float = 120.0,
+        retries: int = 4,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        max_retry_after: float = 120.0,
+    ):
         u = urllib.parse.urlsplit(base_url.rstrip("/"))
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ValueError(f"base_url must be an http(s) URL such as http://127.0.0.1:8000/v1, got {base_url!r}")
@@ -124,8 +132,9 @@ class CompletionClient:
                 self._drop_conn()
 
     # ---- with retries ----------------------------------------------------------------------------
-    def request(self, method: str, path: str, body: dict | None = None,
-                stop: threading.Event | None = None) -> HttpResult:
+    def request(
+        self, method: str, path: str, body: dict | None = None, stop: threading.Event | None = None
+    ) -> HttpResult:
         last = "no attempt"
         for attempt in range(self.retries + 1):
             if stop is not None and stop.is_set():
@@ -154,7 +163,7 @@ class CompletionClient:
                     if status in (429, 503):
                         wait_at_least = min(_retry_after(hdrs.get("retry-after")), self.max_retry_after)
             if attempt < self.retries:
-                delay = max(wait_at_least, random.uniform(0, min(self.max_backoff, self.backoff * 2 ** attempt)))
+                delay = max(wait_at_least, random.uniform(0, min(self.max_backoff, self.backoff * 2**attempt)))
                 if stop is not None:
                     if stop.wait(delay):
                         return HttpResult(error=f"cancelled ({last})", attempts=attempt + 1)

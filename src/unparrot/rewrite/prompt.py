@@ -26,8 +26,10 @@ N_SHOTS = 3
 
 # Special tokens a base model may emit as text instead of a newline (Gemma's <start_of_image> runs,
 # <eos>, ChatML/Llama-3 markers, </s>): everything from the first one on is not part of the rewrite.
-_SPECIAL = re.compile(r"<(?:start_of_\w+|end_of_\w+|eos|bos|pad|unk|mask|image_soft_token)>"
-                      r"|<\|[^|<>]{1,40}\|>|</s>|\[/?INST\]")
+_SPECIAL = re.compile(
+    r"<(?:start_of_\w+|end_of_\w+|eos|bos|pad|unk|mask|image_soft_token)>"
+    r"|<\|[^|<>]{1,40}\|>|</s>|\[/?INST\]"
+)
 _QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "`": "`", "\u00ab": "\u00bb"}
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 _WS = re.compile(r"\s+")
@@ -73,8 +75,10 @@ def load_style(style: str) -> StylePool:
     p = Path(style)
     if p.suffix == ".tsv" and p.is_file():
         return parse_style_tsv(p.read_text(encoding="utf-8"), p.stem)
-    raise KeyError(f"unknown rewrite style {style!r}; built-in: {', '.join(STYLES)} (or a path to a .tsv "
-                   f"file of 'source<TAB>target' lines)")
+    raise KeyError(
+        f"unknown rewrite style {style!r}; built-in: {', '.join(STYLES)} (or a path to a .tsv "
+        f"file of 'source<TAB>target' lines)"
+    )
 
 
 def clean_caption(caption: str) -> str:

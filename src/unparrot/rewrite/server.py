@@ -26,9 +26,16 @@ def free_port() -> int:
 class LlamaServer:
     """`with LlamaServer() as srv: rewrite(pool, backend="openai", base_url=srv.url)`."""
 
-    def __init__(self, model: str | None = None, alias: str = "gemma-3-270m", threads: int = 1,
-                 n_ctx: int = 2048, port: int | None = None, ready_timeout: float = 180.0,
-                 log: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        model: str | None = None,
+        alias: str = "gemma-3-270m",
+        threads: int = 1,
+        n_ctx: int = 2048,
+        port: int | None = None,
+        ready_timeout: float = 180.0,
+        log: str | os.PathLike | None = None,
+    ):
         if model is None:
             from .backends import default_gguf
 
@@ -49,12 +56,29 @@ class LlamaServer:
 
     def start(self) -> "LlamaServer":
         env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", self.model, "--model_alias", self.alias,
-               "--host", "127.0.0.1", "--port", str(self.port), "--n_threads", str(self.threads),
-               "--n_threads_batch", str(self.threads), "--n_ctx", str(self.n_ctx),
-               # the server computes logits for every prompt token by default (for logprobs): ~2x
-               # slower prompts, and rewrites need only the last token's
-               "--logits_all", "False"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            self.model,
+            "--model_alias",
+            self.alias,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--n_threads",
+            str(self.threads),
+            "--n_threads_batch",
+            str(self.threads),
+            "--n_ctx",
+            str(self.n_ctx),
+            # the server computes logits for every prompt token by default (for logprobs): ~2x
+            # slower prompts, and rewrites need only the last token's
+            "--logits_all",
+            "False",
+        ]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + self.ready_timeout

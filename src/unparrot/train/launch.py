@@ -71,8 +71,9 @@ class Launched:
         return time.time() - self.started
 
 
-def launch(config: TrainConfig | dict, log: str | os.PathLike | None = None, name: str | None = None,
-           env: dict | None = None) -> Launched:
+def launch(
+    config: TrainConfig | dict, log: str | os.PathLike | None = None, name: str | None = None, env: dict | None = None
+) -> Launched:
     """Start training `config` in a new Python process and return at once. Its output goes to `log` (a
     file, overwritten) or, without one, to this process's stdout/stderr; `env` adds environment variables."""
     config = TrainConfig.from_dict(config) if isinstance(config, dict) else config
@@ -89,8 +90,14 @@ def launch(config: TrainConfig | dict, log: str | os.PathLike | None = None, nam
     return Launched(name or Path(config.out).name, config, p, log, time.time(), path)
 
 
-def launch_all(configs: dict[str, TrainConfig], workers: int, logs: str | os.PathLike | None = None,
-               on_start=None, on_done=None, env: dict | None = None) -> dict[str, dict]:
+def launch_all(
+    configs: dict[str, TrainConfig],
+    workers: int,
+    logs: str | os.PathLike | None = None,
+    on_start=None,
+    on_done=None,
+    env: dict | None = None,
+) -> dict[str, dict]:
     """Train every config (name -> config), `workers` processes at a time, and return name -> summary.
     Each run logs to `logs/train-<name>.log`; `on_start(name)` and `on_done(name, summary, seconds)` report
     progress; `env` as in `launch`. The first failed run raises."""
@@ -115,8 +122,16 @@ def run_distributed(config: TrainConfig, nproc: int) -> int:
     """Train `config` on `nproc` processes (torch.distributed.run, standalone) and return their exit
     status; `train()` in each reads its rank from torchrun's environment."""
     path = _config_file(config)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "unparrot.train.launch", str(path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "unparrot.train.launch",
+        str(path),
+    ]
     try:
         return subprocess.call(cmd)
     finally:

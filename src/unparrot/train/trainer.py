@@ -39,8 +39,10 @@ class TrainConfig:
     train_data: str | list = option("", "")
     # run folder: checkpoints/, metrics.jsonl, tensorboard/
     out: str = option("runs/run", "run folder (checkpoints/, metrics.jsonl, tensorboard/, summary.json)")
-    model: str = option("unparrot-rn-tiny-v1k", "open_clip architecture or an unparrot config "
-        "(unparrot-rn-tiny[-v1k], unparrot-vit-tiny)")
+    model: str = option(
+        "unparrot-rn-tiny-v1k",
+        "open_clip architecture or an unparrot config (unparrot-rn-tiny[-v1k], unparrot-vit-tiny)",
+    )
     pretrained: str | None = option(None, "initial weights: checkpoint file or open_clip tag")
     # samples seen in the whole run
     samples: int = option(115_200, "samples seen in the whole run (steps = samples // batch_size)")
@@ -56,8 +58,9 @@ class TrainConfig:
     # gradient accumulation micro-steps per optimizer step
     accum: int = option(1, "gradient accumulation micro-batches per step (exact for the contrastive loss)")
     # e.g. 33.3 (temperature 0.03); None keeps open_clip's 1/0.07
-    init_logit_scale: float | None = option(None, "initial logit scale, e.g. 33.3 (temperature 0.03); default "
-        "open_clip's 1/0.07")
+    init_logit_scale: float | None = option(
+        None, "initial logit scale, e.g. 33.3 (temperature 0.03); default open_clip's 1/0.07"
+    )
     seed: int = option(0, "seed of the model init and the data order")
     # data loader processes per training process (not `workers`: that is the engines' operator copies;
     # the old name still reads, as a flag and in configs)
@@ -66,22 +69,28 @@ class TrainConfig:
     # global (layout-independent) or sharded (scalable)
     data_order: str = option("global", "global (same batches for any process layout) or sharded (scalable)")
     # RandomResizedCrop scale (LaCLIP); None: no augmentation
-    rrc_scale: tuple | None = option((0.5, 1.0), "RandomResizedCrop scale range (LaCLIP: [0.5, 1.0]); null: no "
-        "augmentation")
+    rrc_scale: tuple | None = option(
+        (0.5, 1.0), "RandomResizedCrop scale range (LaCLIP: [0.5, 1.0]); null: no augmentation"
+    )
     # LaCLIP: sample among the caption and its rewrites
     rewrites: bool = option(False, "LaCLIP: sample the caption among the original and its rewrites (.json 'rewrites')")
     # weight of the original caption among the rewrites
     original_weight: float = option(1.0, "relative weight of the original caption among the rewrites")
     # weights of rewrites 1, 2, ... (default 1 each; missing ones 1)
-    rewrite_weights: list | None = option(None, "weights of rewrite 1, 2, ... (YAML list, e.g. [1, 1, 0.5, 0.5]; "
-        "default 1 each)")
+    rewrite_weights: list | None = option(
+        None, "weights of rewrite 1, 2, ... (YAML list, e.g. [1, 1, 0.5, 0.5]; default 1 each)"
+    )
     # probability of filling the text boxes (needs "boxes" in .json)
-    mask_text_prob: float = option(0.0, "probability of filling the text boxes (.json 'boxes', from reshard --columns "
-        "boxes)")
+    mask_text_prob: float = option(
+        0.0, "probability of filling the text boxes (.json 'boxes', from reshard --columns boxes)"
+    )
     # extra texts/files for a dense vocabulary (eval prompts)
-    vocab_texts: list = field(default_factory=list, metadata={"help": "extra texts or text files for a dense "
-        "vocabulary (-v1k models): evaluation prompts, "
-        "class names"})
+    vocab_texts: list = field(
+        default_factory=list,
+        metadata={
+            "help": "extra texts or text files for a dense vocabulary (-v1k models): evaluation prompts, class names"
+        },
+    )
     # auto (fp32 on CPU, amp bf16 on GPU), fp32, bf16, amp
     precision: str = option("auto", "auto (fp32 on CPU, bf16 autocast on GPU), fp32, bf16, amp")
     device: str = option("auto", "auto, cpu, cuda")
@@ -97,9 +106,12 @@ class TrainConfig:
     resume: str | None = option(None, "checkpoint path or 'latest' (exact continuation)")
     sync_bn: bool = option(False, "SyncBatchNorm across GPUs")
     # at the end, RUN/open_clip/: a folder open_clip's own loaders read
-    export_open_clip: bool = option(True, "write RUN/open_clip/ at the end (open_clip_config.json + weights; "
+    export_open_clip: bool = option(
+        True,
+        "write RUN/open_clip/ at the end (open_clip_config.json + weights; "
         "open_clip, open_clip_train and CLIP_benchmark load it as "
-        "local-dir:RUN/open_clip)")
+        "local-dir:RUN/open_clip)",
+    )
     progress: bool = option(True, "")
 
     def validate(self) -> "TrainConfig":
@@ -369,8 +381,16 @@ def _data(run: _Run, shards):
         mask_text_prob=cfg.mask_text_prob,
     )
     stream = TrainStream(
-        shards, maker, cfg.batch_size, run.stop, run.start_step, place.rank, place.world, cfg.seed,
-        cfg.shuffle_buffer, cfg.data_order,
+        shards,
+        maker,
+        cfg.batch_size,
+        run.stop,
+        run.start_step,
+        place.rank,
+        place.world,
+        cfg.seed,
+        cfg.shuffle_buffer,
+        cfg.data_order,
     )
     loader = tud.DataLoader(
         stream,
@@ -411,7 +431,10 @@ class _Logs:
             except Exception:  # noqa: BLE001 - tensorboard is optional
                 writer = None
         bar = progress_bar(
-            total=run.stop, initial=run.start_step, desc=f"train {out.name}", unit="step",
+            total=run.stop,
+            initial=run.start_step,
+            desc=f"train {out.name}",
+            unit="step",
             disable=not (is_main and cfg.progress),
         )
         metrics_path = out / "metrics.jsonl"
