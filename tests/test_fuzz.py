@@ -2,7 +2,8 @@
 
 Bounded for CI: derandomized (the same examples on every machine) and FUZZ_EXAMPLES examples per target
 (default 150; UNPARROT_FUZZ_EXAMPLES=5000 UNPARROT_FUZZ_RANDOM=1 for a long run, see docs/reliability.md).
-Each property is a guarantee stated in docs/reliability.md; every failure found became a fix and stays here as an example.
+Each property is a guarantee stated in docs/reliability.md; every failure found became a fix and stays here as an
+example.
 """
 
 import io
