@@ -285,7 +285,7 @@ def test_card_separates_a_reader_from_a_non_reader(tmp_path):
             samples=READER_STEPS * 64,
             batch_size=64,
             threads=1,
-            workers=0,
+            loader_workers=0,
             init_logit_scale=33.3,
             vocab_texts=[str(tmp_path / "words.txt")],
             progress=False,
