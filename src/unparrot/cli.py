@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from .flags import add_config_flags, call_with, config_from_flags, given, key_value, option
+from .flags import add_config_flags, call_with, config_from_flags, given, key_values, option
 
 
 # ---- options only the command line has ------------------------------------------------------------
@@ -25,21 +25,12 @@ class Quiet:
 
 @dataclass
 class Params:
-    param: dict | None = option(
-        None, "operator parameter (repeatable)", action="append", item=key_value, convert=dict, metavar="KEY=VALUE"
-    )
+    param: dict | None = key_values("operator parameter (repeatable)")
 
 
 @dataclass
 class SynthExtras:
-    param: dict | None = option(
-        None,
-        "override a world parameter (repeatable)",
-        action="append",
-        item=key_value,
-        convert=dict,
-        metavar="KEY=VALUE",
-    )
+    param: dict | None = key_values("override a world parameter (repeatable)")
     stats: bool = option(False, "print ground-truth text statistics")
 
 

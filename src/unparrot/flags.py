@@ -34,6 +34,16 @@ def option(default: Any = _MISSING, help: str = "", *, aliases: tuple[str, ...] 
     return dataclasses.field(default=default, metadata=meta)
 
 
+def key_values(help: str, *, aliases: tuple[str, ...] = ()) -> Any:
+    """A repeatable `--flag KEY=VALUE` field, collected into a dict (None when not given)."""
+    return option(None, help, aliases=aliases, action="append", item=key_value, convert=dict, metavar="KEY=VALUE")
+
+
+def named_paths(help: str, *, aliases: tuple[str, ...] = ()) -> Any:
+    """A repeatable `--flag NAME=PATH` field (a bare PATH is named by its folder), collected into a dict."""
+    return option(None, help, aliases=aliases, action="append", item=named_path, convert=dict, metavar="NAME=PATH")
+
+
 def field_default(f: dataclasses.Field) -> Any:
     """A field's default value (its factory called), or MISSING."""
     if f.default is not _MISSING:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .engine import run
-from .flags import key_value, option
+from .flags import key_values, option
 from .ops.spot import SpotConfig
 from .pool import Pool
 from .cotr import STOPWORDS, tokens
@@ -90,22 +90,9 @@ class ProfileConfig:
     backend: str = option(SpotConfig.backend, "OCR backend: rapidocr, oracle or module:Class")
     workers: int = option(2, "operator copies working on shards at once (local: processes; ray: actors)")
     batch_size: int = option(32, "samples per spot call")
-    spot_params: dict | None = option(
-        None,
-        "spot operator option (repeatable)",
-        action="append",
-        item=key_value,
-        convert=dict,
-        metavar="KEY=VALUE",
-        aliases=("--spot-param",),
-    )
-    parrot_params: dict | None = option(
-        None,
+    spot_params: dict | None = key_values("spot operator option (repeatable)", aliases=("--spot-param",))
+    parrot_params: dict | None = key_values(
         "CoTR variant: stopwords=true, min_len=2, fuzzy=true, keep_non_latin=true (repeatable)",
-        action="append",
-        item=key_value,
-        convert=dict,
-        metavar="KEY=VALUE",
         aliases=("--parrot-param",),
     )
     spot_stage: str = option("spot", "spot stage name")

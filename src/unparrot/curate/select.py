@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ..flags import key_value, option
+from ..flags import key_values, option
 from ..pool import Pool, atomic_write_bytes, write_subset
 from .expr import ExprError, check, columns_of, evaluate, parse, rank_mask
 
@@ -244,15 +244,7 @@ class SelectConfig:
 
     out: str | None = option(None, "subset path (default POOL/subsets/<name>.npy)")
     name: str | None = option(None, "subset name (default: the recipe name)")
-    overrides: dict | None = option(
-        None,
-        "recipe parameter, e.g. min_clip_score=0.28 (repeatable)",
-        action="append",
-        item=key_value,
-        convert=dict,
-        metavar="KEY=VALUE",
-        aliases=("--set",),
-    )
+    overrides: dict | None = key_values("recipe parameter, e.g. min_clip_score=0.28 (repeatable)", aliases=("--set",))
     size_like: str | None = option(None, "cut to the size of another subset (random control)")
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dataclasses import dataclass
 
-from ..flags import comma_list, named_path, option
+from ..flags import comma_list, named_paths, option
 from .attack import build_attack
 from .datasets import load_set
 from .results import (
@@ -40,27 +40,11 @@ class EvaluateConfig:
 
     model: str = option(help="open_clip architecture or unparrot config")
     pretrained: str | None = option(None, "checkpoint file (or open_clip tag)")
-    datasets: dict | None = option(
-        None,
-        "labelled set for zeroshot (repeatable)",
-        action="append",
-        item=named_path,
-        convert=dict,
-        metavar="NAME=PATH",
-        aliases=("--dataset",),
-    )
+    datasets: dict | None = named_paths("labelled set for zeroshot (repeatable)", aliases=("--dataset",))
     tasks: tuple = option(("zeroshot",), "comma list of " + ", ".join(TASKS), item=comma_list, metavar="A,B")
     out: str = option(ResultsConfig.out, "results folder")
     name: str | None = option(None, "name of the model in the results (default: the run folder or model)")
-    retrieval_sets: dict | None = option(
-        None,
-        "set with captions for retrieval (repeatable)",
-        action="append",
-        item=named_path,
-        convert=dict,
-        metavar="NAME=PATH",
-        aliases=("--retrieval",),
-    )
+    retrieval_sets: dict | None = named_paths("set with captions for retrieval (repeatable)", aliases=("--retrieval",))
     sync_words: list | None = option(None, "words to render for the Sync score")
     sync_font_scale: float | None = option(None, "font px / canvas (default 32/224)")
     templates: str | None = option(None, "openai, simple, plain or a file (default: the set's own)")

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from ..engine.stage import claim_stage, select_shards, shards_to_do, stage_counts
 from ..pool import FirstSeen, Pool, Shard
-from ..flags import key_value, option
+from ..flags import key_values, option
 from ..progress import progress_bar
 from .backends import BACKENDS, Backend, Completion, Request, get_backend
 from .cache import RewriteCache, task_key
@@ -205,15 +205,7 @@ class RewriteConfig:
     max_captions: int | None = option(None, "rewrite only the N most frequent unique captions (a budget)")
     overwrite: bool = option(False, "redo a stage made with other parameters")
     stage: str = option("rewrite", "output stage name")
-    backend_options: dict | None = option(
-        None,
-        "extra backend option (repeatable)",
-        action="append",
-        item=key_value,
-        convert=dict,
-        metavar="KEY=VALUE",
-        aliases=("--param",),
-    )
+    backend_options: dict | None = key_values("extra backend option (repeatable)", aliases=("--param",))
     caption_column: str | None = option(
         None,
         "rewrite this column's captions instead of the shards' (e.g. "
