@@ -61,6 +61,11 @@ class CotrOptions:
     keep_non_latin: bool = False
 
 
+def cotr_options(stopwords, min_len, fuzzy, fuzzy_min_len, keep_non_latin) -> CotrOptions:
+    """The CoTR variant from a stage's recorded parameters (YAML/JSON values, cast to the fields' types)."""
+    return CotrOptions(bool(stopwords), int(min_len), bool(fuzzy), int(fuzzy_min_len), bool(keep_non_latin))
+
+
 def _filter(toks: Iterable[str], opt: CotrOptions) -> list[str]:
     return [t for t in toks if len(t) >= opt.min_len and not (opt.stopwords and t in STOPWORDS)]
 

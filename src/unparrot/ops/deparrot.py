@@ -33,7 +33,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from ..cotr import STOPWORDS, CotrOptions, co_embedded, normalize, tokens
+from ..cotr import STOPWORDS, CotrOptions, co_embedded, cotr_options, normalize, tokens
+from ..deparrot import DeparrotConfig as C
 from .base import Operator, column, map_rows
 
 DEPARROT_COLUMNS = ("deparrot_caption", "deparrot_mode", "removed_words", "residual_cotr")
@@ -268,28 +269,28 @@ class Deparrot(Operator):
 
     def __init__(
         self,
-        mode: str = "strip",
-        min_words: int = 1,
-        spot_stage: str = "spot",
-        parrot_stage: str = "parrot",
-        stopwords: bool = False,
-        min_len: int = 1,
-        fuzzy: bool = False,
-        fuzzy_min_len: int = 5,
-        keep_non_latin: bool = False,
-        backend: str = "llama-cpp",
-        model: str | None = None,
-        base_url: str | None = None,
-        api_key_env: str = "OPENAI_API_KEY",
-        concurrency: int = 4,
-        timeout: float = 120.0,
-        temperature: float = 0.7,
-        top_p: float = 0.95,
-        max_tokens: int = 48,
-        retries: int = 2,
-        seed: int = 0,
-        threads: int | None = None,
-        max_rewrite_chars: int = 1000,
+        mode: str = C.mode,
+        min_words: int = C.min_words,
+        spot_stage: str = C.spot_stage,
+        parrot_stage: str = C.parrot_stage,
+        stopwords: bool = CotrOptions.stopwords,
+        min_len: int = CotrOptions.min_len,
+        fuzzy: bool = CotrOptions.fuzzy,
+        fuzzy_min_len: int = CotrOptions.fuzzy_min_len,
+        keep_non_latin: bool = CotrOptions.keep_non_latin,
+        backend: str = C.backend,
+        model: str | None = C.model,
+        base_url: str | None = C.base_url,
+        api_key_env: str = C.api_key_env,
+        concurrency: int = C.concurrency,
+        timeout: float = C.timeout,
+        temperature: float = C.temperature,
+        top_p: float = C.top_p,
+        max_tokens: int = C.max_tokens,
+        retries: int = C.retries,
+        seed: int = C.seed,
+        threads: int | None = C.threads,
+        max_rewrite_chars: int = C.max_rewrite_chars,
         cache: str | None = None,
         backend_options: dict | None = None,
     ):
@@ -300,13 +301,7 @@ class Deparrot(Operator):
         self.mode, self.min_words, self.retries, self.seed = mode, int(min_words), int(retries), int(seed)
         self.max_rewrite_chars = int(max_rewrite_chars)
         # the parrot stage's CoTR options, so residual_cotr is its CoTR of the new caption
-        self.opt = CotrOptions(
-            stopwords=bool(stopwords),
-            min_len=int(min_len),
-            fuzzy=bool(fuzzy),
-            fuzzy_min_len=int(fuzzy_min_len),
-            keep_non_latin=bool(keep_non_latin),
-        )
+        self.opt = cotr_options(stopwords, min_len, fuzzy, fuzzy_min_len, keep_non_latin)
         self.inputs = {spot_stage: ["texts"], parrot_stage: ["co_emb"]}
         self.backend = self.cache = None
         self.backend_name = backend

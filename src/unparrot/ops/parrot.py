@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from dataclasses import dataclass
 
-from ..cotr import CotrOptions, co_embedded
+from ..cotr import CotrOptions, co_embedded, cotr_options
 from ..flags import option
 from .base import Operator, column, map_rows
 
@@ -52,13 +52,7 @@ class Parrot(Operator):
         fuzzy_min_len: int = ParrotConfig.fuzzy_min_len,
         keep_non_latin: bool = ParrotConfig.keep_non_latin,
     ):
-        self.opt = CotrOptions(
-            stopwords=bool(stopwords),
-            min_len=int(min_len),
-            fuzzy=bool(fuzzy),
-            fuzzy_min_len=int(fuzzy_min_len),
-            keep_non_latin=bool(keep_non_latin),
-        )
+        self.opt = cotr_options(stopwords, min_len, fuzzy, fuzzy_min_len, keep_non_latin)
         self.inputs = {spot_stage: ["texts"]}
 
     @classmethod
