@@ -83,9 +83,9 @@ def test_text_free_sees_and_parrot_reads(tmp_path):
         m[name] = {(r["task"], r["dataset"]): r["metrics"] for r in recs}
     obj_clean = m["obj"][("zeroshot", "clean")]["acc1"]
     # "sees": far above chance (0.1). The bound was 0.3 until 2026-12-01, when the merged tree measured 0.297 here:
-    # 89 instead of 90 of the 300 clean images, one image, the size of a float32 summation-order difference in
-    # training (results are deterministic on one machine, not across). A bound at one run's value cannot hold on
-    # every machine, so it says "2.5x chance".
+    # 89 instead of 90 of the 300 clean images, one image (which change moved it is not known; results are
+    # deterministic on one machine, not across). A bound at one run's value cannot hold on every machine, so
+    # it says "2.5x chance".
     assert obj_clean >= 0.25, f"text-free model: clean zero-shot {obj_clean:.3f} (chance 0.1)"
     gap = {k: m[k][("sync", "rendered-vocab")]["sync_gap"] for k in m}
     success = {k: m[k][("zeroshot", "attack")]["attack_success_rate"] for k in m}
