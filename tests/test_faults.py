@@ -90,19 +90,26 @@ def _kib_used(path):
 
 
 def test_a_full_disk_fails_in_one_line_and_the_rerun_completes(synth_pool, tmp_path, small_tmpfs):
-    """A pool on a tmpfs with room for about half of the stage's output: the stage stops with one line
-    (no space left), exit 1; what is there is an unfinished stage, no column file that looks complete;
-    after the tmpfs is made larger the same command ends with the uninterrupted run's files."""
+    """A pool on a tmpfs with room for a quarter, half, three quarters of the stage's output: the stage
+    stops with one line (no space left), exit 1; what is there is an unfinished stage whose files are each
+    whole (equal to the uninterrupted run's), no column file that looks complete; after the tmpfs is made
+    larger the same command ends with the uninterrupted run's files."""
     mnt, remount = small_tmpfs
-    want, clean = _clean_run(synth_pool, tmp_path)
+    want, _ = _clean_run(synth_pool, tmp_path)
     out_kib = sum(-(-len(b) // 4096) * 4 for files in want.values() for b in files.values())  # in pages
-    pool = shutil.copytree(synth_pool, mnt / "pool")
-    remount(_kib_used(mnt) + out_kib // 2)
-    rc, err = _cli(STAGE, pool)
-    _assert_one_line_error(rc, err, "No space left on device")
-    _assert_nothing_complete_looking(pool)
-    remount(32 * 1024)
-    _assert_rerun_equals(pool, want)
+    for quarter in (1, 2, 3):
+        remount(32 * 1024)
+        shutil.rmtree(mnt / "pool", ignore_errors=True)
+        pool = shutil.copytree(synth_pool, mnt / "pool")
+        remount(_kib_used(mnt) + out_kib * quarter // 4)
+        rc, err = _cli(STAGE, pool)
+        _assert_one_line_error(rc, err, "No space left on device")
+        _assert_nothing_complete_looking(pool)
+        for d, files in want.items():
+            got = tree_bytes(pool / d / "inspect")
+            assert all(got[f] == files[f] for f in got if not f.endswith(".tmp")), (quarter, d)
+        remount(32 * 1024)
+        _assert_rerun_equals(pool, want)
 
 
 # ---- permission denied as a non-root user ----------------------------------------------------------
