@@ -264,7 +264,9 @@ def cluster(
     about that share of the pool has a closer earlier neighbour in its cluster (the greedy rule then drops
     at most that share): useful when the scale of cosines is unknown (small models trained from scratch).
     `centroids` names a folder written by an earlier run (its PCA
-    and centroids are reused to assign this pool instead of training). Re-running replaces the stage.
+    and centroids are reused to assign this pool instead of training). Re-running replaces the stage and,
+    at the same step, POOL/cluster/<stage> (the PCA and centroids the stage was assigned with, copied
+    there also when they came from `centroids`).
     """
     km = kmeans_settings(
         kmeans,
