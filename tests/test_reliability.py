@@ -104,15 +104,35 @@ def test_killed_select_leaves_nothing_half_made(tmp_path):
 
 
 # ---- whole-pool stages --------------------------------------------------------------------------
+def _cluster_k(root):
+    """(k of columns/cluster/_stage.json, number of centroids in cluster/cluster/), None where absent."""
+    stage, model = root / "columns" / "cluster" / "_stage.json", root / "cluster" / "cluster" / "centroids.npy"
+    return (
+        json.loads(stage.read_text())["params"]["k"] if stage.exists() else None,
+        len(np.load(model)) if model.exists() else None,
+    )
+
+
+def _cluster_model(root):
+    """The arrays of cluster/cluster/ (pca.npz's zip headers hold the time of writing, so not its bytes)."""
+    d = root / "cluster" / "cluster"
+    z = np.load(d / "pca.npz")
+    return {"centroids": np.load(d / "centroids.npy").tolist(), **{f: z[f].tolist() for f in z.files}}
+
+
 def test_cluster_is_all_or_nothing(tmp_path):
     """Regression: cluster killed after some shards left them next to shards of the previous run (two k),
-    with the old _stage.json; now the stage is built aside and swapped in whole."""
+    with the old _stage.json; now the stage is built aside and swapped in whole. Regression too: the PCA
+    and centroids were written into the live cluster/<stage>/ before the stage was swapped in, so a kill
+    left centroids of the new k beside the stage of the old one; now they swap in with it: at every kill
+    point the two agree (or one is missing, mid-swap), and the rerun makes both the new run's."""
     pool, _, _ = _columns_pool(tmp_path / "p")
     cluster(pool, k=3, niter=3, progress=False)
     before = tree_bytes(pool.root / "columns" / "cluster")
     total = count_renames(
         lambda: cluster(Pool(shutil.copytree(pool.root, tmp_path / "c")), k=4, niter=3, progress=False)
     )
+    want = tree_bytes(tmp_path / "c" / "columns" / "cluster"), _cluster_model(tmp_path / "c")
     for n in range(1, total + 1):
         p = shutil.copytree(pool.root, tmp_path / f"k{n}")
         assert run_killed(lambda p=p: cluster(Pool(p), k=4, niter=3, progress=False), n) == KILLED
@@ -123,6 +143,12 @@ def test_cluster_is_all_or_nothing(tmp_path):
                 int(pq.read_table(p / "columns" / "cluster" / f).column("cluster").to_numpy().max()) < 4
                 for f in ("a.parquet", "b.parquet")
             } == {True}
+        stage_k, model_k = _cluster_k(p)
+        assert None in (stage_k, model_k) or stage_k == model_k, (n, stage_k, model_k)
+        cluster(Pool(p), k=4, niter=3, progress=False)
+        assert (tree_bytes(p / "columns" / "cluster"), _cluster_model(p)) == want
+        assert sorted(f.name for f in (p / "cluster").iterdir()) == ["cluster"]  # nothing left aside
+        assert verify(p).ok, verify(p).line()
     assert total >= 4
 
 

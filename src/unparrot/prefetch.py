@@ -6,6 +6,7 @@ pass without the cost of extra processes.
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
 
@@ -20,6 +21,16 @@ def _pool() -> ThreadPoolExecutor:
     if _POOL is None:
         _POOL = ThreadPoolExecutor(1, thread_name_prefix="unparrot-prefetch")
     return _POOL
+
+
+def _forget_pool():
+    """In a forked child the helper thread is gone while the executor still counts it (it would never
+    start another one, and every `prefetch` would wait forever): the child makes its own."""
+    global _POOL
+    _POOL = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def prefetch(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:

@@ -7,7 +7,8 @@ file that does not add up:
   twice; rows + error rows = the shard's samples (stages with error files; `cluster` rows = its input
   stage's rows); a shard with no output (an incomplete stage) or changed since it was processed;
 - embeddings (`embeddings/<stage>/<shard>.<name>.npy`) with exactly one row per column-file row;
-- `_stage.json` present and readable, one schema across a stage's column files, cluster labels < k;
+- `_stage.json` present and readable, one schema across a stage's column files, cluster labels < k and
+  the centroids in `cluster/<stage>/` of that k;
 - subsets: a readable DataComp array whose uids are all in the pool, with its `.json` and the same count;
 - a reshard output: as many samples as its `reshard.json` says were written;
 - no stray temporary files (`.*.tmp`), stage folders being built aside, or an unfinished reshard.
@@ -96,7 +97,9 @@ def verify(pool: Pool | str) -> VerifyReport:
         if (
             p.name.endswith(".tmp")
             or p.name == ".reshard.partial"
-            or (p.parent.name == "columns" and p.name.startswith(".") and p.name.endswith((".new", ".old")))
+            or (
+                p.parent.name in ("columns", "cluster") and p.name.startswith(".") and p.name.endswith((".new", ".old"))
+            )
         ):
             rep.add(p, "left by an interrupted write (rerun the command that makes it)")
     return rep
@@ -195,6 +198,20 @@ def _verify_stage(pool: Pool, st: str, shards, samples, rep: VerifyReport, pq):
             if len(labels) and (labels.min() < 0 or labels.max() >= int(params["k"])):
                 rep.add(path, f"cluster labels outside 0..{int(params['k']) - 1} (_stage.json says k={params['k']})")
         _verify_embeddings(pool, st, sid, len(uids), rep)
+    if done and base is not None and "k" in params:
+        _verify_cluster_model(pool, st, int(params["k"]), rep)
+
+
+def _verify_cluster_model(pool: Pool, st: str, k: int, rep: VerifyReport):
+    """POOL/cluster/<stage> must hold the centroids of the stage's k: `--centroids` assigns with them."""
+    path = pool.root / "cluster" / st / "centroids.npy"
+    try:
+        got = len(np.load(path, mmap_mode="r"))
+    except (OSError, ValueError) as e:
+        rep.add(path, f"the stage's centroids are unreadable or missing (rerun cluster): {e}")
+        return
+    if got != k:
+        rep.add(path, f"{got} centroids beside a stage of k={k} (rerun cluster)")
 
 
 def _verify_embeddings(pool: Pool, st: str, sid: str, rows: int, rep: VerifyReport):

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -261,7 +264,9 @@ def cluster(
     about that share of the pool has a closer earlier neighbour in its cluster (the greedy rule then drops
     at most that share): useful when the scale of cosines is unknown (small models trained from scratch).
     `centroids` names a folder written by an earlier run (its PCA
-    and centroids are reused to assign this pool instead of training). Re-running replaces the stage.
+    and centroids are reused to assign this pool instead of training). Re-running replaces the stage and,
+    at the same step, POOL/cluster/<stage> (the PCA and centroids the stage was assigned with, copied
+    there also when they came from `centroids`).
     """
     km = kmeans_settings(
         kmeans,
@@ -278,15 +283,11 @@ def cluster(
     pool = pool if isinstance(pool, Pool) else Pool(pool)
     t0 = time.time()
     shard_ids, uids, sizes, emb = _load_embeddings(pool, embed_stage, embedding)
-    out_dir = pool.root / "cluster" / stage
-    out_dir.mkdir(parents=True, exist_ok=True)
     if centroids:
         proj, cents = _load_clustering(Path(centroids), emb.shape[1])
         x = proj(emb)
     else:
         proj, cents, x = _fit_clustering(emb, pca_dim, k, km)
-        proj.save(out_dir / "pca.npz")
-        atomic_save_npy(out_dir / "centroids.npy", cents)
     labels, dist = assign(x, cents)
     del x
     order, bounds = _visit_order(labels, dist, keep, len(cents))
@@ -308,7 +309,10 @@ def cluster(
         "centroids": centroids,
     }
     columns = {"cluster": labels, "dist_to_centroid": dist, "dup_of": dup_of, "keep_dedup": keep_mask}
-    _write_stage(pool, stage, embed_stage, shard_ids, sizes, uids, columns, params)
+    with _stage_and_model_aside(pool, stage) as (new_stage, new_model):
+        proj.save(new_model / "pca.npz")  # the model of this stage, also when it was reused (--centroids)
+        atomic_save_npy(new_model / "centroids.npy", cents)
+        _write_stage(pool, new_stage, embed_stage, shard_ids, sizes, uids, columns, params)
     n = len(emb)
     counts = np.bincount(labels, minlength=len(cents))
     return ClusterSummary(
@@ -395,29 +399,55 @@ def _dedup_clusters(emb: np.ndarray, order: np.ndarray, bounds: np.ndarray, eps:
     return keep_mask, dup_idx
 
 
-def _write_stage(pool: Pool, stage: str, embed_stage: str, shard_ids, sizes, uids, columns: dict, params: dict):
+@contextmanager
+def _stage_and_model_aside(pool: Pool, stage: str):
+    """Yield (column folder, model folder), both built aside, and swap them in together: the PCA and
+    centroids in POOL/cluster/<stage> always belong to the stage in columns/<stage>.
+
+    Two folders cannot be renamed at once, so the swap goes: old model away, old stage away, new stage
+    in, new model in. A kill between two of these leaves one of the two missing (rerun `cluster` to finish),
+    never the centroids of one run beside the stage of another (`--centroids` would assign with a model
+    of another k)."""
+    model = pool.root / "cluster" / stage
+    new_model, old_model = model.parent / f".{stage}.new", model.parent / f".{stage}.old"
+    for d in (new_model, old_model):  # leftovers of a killed run
+        shutil.rmtree(d, ignore_errors=True)
+    new_model.mkdir(parents=True)
+    try:
+        with stage_aside(pool.root, stage) as new_stage:
+            yield new_stage, new_model
+            if model.exists():
+                os.replace(model, old_model)
+    except BaseException:
+        shutil.rmtree(new_model, ignore_errors=True)
+        raise
+    os.replace(new_model, model)
+    shutil.rmtree(old_model, ignore_errors=True)
+
+
+def _write_stage(pool: Pool, new: Path, embed_stage: str, shard_ids, sizes, uids, columns: dict, params: dict):
     """One parquet file per shard of the embed stage (rows in its order, its keys) and the stage record,
-    all set aside and moved in at once: a killed run leaves the previous stage, never half of a new one."""
+    into the folder `new` that `_stage_and_model_aside` swaps in whole: a killed run leaves the previous
+    stage, never half of a new one."""
     start = 0
-    with stage_aside(pool.root, stage) as new:
-        for sid, size in zip(shard_ids, sizes):
-            sl = slice(start, start + size)
-            keys = pool.read_columns(embed_stage, sid, ["key"]).column("key").to_pylist()
-            atomic_write_table(
-                new / f"{sid}.parquet",
-                to_arrow(
-                    {
-                        "uid": uids[sl],
-                        "key": keys,
-                        "cluster": columns["cluster"][sl].astype(np.int32),
-                        "dist_to_centroid": columns["dist_to_centroid"][sl].astype(np.float32),
-                        "dup_of": list(columns["dup_of"][sl]),
-                        "keep_dedup": columns["keep_dedup"][sl],
-                    },
-                    CLUSTER_SCHEMA,
-                ),
-            )
-            start += size
-        atomic_write_bytes(
-            new / "_stage.json", json.dumps({"op": "cluster", "version": 1, "params": params}, indent=1).encode()
+    for sid, size in zip(shard_ids, sizes):
+        sl = slice(start, start + size)
+        keys = pool.read_columns(embed_stage, sid, ["key"]).column("key").to_pylist()
+        atomic_write_table(
+            new / f"{sid}.parquet",
+            to_arrow(
+                {
+                    "uid": uids[sl],
+                    "key": keys,
+                    "cluster": columns["cluster"][sl].astype(np.int32),
+                    "dist_to_centroid": columns["dist_to_centroid"][sl].astype(np.float32),
+                    "dup_of": list(columns["dup_of"][sl]),
+                    "keep_dedup": columns["keep_dedup"][sl],
+                },
+                CLUSTER_SCHEMA,
+            ),
         )
+        start += size
+    atomic_write_bytes(
+        new / "_stage.json", json.dumps({"op": "cluster", "version": 1, "params": params}, indent=1).encode()
+    )
