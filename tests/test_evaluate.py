@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import assert_close_scaled
+
 from unparrot.evaluate.attack import confused_classes
 from unparrot.evaluate.datasets import load_set, write_set
 from unparrot.evaluate.metrics import (
@@ -252,3 +254,23 @@ def test_sync_score_and_class_embeddings_hand_computed(monkeypatch):
     W = zeroshot.class_embeddings(clip, ["x", "y"], ["a photo of a {c}", "{c}"])
     np.testing.assert_allclose(W[0], np.array([1, 1]) / np.sqrt(2))  # mean of the templates, re-normalised
     np.testing.assert_allclose(W[1], [0.6, 0.8])
+
+
+def test_text_features_over_the_used_length_equal_open_clips(monkeypatch):
+    """encode_text cuts the padding after the last used token (a causal tower pooled at end-of-text does
+    not look at it): features equal open_clip's own encode_text, for open_clip's ViT-B-32 (77 positions)
+    and unparrot's tiny model; a tower pooled elsewhere ('last') runs uncut, where a cut would change it."""
+    import torch
+
+    from unparrot.models import build_vocab, encode_text, load_clip
+
+    texts = ["a photo of a cat.", "stop", "a rather long caption of a dog on a red mat " * 2, "x"]
+    for name, extra in (("ViT-B-32", {}), ("unparrot-rn-tiny-v1k", {"vocab": build_vocab(texts)})):
+        torch.manual_seed(0)
+        clip = load_clip(name, None, device="cpu", **extra)
+        model, tok = clip.model.eval(), clip.tokenizer(texts)
+        assert int((tok != 0).sum(1).max()) < tok.shape[1]  # there is padding to cut
+        with torch.inference_mode():
+            assert_close_scaled(encode_text(model, tok).numpy(), model.encode_text(tok).numpy(), rel=1e-5)
+            monkeypatch.setattr(model, "text_pool_type", "last")
+            assert torch.equal(encode_text(model, tok), model.encode_text(tok))

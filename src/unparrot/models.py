@@ -145,6 +145,47 @@ def build_vocab(texts, context_length: int = 32) -> list[int]:
     return sorted(ids)
 
 
+def _causal_eot_tower(model) -> bool:
+    """Whether `model`'s text tower is open_clip's plain one: causal attention (position i sees only
+    positions <= i) and features pooled at the end-of-text token. For such a tower the features of a text
+    do not depend on the padding after its end."""
+    import open_clip
+    import torch
+
+    mask = getattr(model, "attn_mask", None)
+    if type(model) is not open_clip.CLIP or getattr(model, "text_pool_type", None) not in ("argmax", "eos"):
+        return False
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return False
+    return bool((torch.isinf(mask) == torch.ones_like(mask, dtype=torch.bool).triu(1)).all())
+
+
+def encode_text(model, tokens):
+    """`model.encode_text(tokens)`, over the tokens' used length where that is the same computation.
+
+    CLIP's text context has 77 positions, while a class prompt or a word takes 5-15 and a caption 20-30;
+    the rest is padding (id 0). In a causal tower pooled at the end-of-text token no used position
+    attends to a later one, so cutting the trailing padding columns leaves every feature the same (up to
+    float summation order) and saves most of the text tower's work. Any other tower (a Hugging Face text
+    model, a non-causal mask, 'first'/'last' pooling) runs as open_clip runs it."""
+    import torch
+    from open_clip.transformer import text_global_pool
+
+    used = (tokens != 0).any(0).nonzero()
+    n = int(used.max()) + 1 if len(used) else tokens.shape[1]
+    if n >= tokens.shape[1] or not _causal_eot_tower(model):
+        return model.encode_text(tokens)
+    tokens = tokens[:, :n]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:n].to(cast)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
+    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    proj = model.text_projection
+    if proj is not None:
+        x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+    return x
+
+
 @dataclass
 class Clip:
     """A loaded CLIP model with its image transform and tokenizer."""

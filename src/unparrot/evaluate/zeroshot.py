@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..imaging.decode import DecodeError, open_image
+from ..models import encode_text
 from ..prefetch import prefetch
 from .datasets import LabelledSet
 from .metrics import attack_success_rate, mean_per_class_recall, retrieval_recall, topk_accuracy
@@ -24,7 +25,7 @@ def encode_texts(clip, texts: list[str], batch: int = 256) -> np.ndarray:
     out, dev = [], model_device(clip)
     with torch.inference_mode():
         for i in range(0, len(texts), batch):
-            f = clip.model.encode_text(clip.tokenizer(texts[i : i + batch]).to(dev))
+            f = encode_text(clip.model, clip.tokenizer(texts[i : i + batch]).to(dev))
             out.append(torch.nn.functional.normalize(f.float(), dim=-1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
 

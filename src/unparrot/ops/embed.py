@@ -100,6 +100,8 @@ class Embed(Operator):
     def __call__(self, batch):
         import torch
 
+        from ..models import encode_text
+
         images, captions = column(batch, "image"), column(batch, "caption")
         boxes = column(batch, "boxes") if self.masker is not None else [None] * len(images)
         n = len(images)
@@ -118,7 +120,7 @@ class Embed(Operator):
             with torch.inference_mode():
                 tok = self.clip.tokenizer([captions[i] for i in ok]).to(self.device)
                 fi = torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1)
-                ft = torch.nn.functional.normalize(model.encode_text(tok).float(), dim=-1)
+                ft = torch.nn.functional.normalize(encode_text(model, tok).float(), dim=-1)
                 if img_emb is None:
                     img_emb = np.zeros((n, fi.shape[1]), np.float32)
                     txt_emb = np.zeros((n, ft.shape[1]), np.float32)
