@@ -1,7 +1,8 @@
-"""Faults on real filesystems (issue 12, section 2): a full disk (a small tmpfs) and files a non-root user
-may not read or write (the CLI run as `nobody`). The CLI runs in a subprocess, as a user runs it: one
-line on stderr and exit 1, nothing half-written that looks complete, and the same command, rerun once
-the fault is fixed, ends with the files of an uninterrupted run."""
+"""Faults on real filesystems (issue 12, section 2): a full disk (a small tmpfs) and files the CLI may not
+read or write (file permissions, enforced for root too by dropping its override capabilities). The CLI
+runs in a subprocess, as a user runs it: one line on stderr and exit 1, nothing half-written that looks
+complete, and the same command, rerun once the fault is fixed, ends with the files of an uninterrupted
+run."""
 
 import os
 import shutil
@@ -20,15 +21,10 @@ STAGE = ["run", "inspect", "--workers", "1", "--quiet"]  # a per-shard stage wri
 
 
 def _cli(args, pool, user_cmd=()):
-    """`unparrot <args[0]> POOL <args[1:]>` in a subprocess (run by the command prefix `user_cmd` when
-    given): (exit code, stderr)."""
-    argv = [args[0], str(pool), *args[1:]]
-    if user_cmd:
-        cmd = [*user_cmd, *argv]
-        env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(Path(pool).parent)}
-    else:
-        cmd = [sys.executable, "-m", "unparrot", *argv]
-        env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
+    """`unparrot <args[0]> POOL <args[1:]>` in a subprocess (under the command prefix `user_cmd`, e.g.
+    setpriv): (exit code, stderr)."""
+    cmd = [*user_cmd, sys.executable, "-m", "unparrot", args[0], str(pool), *args[1:]]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     return p.returncode, p.stderr
 
@@ -112,69 +108,59 @@ def test_a_full_disk_fails_in_one_line_and_the_rerun_completes(synth_pool, tmp_p
         _assert_rerun_equals(pool, want)
 
 
-# ---- permission denied as a non-root user ----------------------------------------------------------
-# the CLI as `nobody`: the system's python3.11 (the venv's own interpreter lives under /root, which nobody
-# cannot enter) with the venv's site-packages and this checkout's src put on its path by _BOOT
-_BOOT = (
-    "import site, sys; site.addsitedir(sys.argv.pop(1)); sys.path.insert(0, sys.argv.pop(1)); "
-    "from unparrot.cli import main; sys.argv[0] = 'unparrot'; sys.exit(main())"
-)
+# ---- permission denied ----------------------------------------------------------------------------
+# A user's own file of mode 000, or own folder of mode 555, is refused by the kernel. Root is not refused (it
+# holds CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH), so as root the CLI runs under `setpriv` with those two
+# capabilities dropped from its bounding set: the same permission checks as for any user, and, unlike
+# switching to `nobody`, it still reaches the venv and a checkout under a root-only folder (mktemp -d, /root).
 
 
 @pytest.fixture
-def nobody():
-    """(command prefix running python as nobody, a folder of nobody's); skipped where that cannot be."""
-    import sysconfig
-
+def permissions_apply():
+    """The command prefix under which file permissions apply to the CLI; skipped where that cannot be."""
     if os.geteuid() != 0:
-        pytest.skip("running the CLI as nobody needs root")
-    setpriv, py = shutil.which("setpriv"), shutil.which("python3.11", path="/usr/bin:/bin")
-    if setpriv is None or py is None:
-        pytest.skip("needs setpriv and /usr/bin/python3.11 (the venv's interpreter is not readable by nobody)")
-    prefix = [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups", py, "-s", "-c", _BOOT]
-    prefix += [sysconfig.get_paths()["purelib"], str(SRC)]
-    probe = subprocess.run([*prefix, "--version"], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
-    if probe.returncode != 0:
-        pytest.skip(f"nobody cannot run the venv and this source: {probe.stderr.strip()[-300:]}")
-    home = Path(tempfile.mkdtemp(prefix="unparrot-nobody-"))  # not under pytest's root-only tmp folder
-    home.chmod(0o755)
-    try:
-        yield prefix, home
-    finally:
-        shutil.rmtree(home)
+        return ()
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("as root, needs setpriv (util-linux) to drop CAP_DAC_OVERRIDE for the CLI")
+    prefix = (setpriv, "--bounding-set=-dac_override,-dac_read_search")
+    with tempfile.TemporaryDirectory() as d:
+        probe = Path(d) / "probe"
+        probe.write_text("x")
+        probe.chmod(0o000)
+        p = subprocess.run([*prefix, sys.executable, "-c", f"open({str(probe)!r})"], capture_output=True)
+    if p.returncode == 0 or b"PermissionError" not in p.stderr:
+        pytest.skip(f"dropping CAP_DAC_OVERRIDE did not make permissions apply here: {p.stderr[-200:]!r}")
+    return prefix
 
 
-def _chown_nobody(path):
-    shutil.chown(path, "nobody", "nogroup")
-    for p in Path(path).rglob("*"):
-        shutil.chown(p, "nobody", "nogroup")
-
-
-def test_an_unreadable_shard_as_nobody(synth_pool, tmp_path, nobody):
-    """One shard of mode 000, the CLI run as nobody: one line naming the file, exit 1, nothing
-    complete-looking written for it; once it is readable the rerun ends with the uninterrupted run's files."""
-    prefix, home = nobody
+def test_an_unreadable_shard(synth_pool, tmp_path, permissions_apply):
+    """One shard of mode 000: one line naming the file, exit 1, nothing complete-looking written for it;
+    once it is readable the rerun ends with the uninterrupted run's files."""
     want, _ = _clean_run(synth_pool, tmp_path)
-    pool = shutil.copytree(synth_pool, home / "pool")
-    _chown_nobody(pool)
+    pool = shutil.copytree(synth_pool, tmp_path / "pool")
     shard = pool / "shards" / "00001.tar"
     shard.chmod(0o000)
-    rc, err = _cli(STAGE, pool, prefix)
-    _assert_one_line_error(rc, err, str(shard))
-    assert not (pool / "columns" / "inspect" / "00001.parquet").exists()
-    _assert_nothing_complete_looking(pool)
-    shard.chmod(0o644)
-    _assert_rerun_equals(pool, want, prefix)
+    try:
+        rc, err = _cli(STAGE, pool, permissions_apply)
+        _assert_one_line_error(rc, err, str(shard))
+        assert not (pool / "columns" / "inspect" / "00001.parquet").exists()
+        _assert_nothing_complete_looking(pool)
+    finally:
+        shard.chmod(0o644)
+    _assert_rerun_equals(pool, want, permissions_apply)
 
 
-def test_an_unwritable_pool_folder_as_nobody(synth_pool, tmp_path, nobody):
-    """The pool folder is root's (nobody may read, not write): one line naming the folder, exit 1,
-    nothing written; once nobody owns it the rerun ends with the uninterrupted run's files."""
-    prefix, home = nobody
+def test_an_unwritable_pool_folder(synth_pool, tmp_path, permissions_apply):
+    """The pool folder of mode 555 (readable, not writable): one line naming the folder, exit 1, nothing
+    written; once it is writable the rerun ends with the uninterrupted run's files."""
     want, _ = _clean_run(synth_pool, tmp_path)
-    pool = shutil.copytree(synth_pool, home / "pool")
-    rc, err = _cli(STAGE, pool, prefix)
-    _assert_one_line_error(rc, err, str(pool / "columns"))
-    assert not (pool / "columns").exists() and not (pool / "errors").exists()
-    _chown_nobody(pool)
-    _assert_rerun_equals(pool, want, prefix)
+    pool = shutil.copytree(synth_pool, tmp_path / "pool")
+    pool.chmod(0o555)
+    try:
+        rc, err = _cli(STAGE, pool, permissions_apply)
+        _assert_one_line_error(rc, err, str(pool / "columns"))
+        assert not (pool / "columns").exists() and not (pool / "errors").exists()
+    finally:
+        pool.chmod(0o755)
+    _assert_rerun_equals(pool, want, permissions_apply)
